@@ -1,0 +1,1 @@
+"""Data layer: SynthRS, the record format and readers of real data sets, condition maps, torch datasets."""
