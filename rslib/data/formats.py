@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
+from xml.parsers import expat
 
 import numpy as np
 from PIL import Image
@@ -246,3 +251,777 @@ def iter_split_dirs(root: str | os.PathLike) -> Iterator[tuple[str, Path]]:
     for name in ("train", "val", "test"):
         if (root / name / "metadata.jsonl").is_file():
             yield name, root / name
+
+
+# --------------------------------------------------------------------------------------------
+# Readers of real data sets, as published, into the record format
+# --------------------------------------------------------------------------------------------
+
+CONVERT_FORMATS = ("rsicd", "fmow", "dior", "dior-rsvg", "dota")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+FMOW_CLASSES = (
+    "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture",
+    "archaeological_site", "barn", "border_checkpoint", "burial_site", "car_dealership",
+    "construction_site", "crop_field", "dam", "debris_or_rubble", "educational_institution",
+    "electric_substation", "factory_or_powerplant", "fire_station", "flooded_road", "fountain",
+    "gas_station", "golf_course", "ground_transportation_station", "helipad", "hospital",
+    "impoverished_settlement", "interchange", "lake_or_pond", "lighthouse", "military_facility",
+    "multi-unit_residential", "nuclear_powerplant", "office_building", "oil_or_gas_facility", "park",
+    "parking_lot_or_garage", "place_of_worship", "police_station", "port", "prison", "race_track",
+    "railway_bridge", "recreational_facility", "road_bridge", "runway", "shipyard", "shopping_mall",
+    "single-unit_residential", "smokestack", "solar_farm", "space_facility", "stadium", "storage_tank",
+    "surface_mine", "swimming_pool", "toll_booth", "tower", "tunnel_opening", "waste_disposal",
+    "water_treatment_facility", "wind_farm", "zoo",
+)
+FMOW_FALSE_DETECTION = "false_detection"
+
+DIOR_CLASSES = (
+    "airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
+    "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield", "harbor",
+    "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle", "windmill",
+)
+_DIOR_READABLE = {
+    "baseballfield": "baseball field", "basketballcourt": "basketball court",
+    "Expressway-Service-area": "expressway service area", "Expressway-toll-station": "expressway toll station",
+    "golffield": "golf field", "groundtrackfield": "ground track field", "storagetank": "storage tank",
+    "tenniscourt": "tennis court", "trainstation": "train station",
+}
+
+DOTA_CLASSES_V10 = (
+    "plane", "ship", "storage-tank", "baseball-diamond", "tennis-court", "basketball-court",
+    "ground-track-field", "harbor", "bridge", "large-vehicle", "small-vehicle", "helicopter",
+    "roundabout", "soccer-ball-field", "swimming-pool",
+)
+DOTA_CLASSES_V15 = DOTA_CLASSES_V10 + ("container-crane",)
+
+_Items = list[tuple[Record, Path]]  # (record, image to copy) for one split
+
+
+def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """Convert a data set in its published layout at ``src`` into record-format splits ``out/{train,val,test}``.
+
+    Every annotation is read and checked before any image is copied; all splits
+    are written into one temporary folder beside ``out`` that is renamed into
+    place at the end, so a failure leaves ``out`` as it was (absent, or the
+    previous conversion when ``overwrite``). Returns the split folders written.
+    """
+    converters: dict[str, Callable[[Path], dict[str, _Items]]] = {
+        "rsicd": _rsicd_splits, "fmow": _fmow_splits, "dior": _dior_splits,
+        "dior-rsvg": _dior_rsvg_splits, "dota": _dota_splits,
+    }
+    if fmt not in converters:
+        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(CONVERT_FORMATS)}")
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DataFormatError(src, "source folder does not exist",
+                              fix=f"point --src at the {fmt} folder as published")
+    src_abs, out_abs = src.resolve(), out.resolve()
+    if out_abs == src_abs or out_abs in src_abs.parents:
+        raise ValueError(f"the output folder {out} must not contain the source folder {src}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
+    splits = converters[fmt](src)
+    splits = {name: items for name, items in splits.items() if items}
+    if not splits:
+        raise DataFormatError(src, f"no images found for format {fmt!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, items in splits.items():
+            with DatasetWriter(tmp / name) as writer:
+                for record, image in items:
+                    writer.add(record, image)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / name for name in splits]
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``, replacing an existing ``out`` only once ``new`` is in place."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike,
+                          max_instances: int | None = 6) -> None:
+    """Write CC-Diff's own ``metadata.jsonl`` (file_name, caption, bndboxes, obboxes), one line per image.
+
+    ``caption`` is ``[global caption, label_1, ..., label_k]``; boxes are
+    normalised ``[x1, y1, x2, y2]`` and ``[x1, y1, ..., x4, y4]``. With
+    ``max_instances`` the first that many objects are kept and the lists are
+    padded with ``""`` and zero boxes to that length; ``None`` keeps every object
+    and pads nothing.
+    """
+    if max_instances is not None and max_instances < 0:
+        raise ValueError(f"max_instances must be >= 0 or None, got {max_instances}")
+    rows = []
+    for rec in records:
+        objs = list(rec.objects) if max_instances is None else list(rec.objects)[:max_instances]
+        caption = [rec.captions[0] if rec.captions else "", *(o.label for o in objs)]
+        bnd = [[round(float(v), 5) for v in o.bbox] for o in objs]
+        obb = [[round(float(v), 5) for v in o.obb] for o in objs]
+        if max_instances is not None:
+            pad = max_instances - len(objs)
+            caption += [""] * pad
+            bnd += [[0.0] * 4 for _ in range(pad)]
+            obb += [[0.0] * 8 for _ in range(pad)]
+        rows.append({"file_name": rec.file_name, "caption": caption, "bndboxes": bnd, "obboxes": obb})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write_jsonl(tmp, rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _null_metadata() -> dict[str, float | int | None]:
+    return {k: None for k in METADATA_FIELDS}
+
+
+def _class_key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.strip().lower())
+
+
+def _class_lookup(classes: Iterable[str]) -> dict[str, str]:
+    return {_class_key(c): c for c in classes}
+
+
+def _plural(noun: str) -> str:
+    head, _, last = noun.rpartition(" ")
+    if re.search(r"(s|sh|ch|x|z)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return f"{head} {last}" if head else last
+
+
+def _join_words(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _count_caption(labels: list[str], readable: Callable[[str], str], prefix: str = "an aerial image") -> str:
+    """'an aerial image with 3 airplanes and 1 vehicle' (most frequent class first)."""
+    if not labels:
+        return prefix
+    counts = Counter(labels)
+    order = sorted(counts, key=lambda c: (-counts[c], labels.index(c)))
+    parts = [f"{counts[c]} {_plural(readable(c)) if counts[c] > 1 else readable(c)}" for c in order]
+    return f"{prefix} with {_join_words(parts)}"
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def _clip01(v: float) -> float:
+    return min(1.0, max(0.0, float(v)))
+
+
+def _norm_object(label: str, bbox_px: list[float], obb_px: list[float] | None, width: float,
+                 height: float) -> ObjectAnnotation | None:
+    """Normalise pixel boxes by the image size and clip to [0, 1]; None when nothing is left inside."""
+    x1, x2 = sorted((bbox_px[0], bbox_px[2]))
+    y1, y2 = sorted((bbox_px[1], bbox_px[3]))
+    box = [_clip01(x1 / width), _clip01(y1 / height), _clip01(x2 / width), _clip01(y2 / height)]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    if obb_px is None:
+        return ObjectAnnotation.from_bbox(label, box)
+    obb = [_clip01(v / (width if i % 2 == 0 else height)) for i, v in enumerate(obb_px)]
+    return ObjectAnnotation(label, box, obb)
+
+
+def _image_size(path: Path, where: Path | None = None, line: int | None = None) -> tuple[int, int]:
+    """Width and height from the image header, without decoding pixels (very large images included)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # header only: the decompression-bomb guard does not apply
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataFormatError(where or path, f"cannot read the image {path.name} ({e})", line) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"not UTF-8 text ({e.reason})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, f"invalid JSON ({e.msg}, column {e.colno})", e.lineno,
+                              "the file may be truncated; extract it again") from None
+
+
+def _read_list(path: Path) -> list[tuple[int, str]]:
+    """Non-blank lines of a split file as (line number, stripped text)."""
+    if not path.is_file():
+        raise DataFormatError(path, "split file missing", fix="the published data set ships it; restore it")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"not UTF-8 text ({e.reason})") from None
+    return [(i, s.strip()) for i, s in enumerate(lines, start=1) if s.strip()]
+
+
+def _id_key(token: str) -> str:
+    """Image id as matched across files: no extension, no zero padding ('00012.jpg' -> '12')."""
+    stem = token.strip()
+    if stem.lower().endswith((*IMAGE_EXTENSIONS, ".xml", ".txt")):
+        stem = stem.rsplit(".", 1)[0]
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+def _scan(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Files of ``folder`` with these suffixes, by :func:`_id_key` of their stem."""
+    found: dict[str, Path] = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in suffixes and p.is_file():
+                found.setdefault(_id_key(p.stem), p)
+    return found
+
+
+class _Xml:
+    """A parsed XML file that remembers each element's line, for error messages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        builder = ET.TreeBuilder()
+        self._lines: dict[int, int] = {}
+        parser = expat.ParserCreate()
+
+        def start(tag: str, attrs: dict[str, str]) -> None:
+            self._lines[id(builder.start(tag, attrs))] = parser.CurrentLineNumber
+
+        parser.StartElementHandler = start
+        parser.EndElementHandler = builder.end
+        parser.CharacterDataHandler = builder.data
+        try:
+            parser.Parse(path.read_bytes(), True)
+        except expat.ExpatError as e:
+            raise DataFormatError(path, f"XML does not parse ({expat.ErrorString(e.code)}, column {e.offset + 1})",
+                                  e.lineno, "the file may be truncated; extract it again") from None
+        self.root = builder.close()
+
+    def line(self, el: ET.Element) -> int | None:
+        return self._lines.get(id(el))
+
+    def fail(self, el: ET.Element, message: str, fix: str = "") -> DataFormatError:
+        return DataFormatError(self.path, message, self.line(el), fix)
+
+    def number(self, el: ET.Element, tag: str) -> float:
+        child = el.find(tag)
+        if child is None:
+            raise self.fail(el, f"<{el.tag}> has no <{tag}>")
+        try:
+            value = float((child.text or "").strip())
+        except ValueError:
+            raise self.fail(child, f"<{tag}> is not a number: {child.text!r}") from None
+        if not np.isfinite(value):
+            raise self.fail(child, f"<{tag}> is not finite: {child.text!r}")
+        return value
+
+    def label(self, obj: ET.Element, lookup: dict[str, str]) -> str:
+        name = obj.find("name")
+        if name is None or not (name.text or "").strip():
+            raise self.fail(obj, "<object> has no <name>")
+        canonical = lookup.get(_class_key(name.text or ""))
+        if canonical is None:
+            raise self.fail(name, f"unknown class {name.text.strip()!r}",
+                            f"known classes: {', '.join(sorted(set(lookup.values())))}")
+        return canonical
+
+    def size(self, image: Path) -> tuple[float, float]:
+        """(width, height) from <size>, or from the image header when absent or zero."""
+        size = self.root.find("size")
+        if size is not None and size.find("width") is not None and size.find("height") is not None:
+            w, h = self.number(size, "width"), self.number(size, "height")
+            if w > 0 and h > 0:
+                return w, h
+        return _image_size(image, self.path)
+
+
+def _voc_boxes(xml: _Xml, lookup: dict[str, str]) -> list[tuple[str, list[float], ET.Element]]:
+    """(label, [xmin, ymin, xmax, ymax] in pixels, element) of each <object> with a <bndbox>."""
+    out = []
+    for obj in xml.root.iter("object"):
+        label = xml.label(obj, lookup)
+        box = obj.find("bndbox")
+        if box is None:
+            raise xml.fail(obj, "<object> has no <bndbox>")
+        out.append((label, [xml.number(box, t) for t in ("xmin", "ymin", "xmax", "ymax")], obj))
+    return out
+
+
+# ------------------------------------------------------------------------------------ RSICD
+
+def _rsicd_scene(file_name: str) -> str | None:
+    """Scene of an RSICD file name: the prefix before the first '_' or digit ('airport_1.jpg' -> 'airport')."""
+    prefix = re.split(r"[_\d]", Path(file_name).stem, maxsplit=1)[0].strip()
+    return prefix or None
+
+
+def _rsicd_splits(src: Path) -> dict[str, _Items]:
+    """RSICD: ``dataset_rsicd.json`` (images with 5 sentences and a split each) and ``RSICD_images/``."""
+    ann = src / "dataset_rsicd.json"
+    if not ann.is_file():
+        raise DataFormatError(ann, "annotation file missing",
+                              fix="RSICD ships dataset_rsicd.json at its top level")
+    data = _load_json(ann)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DataFormatError(ann, "expected a JSON object with an 'images' list")
+    image_dir = next((d for d in (src / "RSICD_images", src / "images") if d.is_dir()), None)
+    if image_dir is None:
+        raise DataFormatError(src / "RSICD_images", "image folder missing",
+                              fix="put the images in RSICD_images/ (or images/) beside dataset_rsicd.json")
+    splits: dict[str, _Items] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
+    for i, entry in enumerate(images):
+        where = f"images[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not entry["filename"]:
+            raise DataFormatError(ann, f"{where} has no 'filename' string")
+        name = entry["filename"]
+        where += f" ({name})"
+        split = entry.get("split")
+        if split not in splits:
+            raise DataFormatError(ann, f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences):
+            raise DataFormatError(ann, f"{where}: 'sentences' must be a list of objects with a 'raw' string")
+        captions = [s["raw"].strip() for s in sentences if s["raw"].strip()]
+        if not captions:
+            raise DataFormatError(ann, f"{where}: no non-empty sentence")
+        if name in seen:
+            raise DataFormatError(ann, f"{where}: image listed twice")
+        seen.add(name)
+        image = image_dir / name
+        if not image.is_file():
+            raise DataFormatError(ann, f"{where}: image listed but missing from {image_dir}")
+        splits[split].append((Record(f"images/{name}", captions, _null_metadata(), [], _rsicd_scene(name)), image))
+    return splits
+
+
+# ------------------------------------------------------------------------------------- fMoW
+
+_FMOW_LOOKUP = _class_lookup((*FMOW_CLASSES, FMOW_FALSE_DETECTION))
+
+
+def _wkt_centroid(text: Any, path: Path) -> tuple[float, float]:
+    """(latitude, longitude): mean of the distinct vertices of a WKT ``POLYGON ((lon lat, ...))`` outer ring."""
+    m = re.match(r"\s*(?:MULTI)?POLYGON\s*\(+([^()]*)\)", text, re.I) if isinstance(text, str) else None
+    if m is None:
+        raise DataFormatError(path, f"'raw_location' is not a WKT POLYGON: {text!r}")
+    vertices: list[tuple[float, float]] = []
+    for pair in m.group(1).split(","):
+        try:
+            lon, lat = (float(v) for v in pair.split())
+        except ValueError:
+            raise DataFormatError(path, f"'raw_location' has a bad vertex {pair.strip()!r}") from None
+        if (lon, lat) not in vertices:
+            vertices.append((lon, lat))
+    lat = float(np.mean([v[1] for v in vertices]))
+    lon = float(np.mean([v[0] for v in vertices]))
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise DataFormatError(path, f"'raw_location' centroid ({lat}, {lon}) is not a latitude/longitude")
+    return lat, lon
+
+
+def _fmow_number(data: dict, key: str, path: Path) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise DataFormatError(path, f"{key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _fmow_item(js: Path, split_dir: Path) -> tuple[Record, Path]:
+    data = _load_json(js)
+    if not isinstance(data, dict):
+        raise DataFormatError(js, "expected a JSON object")
+    image = js.with_suffix(".jpg")
+    if not image.is_file():
+        raise DataFormatError(js, f"image {image.name} missing beside its JSON")
+    meta = _null_metadata()
+    stamp = data.get("timestamp")
+    if stamp is not None:
+        m = re.match(r"\s*(\d{4})-(\d{2})-(\d{2})", stamp) if isinstance(stamp, str) else None
+        try:
+            day = date(int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+        except ValueError:
+            day = None
+        if day is None:
+            raise DataFormatError(js, f"'timestamp' is not an ISO date like 2015-03-12T10:12:43Z: {stamp!r}")
+        meta.update(year=day.year, month=day.month, day=day.day)
+    meta["gsd"] = _fmow_number(data, "gsd", js)
+    meta["cloud_cover"] = _fmow_number(data, "cloud_cover", js)
+    if data.get("raw_location") is not None:
+        meta["latitude"], meta["longitude"] = _wkt_centroid(data["raw_location"], js)
+
+    parts = js.relative_to(split_dir).parts
+    folder = parts[0] if len(parts) >= 3 else None
+    folder_class = _FMOW_LOOKUP.get(_class_key(folder)) if folder else None
+    boxes = data.get("bounding_boxes") or []
+    if not isinstance(boxes, list):
+        raise DataFormatError(js, "'bounding_boxes' must be a list")
+    size: tuple[float, float] | None = None
+    objects, labels = [], []
+    for i, b in enumerate(boxes):
+        if not isinstance(b, dict) or not _numbers(b.get("box"), 4):
+            raise DataFormatError(js, f"bounding_boxes[{i}] needs a 'box' of 4 numbers [x, y, w, h]")
+        raw = b.get("category")
+        if raw is None or raw == "":  # unlabeled (e.g. the sequestered test set): the folder names the class
+            label = folder_class
+        else:
+            label = _FMOW_LOOKUP.get(_class_key(str(raw)))
+            if label is None:
+                raise DataFormatError(js, f"bounding_boxes[{i}]: unknown category {raw!r}",
+                                      fix="fMoW has 62 classes plus 'false_detection'")
+        if label is None or label == FMOW_FALSE_DETECTION:
+            continue
+        labels.append(label)
+        if size is None:
+            w, h = _fmow_number(data, "img_width", js), _fmow_number(data, "img_height", js)
+            size = (w, h) if w and h and w > 0 and h > 0 else _image_size(image, js)
+        x, y, bw, bh = (float(v) for v in b["box"])
+        obj = _norm_object(label, [x, y, x + bw, y + bh], None, *size)
+        if obj is not None:
+            objects.append(obj)
+    scene = folder_class if folder_class not in (None, FMOW_FALSE_DETECTION) else (labels[0] if labels else None)
+    caption = f"a satellite image of {_article(scene.replace('_', ' '))}" if scene else "a satellite image"
+    return Record(f"images/{image.name}", [caption], meta, objects, scene), image
+
+
+def _fmow_splits(src: Path) -> dict[str, _Items]:
+    """fMoW-rgb: ``{split}/<category>/<category>_<id>/<category>_<id>_<n>_rgb.{jpg,json}``."""
+    splits: dict[str, _Items] = {}
+    for split in SPLITS:
+        if (src / split).is_dir():
+            items = [_fmow_item(js, src / split) for js in sorted((src / split).rglob("*_rgb.json"))]
+            _check_unique(items, src / split)
+            splits[split] = items
+    if not splits:
+        raise DataFormatError(src, "no train/, val/ or test/ folder", fix="point --src at the fMoW-rgb folder")
+    return splits
+
+
+def _check_unique(items: _Items, where: Path) -> None:
+    seen: dict[str, Path] = {}
+    for rec, image in items:
+        if rec.file_name in seen:
+            raise DataFormatError(image, f"same file name as {seen[rec.file_name]} in {where}")
+        seen[rec.file_name] = image
+
+
+# ------------------------------------------------------------------------------------- DIOR
+
+_DIOR_LOOKUP = _class_lookup(DIOR_CLASSES)
+
+
+def _dior_readable(label: str) -> str:
+    return _DIOR_READABLE.get(label, label.lower())
+
+
+def _box_iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _dior_oriented(path: Path) -> list[tuple[str, list[float]]]:
+    """(label, 8 corner coordinates in pixels) of each object of a DIOR-R oriented-box XML."""
+    xml = _Xml(path)
+    tags = ("x_left_top", "y_left_top", "x_right_top", "y_right_top",
+            "x_right_bottom", "y_right_bottom", "x_left_bottom", "y_left_bottom")
+    out = []
+    for obj in xml.root.iter("object"):
+        label = xml.label(obj, _DIOR_LOOKUP)
+        box = obj.find("robndbox")
+        if box is None:
+            raise xml.fail(obj, "<object> has no <robndbox>")
+        out.append((label, [xml.number(box, t) for t in tags]))
+    return out
+
+
+def _match_oriented(hbbs: list[tuple[str, list[float], ET.Element]],
+                    obbs: list[tuple[str, list[float]]]) -> list[list[float] | None]:
+    """Oriented box for each horizontal one: by order when the labels agree, else same label and best overlap."""
+    if len(hbbs) == len(obbs) and all(h[0] == o[0] for h, o in zip(hbbs, obbs)):
+        return [o[1] for o in obbs]
+    free = list(range(len(obbs)))
+    out: list[list[float] | None] = []
+    for label, box, _ in hbbs:
+        best, best_iou = None, 0.0
+        for j in free:
+            if obbs[j][0] != label:
+                continue
+            pts = np.asarray(obbs[j][1]).reshape(4, 2)
+            iou = _box_iou(box, [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+            if iou > best_iou:
+                best, best_iou = j, iou
+        if best is not None and best_iou >= 0.3:
+            free.remove(best)
+            out.append(obbs[best][1])
+        else:
+            out.append(None)
+    return out
+
+
+def _dior_splits(src: Path) -> dict[str, _Items]:
+    """DIOR / DIOR-R: ``JPEGImages-*/``, ``Annotations/{Horizontal,Oriented} Bounding Boxes/``, ``ImageSets/``."""
+    lists = {s: _read_list(src / "ImageSets" / "Main" / f"{s}.txt") for s in SPLITS}
+    images: dict[str, Path] = {}
+    for folder in ("JPEGImages-trainval", "JPEGImages-test", "JPEGImages"):
+        for key, path in _scan(src / folder, IMAGE_EXTENSIONS).items():
+            images.setdefault(key, path)
+    if not images:
+        raise DataFormatError(src / "JPEGImages-trainval", "no images found",
+                              fix="DIOR ships JPEGImages-trainval/ and JPEGImages-test/ (or one JPEGImages/)")
+    hbb_dir = src / "Annotations" / "Horizontal Bounding Boxes"
+    if not hbb_dir.is_dir():
+        hbb_dir = src / "Annotations"
+    if not hbb_dir.is_dir():
+        raise DataFormatError(src / "Annotations" / "Horizontal Bounding Boxes", "annotation folder missing")
+    hbb_files = _scan(hbb_dir, (".xml",))
+    obb_files = _scan(src / "Annotations" / "Oriented Bounding Boxes", (".xml",))
+    splits: dict[str, _Items] = {}
+    for split, entries in lists.items():
+        list_file = src / "ImageSets" / "Main" / f"{split}.txt"
+        items: _Items = []
+        for line, token in entries:
+            key = _id_key(token)
+            image = images.get(key)
+            if image is None:
+                raise DataFormatError(list_file, f"image {token!r} listed but missing", line)
+            if key not in hbb_files:
+                raise DataFormatError(list_file, f"image {token!r} has no annotation in {hbb_dir}", line)
+            xml = _Xml(hbb_files[key])
+            width, height = xml.size(image)
+            hbbs = _voc_boxes(xml, _DIOR_LOOKUP)
+            oriented = (_match_oriented(hbbs, _dior_oriented(obb_files[key])) if key in obb_files
+                        else [None] * len(hbbs))
+            objects = [o for (label, box, _), obb in zip(hbbs, oriented)
+                       if (o := _norm_object(label, box, obb, width, height)) is not None]
+            caption = _count_caption([o.label for o in objects], _dior_readable)
+            items.append((Record(f"images/{image.name}", [caption], _null_metadata(), objects, None), image))
+        _check_unique(items, list_file)
+        splits[split] = items
+    return splits
+
+
+# -------------------------------------------------------------------------------- DIOR-RSVG
+
+def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
+    """DIOR-RSVG: ``JPEGImages/``, ``Annotations/<id>.xml`` (objects with a <description>), ``{split}.txt``.
+
+    The published split files list object indexes: the running count of
+    ``<object>`` elements over the annotation files in name order, as the RSVG
+    reference loader reads them. A split file that names images instead
+    (zero-padded ids such as ``00012`` or names such as ``00012.jpg``) is
+    accepted too. Each image goes to one split, with all its objects: test
+    first, then val, then train, so that no test image is trained on.
+    """
+    lists = {s: _read_list(src / f"{s}.txt") for s in SPLITS}
+    images = _scan(src / "JPEGImages", IMAGE_EXTENSIONS)
+    if not images:
+        raise DataFormatError(src / "JPEGImages", "no images found", fix="DIOR-RSVG ships JPEGImages/")
+    ann_dir = src / "Annotations"
+    xml_files = sorted((p for p in ann_dir.glob("*.xml")) if ann_dir.is_dir() else [],
+                       key=lambda p: (0, int(p.stem), p.name) if p.stem.isdigit() else (1, 0, p.name))
+    if not xml_files:
+        raise DataFormatError(ann_dir, "no annotation files found", fix="DIOR-RSVG ships Annotations/<id>.xml")
+    parsed: dict[str, tuple[Path, _Xml, list]] = {}
+    owner: list[str] = []  # image key of each object, in reference-loader order
+    for path in xml_files:
+        xml = _Xml(path)
+        key = _id_key(path.stem)
+        boxes = []
+        for label, box, obj in _voc_boxes(xml, _DIOR_LOOKUP):
+            desc = obj.find("description")
+            boxes.append((label, box, (desc.text or "").strip() if desc is not None else ""))
+            owner.append(key)
+        parsed[key] = (path, xml, boxes)
+
+    assigned: dict[str, str] = {}
+    for split in ("test", "val", "train"):
+        list_file = src / f"{split}.txt"
+        entries = lists[split]
+        by_object = all(t.isdigit() and (len(t) == 1 or not t.startswith("0")) for _, t in entries)
+        for line, token in entries:
+            if by_object:
+                index = int(token)
+                if index >= len(owner):
+                    raise DataFormatError(list_file, f"object index {index} out of range (the annotations hold "
+                                                     f"{len(owner)} objects)", line)
+                key = owner[index]
+            else:
+                key = _id_key(token)
+                if key not in parsed:
+                    raise DataFormatError(list_file, f"image {token!r} has no annotation in {ann_dir}", line)
+            if key not in images:
+                raise DataFormatError(list_file, f"image {token!r} listed but missing from {src / 'JPEGImages'}",
+                                      line)
+            assigned.setdefault(key, split)
+
+    splits: dict[str, _Items] = {s: [] for s in SPLITS}
+    for key, (path, xml, boxes) in parsed.items():
+        split = assigned.get(key)
+        if split is None:
+            continue
+        image = images[key]
+        width, height = xml.size(image)
+        objects, seen, captions = [], set(), []
+        for label, box, desc in boxes:
+            obj = _norm_object(label, box, None, width, height)
+            if obj is not None and (label, *obj.bbox) not in seen:
+                seen.add((label, *obj.bbox))
+                objects.append(obj)
+            if desc and desc not in captions:
+                captions.append(desc)
+        if not captions:
+            captions = [_count_caption([o.label for o in objects], _dior_readable)]
+        splits[split].append((Record(f"images/{image.name}", captions, _null_metadata(), objects, None), image))
+    return splits
+
+
+# ------------------------------------------------------------------------------------- DOTA
+
+def _dota_label_dir(split_dir: Path) -> tuple[Path | None, tuple[str, ...]]:
+    """The label folder of a DOTA split and the classes it may use."""
+    for name, classes in (("labelTxt", DOTA_CLASSES_V15), ("labelTxt-v1.5", DOTA_CLASSES_V15),
+                          ("labelTxt-v1.0", DOTA_CLASSES_V10)):
+        d = split_dir / name
+        if (d / "labelTxt").is_dir():  # the v1.0/v1.5 archives extract to labelTxt-v1.x/labelTxt/
+            d = d / "labelTxt"
+        if d.is_dir():
+            return d, classes
+    return None, DOTA_CLASSES_V15
+
+
+def _dota_labels(path: Path, width: int, height: int, classes: tuple[str, ...]
+                 ) -> tuple[float | None, list[ObjectAnnotation]]:
+    """Parse a DOTA label file: ``imagesource:``/``gsd:`` header lines, then ``x1 y1 ... x4 y4 class difficult``."""
+    lookup = _class_lookup(classes)
+    gsd: float | None = None
+    objects: list[ObjectAnnotation] = []
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"not UTF-8 text ({e.reason})") from None
+    for i, raw in enumerate(lines, start=1):
+        text = raw.strip()
+        if not text:
+            continue
+        low = text.lower()
+        if low.startswith("imagesource:"):
+            continue
+        if low.startswith("gsd:"):
+            value = text[4:].strip()
+            if value.lower() in ("", "null", "none", "nan"):
+                continue
+            try:
+                gsd = float(value)
+            except ValueError:
+                raise DataFormatError(path, f"gsd {value!r} is not a number (or null)", i) from None
+            if not np.isfinite(gsd) or gsd <= 0:
+                raise DataFormatError(path, f"gsd {value!r} must be a positive number", i)
+            continue
+        fields = text.split()
+        if len(fields) not in (9, 10):
+            raise DataFormatError(path, f"expected 10 fields 'x1 y1 x2 y2 x3 y3 x4 y4 category difficult', "
+                                        f"got {len(fields)}", i)
+        coords = []
+        for f in fields[:8]:
+            try:
+                v = float(f)
+            except ValueError:
+                raise DataFormatError(path, f"coordinate {f!r} is not a number", i) from None
+            if not np.isfinite(v):
+                raise DataFormatError(path, f"coordinate {f!r} is not finite", i)
+            coords.append(v)
+        label = lookup.get(_class_key(fields[8]))
+        if label is None:
+            raise DataFormatError(path, f"unknown class {fields[8]!r}", i, f"known classes: {', '.join(classes)}")
+        if len(fields) == 10 and fields[9] not in ("0", "1"):
+            raise DataFormatError(path, f"difficult flag {fields[9]!r} must be 0 or 1", i)
+        xs, ys = coords[0::2], coords[1::2]
+        obj = _norm_object(label, [min(xs), min(ys), max(xs), max(ys)], coords, width, height)
+        if obj is not None:
+            objects.append(obj)
+    return gsd, objects
+
+
+def _dota_readable(label: str) -> str:
+    return label.replace("-", " ")
+
+
+def _dota_splits(src: Path) -> dict[str, _Items]:
+    """DOTA v1.0/v1.5: ``{split}/images/*.png`` and ``{train,val}/labelTxt/*.txt`` (``labelTxt-v1.x`` accepted).
+
+    A split without labels (the published test set) gets no objects and no gsd;
+    its column types then differ from the labeled splits, so load it on its own
+    (``load_dataset("imagefolder", data_dir=out / "test")``).
+    """
+    splits: dict[str, _Items] = {}
+    for split in SPLITS:
+        img_dir = src / split / "images"
+        if (img_dir / "images").is_dir():  # image archives extract to images/images/
+            img_dir = img_dir / "images"
+        if not img_dir.is_dir():
+            continue
+        label_dir, classes = _dota_label_dir(src / split)
+        if label_dir is None and split != "test":
+            raise DataFormatError(src / split / "labelTxt", "label folder missing",
+                                  fix="DOTA ships labelTxt/ (or labelTxt-v1.0/, labelTxt-v1.5/) beside images/")
+        images = _scan(img_dir, IMAGE_EXTENSIONS)
+        labels = _scan(label_dir, (".txt",)) if label_dir is not None else {}
+        for key, path in labels.items():
+            if key not in images:
+                raise DataFormatError(path, f"label file has no image {key}.png in {img_dir}")
+        items: _Items = []
+        for key, image in images.items():
+            meta, objects = _null_metadata(), []
+            if label_dir is not None:
+                if key not in labels:
+                    raise DataFormatError(label_dir / f"{image.stem}.txt",
+                                          f"label file missing for image {image.name}")
+                width, height = _image_size(image)
+                meta["gsd"], objects = _dota_labels(labels[key], width, height, classes)
+            caption = _count_caption([o.label for o in objects], _dota_readable)
+            items.append((Record(f"images/{image.name}", [caption], meta, objects, None), image))
+        _check_unique(items, img_dir)
+        splits[split] = items
+    if not splits:
+        raise DataFormatError(src / "train" / "images", "no split folder with images/ found",
+                              fix="DOTA is laid out as train/images, train/labelTxt, val/..., test/images")
+    return splits
