@@ -1,0 +1,439 @@
+"""The one training loop every stage uses: accelerate, atomic checkpoints, exact resume.
+
+A stage hands :func:`train_loop` one ``nn.Module`` holding every trainable
+part, a ``loss_fn(model, batch, generator)`` and a dataset. Everything that
+varies from step to step is a pure function of the step number:
+
+* the batch of step ``s`` comes from a seeded permutation of the data set
+  per epoch, so no iterator state needs saving;
+* ``generator`` (and the global torch RNG, for ``nn.Dropout``) is seeded
+  from ``(seed, step, process index)``, so noise, timesteps and condition
+  dropout drawn inside a step repeat exactly after a resume.
+
+A checkpoint therefore only needs the trainable weights, the optimizer and
+LR-scheduler state, the EMA weights and the loss history; resuming from it
+gives bitwise the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, send_to_device
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
+
+from rslib.utils import atomic_write_dir
+
+CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+STATE_NAME = "state.json"
+HISTORY_NAME = "history.json"
+
+LossFn = Callable[[nn.Module, Any, torch.Generator], "torch.Tensor | Mapping[str, Any]"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (every stage uses the same fields)."""
+
+    steps: int  # optimizer steps
+    batch_size: int  # samples per micro-batch, summed over all processes
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up, then constant LR
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    checkpoint_every: int = 0  # 0 = only at the end
+    log_every: int = 10  # progress-bar refresh, in steps
+    seed: int = 0
+    ema_decay: float | None = None
+    num_workers: int = 0
+    find_unused_parameters: bool = False  # for DDP when some trainable part may be skipped in a step
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"need steps >= 0, batch_size >= 1, grad_accum >= 1; got {self}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), not {self.ema_decay}")
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: where it saved, the loss history, its wall time and final step."""
+
+    out_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Folder of the latest checkpoint (``out_dir/checkpoint``)."""
+        return self.out_dir / CHECKPOINT_DIR
+
+
+# ---------------------------------------------------------------------------
+# Pure functions of the step: data order and random seeds
+
+
+def step_seed(seed: int, step: int, process_index: int = 0, stream: str = "generator") -> int:
+    """A 63-bit seed that depends only on (seed, step, process index, stream name)."""
+    key = f"{seed}:{step}:{process_index}:{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+@lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` data-set indices in one epoch (seeded by seed and epoch)."""
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, 0, "data"))
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
+    """Data-set indices of one global micro-batch; a pure function of ``micro_step``.
+
+    The sample stream is the concatenation of the epoch permutations, and
+    micro-batch ``m`` is its slice ``[m * batch_size, (m + 1) * batch_size)``.
+    """
+    if n == 0:
+        raise ValueError("the training data set is empty")
+    start = micro_step * batch_size
+    out: list[int] = []
+    perm_epoch, perm = -1, None
+    for pos in range(start, start + batch_size):
+        epoch = pos // n
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, epoch_permutation(n, seed, epoch)
+        out.append(int(perm[pos % n]))
+    return out
+
+
+class _StepBatchSampler:
+    """Yields this process's share of every micro-batch from ``start_step`` to ``end_step``."""
+
+    def __init__(self, n: int, cfg: TrainConfig, start_step: int, end_step: int, rank: int, world: int):
+        self.n, self.cfg, self.start, self.end, self.rank, self.world = n, cfg, start_step, end_step, rank, world
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.cfg.grad_accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.cfg.batch_size // self.world
+        for step in range(self.start, self.end):
+            for micro in range(self.cfg.grad_accum):
+                idx = batch_indices(self.n, self.cfg.batch_size, step * self.cfg.grad_accum + micro, self.cfg.seed)
+                yield idx[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters with ``requires_grad`` (names as in ``model.named_parameters()``), on CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, path: str | Path, *, ema: bool = False, strict: bool = True) -> list[str]:
+    """Load ``model.safetensors`` (or ``ema.safetensors``) into ``model``; returns the names loaded.
+
+    ``path`` is a checkpoint or stage folder, or the ``.safetensors`` file itself.
+    Every tensor in the file must name a parameter or buffer of ``model`` with the
+    same shape; with ``strict=True`` every trainable parameter of ``model``
+    must also be in the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        name = EMA_NAME if ema else WEIGHTS_NAME
+        path = path / name if (path / name).exists() else path / CHECKPOINT_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}: train the stage first, or pass its output folder")
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    unexpected = sorted(k for k in tensors if k not in own)
+    wrong = sorted(k for k in tensors if k in own and own[k].shape != tensors[k].shape)
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in tensors) if strict else []
+    if unexpected or wrong or missing:
+        raise KeyError(
+            f"{path} does not fit {type(model).__name__}: unexpected {unexpected[:5]}, "
+            f"shape mismatch {wrong[:5]}, missing {missing[:5]} "
+            f"({len(unexpected)}/{len(wrong)}/{len(missing)} in all)"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return sorted(tensors)
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors file."""
+    save_file(tensors, str(path))
+
+
+def _write_state(state: dict[str, Any], path: Path) -> None:
+    """Write the JSON state (step, history, config) last: its presence marks a complete checkpoint."""
+    path.write_text(json.dumps(state, indent=1))
+
+
+def _save_checkpoint(
+    out_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ema: dict[str, torch.Tensor] | None,
+    state: dict[str, Any],
+) -> Path:
+    """Write ``out_dir/checkpoint`` atomically (main process only)."""
+    target = out_dir / CHECKPOINT_DIR
+    with atomic_write_dir(target) as tmp:
+        _write_tensors(trainable_state_dict(model), tmp / WEIGHTS_NAME)
+        if ema is not None:
+            _write_tensors({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / EMA_NAME)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_NAME)
+        _write_state(state, tmp / STATE_NAME)
+    return target
+
+
+def _find_checkpoint(out_dir: Path) -> Path | None:
+    """The latest complete checkpoint folder, or None.
+
+    Normally ``out_dir/checkpoint``; if a run died in the instant between
+    moving the old checkpoint aside and renaming the new one in, the old one
+    (``.checkpoint.old-*``) is still complete and is used.
+    """
+    main = out_dir / CHECKPOINT_DIR
+    if (main / STATE_NAME).is_file():
+        return main
+    aside = [p for p in out_dir.glob(f".{CHECKPOINT_DIR}.old-*") if (p / STATE_NAME).is_file()]
+    return max(aside, key=lambda p: json.loads((p / STATE_NAME).read_text())["step"], default=None)
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, ema: dict | None) -> dict:
+    """Load weights, optimizer, scheduler and EMA state from a checkpoint folder; returns state.json."""
+    load_trainable(model, folder / WEIGHTS_NAME)
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, map_location="cpu", weights_only=True))
+    if ema is not None:
+        if not (folder / EMA_NAME).is_file():
+            raise FileNotFoundError(f"{folder} has no {EMA_NAME} but ema_decay is set: resume with the same config")
+        for k, v in load_file(str(folder / EMA_NAME)).items():
+            ema[k].copy_(v)
+    return json.loads((folder / STATE_NAME).read_text())
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+class _LossModule(nn.Module):
+    """Wraps ``model`` so that the whole ``loss_fn`` runs inside one forward.
+
+    Under DDP the gradients of every trainable parameter touched by
+    ``loss_fn`` are then synchronised, whichever submodules it calls, and
+    mixed-precision autocast covers all of it.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, generator: torch.Generator) -> Any:
+        """The loss (or dict of losses) of one micro-batch."""
+        return self.loss_fn(self.model, batch, generator)
+
+
+def _frozen_parts_to_eval(model: nn.Module) -> None:
+    """Put every submodule whose parameters are all frozen in eval mode (no dropout, no BN updates)."""
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """An Accelerator for ``cfg``; in a single process a stale state from another precision is reset."""
+    kwargs = dict(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the world size
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    )
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise
+        # e.g. a notebook kernel that already trained with another mixed_precision
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``loss_fn`` output -> (loss, extra scalars to log)."""
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if isinstance(out, Mapping) and "loss" in out:
+        extras = {k: torch.as_tensor(v).detach().float().mean() for k, v in out.items() if k != "loss"}
+        return out["loss"], extras
+    raise TypeError(f"loss_fn must return a tensor or a dict with key 'loss', not {type(out).__name__}")
+
+
+def _warmup(warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear from 1/(w+1) to 1 over the first w steps, then 1."""
+    return lambda step: min(1.0, (step + 1) / (warmup_steps + 1))
+
+
+def train_loop(
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset | Sequence,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    collate_fn: Callable[[list], Any] | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+    progress: bool = True,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+) -> TrainResult:
+    """Train the ``requires_grad`` parameters of ``model`` with AdamW for ``cfg.steps`` steps.
+
+    ``loss_fn(model, batch, generator)`` returns a scalar loss or a dict with
+    key ``"loss"`` plus scalars to log; take every random draw from
+    ``generator`` (seeded per step) so resuming is exact. ``model`` is the
+    plain module (not the DDP wrapper): call any of its submodules. Frozen
+    submodules (no trainable parameter) run in eval mode.
+    Checkpoints go to ``out_dir/checkpoint`` every ``cfg.checkpoint_every``
+    steps and at the end; ``on_checkpoint(step, folder)`` then runs on the
+    main process. ``stop_after=k`` stops (with a checkpoint) after step k.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    accelerator = _make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True")
+    model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.warmup_steps))
+    loss_module = _LossModule(model, loss_fn)
+    wrapped, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+
+    # fp32 EMA of the trainable parameters, same names as model.safetensors
+    ema = (
+        {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if cfg.ema_decay is not None
+        else None
+    )
+
+    start, history = 0, []
+    found = _find_checkpoint(out_dir) if resume else None
+    if found is not None:
+        state = _load_checkpoint(found, model, optimizer, scheduler, ema)
+        start, history = int(state["step"]), list(state["history"])
+        old = state.get("config", {})
+        changed = [k for k in ("batch_size", "grad_accum", "seed", "lr") if k in old and old[k] != getattr(cfg, k)]
+        if changed:
+            warnings.warn(f"resuming {out_dir} with changed {changed}: the run will not match an uninterrupted one")
+    elif not resume and (out_dir / CHECKPOINT_DIR).exists() and accelerator.is_main_process:
+        shutil.rmtree(out_dir / CHECKPOINT_DIR)  # a fresh start must not leave a stale checkpoint behind
+    accelerator.wait_for_everyone()
+
+    end = max(start, cfg.steps if stop_after is None else min(cfg.steps, stop_after))
+    collate = collate_fn or default_collate
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_StepBatchSampler(len(dataset), cfg, start, end, rank, world),
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    batches = iter(loader)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def save(step: int) -> None:
+        """Checkpoint and history after ``step`` (main process writes, all wait)."""
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state = {"step": step, "history": history, "config": asdict(cfg), "num_processes": world}
+            folder = _save_checkpoint(out_dir, model, optimizer, scheduler, ema, state)
+            (out_dir / HISTORY_NAME).write_text(json.dumps(history, indent=1))
+            if on_checkpoint is not None:
+                on_checkpoint(step, folder)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=out_dir.name or "train",
+        disable=not progress or not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    wrapped.train()
+    _frozen_parts_to_eval(loss_module)
+    for step in range(start, end):
+        generator = torch.Generator(device=accelerator.device).manual_seed(step_seed(cfg.seed, step, rank))
+        torch.manual_seed(step_seed(cfg.seed, step, rank, "global"))  # nn.Dropout and friends
+        lr = scheduler.get_last_lr()[0]
+        losses, extras_sum = [], {}
+        for _ in range(cfg.grad_accum):
+            batch = send_to_device(next(batches), accelerator.device)
+            with accelerator.accumulate(wrapped):
+                loss, extras = _split_loss(wrapped(batch, generator))
+                if not torch.isfinite(loss.detach()).all():
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower lr or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+            for k, v in extras.items():
+                extras_sum[k] = extras_sum.get(k, 0.0) + v / cfg.grad_accum
+        scheduler.step()
+        if ema is not None:
+            with torch.no_grad():
+                for name, p in named:
+                    ema[name].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
+
+        logged = {"loss": torch.stack(losses).mean(), **extras_sum}
+        if world > 1:
+            logged = {k: accelerator.reduce(v.to(accelerator.device), "mean") for k, v in logged.items()}
+        history.append({"step": step + 1, "lr": lr, **{k: float(v) for k, v in logged.items()}})
+        bar.update(1)
+        if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == end:
+            window = history[-max(1, cfg.log_every) :]
+            bar.set_postfix(loss=f"{sum(h['loss'] for h in window) / len(window):.4g}", lr=f"{lr:.3g}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 != end:
+            save(step + 1)
+    bar.close()
+    if end > start or not (out_dir / CHECKPOINT_DIR).exists():
+        save(end)
+    del batches, loader
+    if accelerator.device.type != "cpu":
+        accelerator.free_memory()  # hand cached accelerator memory back before the next stage
+    return TrainResult(out_dir=out_dir, history=history, seconds=time.perf_counter() - t0, steps=end)

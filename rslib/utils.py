@@ -1,0 +1,75 @@
+"""Small helpers shared by every module: seeding, device choice, atomic folders."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) with one integer."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Resolve "auto" to the best device present (cuda > mps > cpu); other names pass through."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def atomic_write_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``path`` only if the block succeeds.
+
+    On success the temporary folder is renamed onto ``path``; an existing
+    ``path`` stays whole until the new one is complete (it is moved aside,
+    the new folder renamed in, then the old one deleted). With
+    ``overwrite=False`` an existing ``path`` is kept and the new content
+    dropped (first writer wins). On error the temporary folder is removed
+    and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        try:
+            os.replace(tmp, path)
+            return
+        except OSError:
+            if not path.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            # another writer created it meanwhile: fall through
+    if not overwrite:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rmdir(old)
+    os.replace(path, old)  # the complete old folder, renamed aside
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

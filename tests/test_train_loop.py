@@ -1,0 +1,214 @@
+"""The shared training loop: learning, exact resume, atomic checkpoints, frozen parts, EMA, accumulation."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rslib.train import TrainConfig, batch_indices, load_trainable, loop, step_seed, train_loop
+from rslib.utils import atomic_write_dir
+
+
+def _data(n: int = 96, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A noisy linear-plus-sine regression problem: (x (4,), y (1,)) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    w = torch.randn(4, 1, generator=g)
+    y = x @ w + torch.sin(2 * x[:, :1]) + 0.05 * torch.randn(n, 1, generator=g)
+    return list(zip(x, y))
+
+
+def _mlp(dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Dropout(dropout), nn.Linear(32, 1))
+
+
+def _mse(model: nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _noisy_mse(model: nn.Module, batch, generator: torch.Generator) -> dict:
+    """Input noise and a random per-sample weight, both drawn from the step's generator."""
+    x, y = batch
+    noise = torch.randn(x.shape, generator=generator)
+    weight = torch.rand(x.shape[0], 1, generator=generator)
+    loss = (weight * (model(x + 0.1 * noise) - y) ** 2).mean()
+    return {"loss": loss, "weight": weight.mean()}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=20, batch_size=8, lr=1e-2, log_every=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def _optimizer_tensors(folder) -> dict[str, torch.Tensor]:
+    sd = torch.load(folder / "checkpoint" / "optimizer.pt", weights_only=True)
+    return {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+
+
+def test_loss_falls(tmp_path):
+    res = train_loop(_mlp(), _mse, _data(), _cfg(steps=80, warmup_steps=5), tmp_path, progress=True)
+    losses = [h["loss"] for h in res.history]
+    assert res.steps == 80 and len(losses) == 80
+    assert sum(losses[-10:]) / 10 < 0.25 * sum(losses[:10]) / 10
+    assert res.history[0]["lr"] == pytest.approx(1e-2 / 6) and res.history[-1]["lr"] == pytest.approx(1e-2)
+    assert json.loads((tmp_path / "history.json").read_text()) == res.history
+
+
+def test_exact_resume(tmp_path):
+    cfg = _cfg(ema_decay=0.8, checkpoint_every=5, weight_decay=0.01, warmup_steps=3)
+    full = train_loop(_mlp(0.2), _noisy_mse, _data(), cfg, tmp_path / "full", progress=False)
+
+    part = train_loop(_mlp(0.2), _noisy_mse, _data(), cfg, tmp_path / "part", stop_after=8, progress=False)
+    assert part.steps == 8 and len(part.history) == 8
+    assert json.loads((tmp_path / "part/checkpoint/state.json").read_text())["step"] == 8
+    rest = train_loop(_mlp(0.2, seed=1), _noisy_mse, _data(), cfg, tmp_path / "part", progress=False)
+    assert rest.steps == 20
+
+    assert rest.history == full.history  # loss, lr and logged extras, step by step
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "full/checkpoint" / name)
+        b = load_file(tmp_path / "part/checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = _optimizer_tensors(tmp_path / "full"), _optimizer_tensors(tmp_path / "part")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    again = train_loop(_mlp(0.2), _noisy_mse, _data(), cfg, tmp_path / "part", progress=False)
+    assert again.steps == 20 and again.history == full.history  # already done: nothing to train
+
+
+def test_generator_draws_depend_only_on_step(tmp_path):
+    draws: list[float] = []
+
+    def recording(model, batch, generator):
+        draws.append(float(torch.rand((), generator=generator)))
+        return _mse(model, batch, generator)
+
+    cfg = _cfg(steps=10, seed=3)
+    train_loop(_mlp(), recording, _data(), cfg, tmp_path / "a", progress=False)
+    uninterrupted, draws[:] = draws[:], []
+    train_loop(_mlp(), recording, _data(), cfg, tmp_path / "b", stop_after=4, progress=False)
+    train_loop(_mlp(), recording, _data(), cfg, tmp_path / "b", progress=False)
+    assert draws == uninterrupted and len(set(draws)) == 10
+    expected = [float(torch.rand((), generator=torch.Generator().manual_seed(step_seed(3, s, 0)))) for s in range(10)]
+    assert draws == expected
+
+
+def test_data_order_is_a_pure_function_of_the_step():
+    n, b = 10, 4
+    stream = [i for m in range(10) for i in batch_indices(n, b, m, seed=5)]
+    for epoch in range(4):  # every epoch visits every sample once
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n : 2 * n]  # reshuffled per epoch
+    assert batch_indices(n, b, 7, seed=5) == stream[28:32]
+    assert batch_indices(n, b, 0, seed=6) != batch_indices(n, b, 0, seed=5)
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    model = _mlp()
+    train_loop(model, _mse, _data(), _cfg(), tmp_path, stop_after=4, progress=False)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    for writer in ("_write_state", "_write_tensors"):
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        with monkeypatch.context() as mp:
+            mp.setattr(loop, writer, broken)
+            with pytest.raises(OSError, match="disk full"):
+                train_loop(_mlp(), _mse, _data(), _cfg(), tmp_path, stop_after=8, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "history.json"]  # nothing partial
+        assert json.loads((tmp_path / "checkpoint/state.json").read_text())["step"] == 4
+        fresh = _mlp(seed=1)
+        load_trainable(fresh, tmp_path)
+        assert all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)
+
+    res = train_loop(_mlp(), _mse, _data(), _cfg(), tmp_path, stop_after=8, progress=False)
+    assert res.steps == 8 and len(res.history) == 8  # the old checkpoint resumed fine
+
+
+def test_atomic_write_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out"
+    with atomic_write_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_write_dir(target) as tmp:
+            (tmp / "a.txt").write_text("2")
+            raise RuntimeError
+    assert (target / "a.txt").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_write_dir(target) as tmp:
+        (tmp / "b.txt").write_text("3")
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+class _HalfFrozen(nn.Module):
+    """A frozen feature layer (with BatchNorm) under a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh())
+        self.features.requires_grad_(False)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_frozen_parameters_untouched_and_not_saved(tmp_path):
+    model = _HalfFrozen()
+    frozen = {k: v.clone() for k, v in model.features.state_dict().items()}
+    head = model.head.weight.detach().clone()
+    train_loop(model, _mse, _data(), _cfg(steps=10, weight_decay=0.1), tmp_path, progress=False)
+    assert all(torch.equal(model.features.state_dict()[k], v) for k, v in frozen.items())  # BN stats too
+    assert not torch.equal(model.head.weight, head)
+    assert set(load_file(tmp_path / "checkpoint/model.safetensors")) == {"head.weight", "head.bias"}
+
+
+def test_ema_differs_and_loads_back(tmp_path):
+    model = _mlp()
+    train_loop(model, _mse, _data(), _cfg(steps=15, ema_decay=0.9), tmp_path, progress=False)
+    raw = load_file(tmp_path / "checkpoint/model.safetensors")
+    ema = load_file(tmp_path / "checkpoint/ema.safetensors")
+    assert raw.keys() == ema.keys() and all(v.dtype == torch.float32 for v in ema.values())
+    assert all(not torch.allclose(raw[k], ema[k]) for k in raw)
+
+    fresh = _mlp(seed=1)
+    assert load_trainable(fresh, tmp_path / "checkpoint", ema=True) == sorted(ema)
+    assert all(torch.equal(fresh.state_dict()[k], ema[k]) for k in ema)
+    load_trainable(fresh, tmp_path / "checkpoint/model.safetensors")
+    assert all(torch.equal(fresh.state_dict()[k], raw[k]) for k in raw)
+    with pytest.raises(KeyError, match="missing"):
+        load_trainable(nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Dropout(), nn.Linear(32, 1), nn.Linear(1, 1)),
+                       tmp_path)
+    with pytest.raises(KeyError, match="unexpected"):
+        load_trainable(nn.Sequential(nn.Linear(4, 32)), tmp_path, strict=False)
+
+
+def test_gradient_accumulation_matches_bigger_batch(tmp_path):
+    common = dict(steps=3, lr=1e-2, max_grad_norm=None)
+    accum = _mlp()
+    train_loop(accum, _mse, _data(), _cfg(batch_size=4, grad_accum=2, **common), tmp_path / "a", progress=False)
+    big = _mlp()
+    train_loop(big, _mse, _data(), _cfg(batch_size=8, grad_accum=1, **common), tmp_path / "b", progress=False)
+    for k, v in big.state_dict().items():
+        torch.testing.assert_close(accum.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    # Adam's update hides a gradient scale; its first moment does not
+    a, b = _optimizer_tensors(tmp_path / "a"), _optimizer_tensors(tmp_path / "b")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_worker_processes_give_the_same_run(tmp_path):
+    cfg = _cfg(steps=6)
+    plain = train_loop(_mlp(), _mse, _data(), cfg, tmp_path / "a", progress=False)
+    workers = train_loop(_mlp(), _mse, _data(), replace(cfg, num_workers=1), tmp_path / "b", progress=False)
+    assert workers.history == plain.history
