@@ -49,6 +49,14 @@ class Preset:
         """Folder holding the train/val/test splits (SynthRS or a real data set)."""
         return resolve_path(self.data.root) if self.data.root else self.synthrs_dir()
 
+    def figures_dir(self) -> Path:
+        """Where notebooks save figures: figures/ for the cpu preset (the committed gallery), else runs/<preset>/figures."""
+        return REPO_ROOT / "figures" if self.name == "cpu" else self.run_dir("figures")
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of SynthRS images per split."""
+        return {"train": self.data.n_train, "val": self.data.n_val, "test": self.data.n_test}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for printing and for saving next to artifacts)."""
         return asdict(self)

@@ -1021,7 +1021,7 @@ def sample_metadata(rng: np.random.Generator, scene: str) -> dict[str, float | i
     day = int(rng.integers(1, calendar.monthrange(year, month)[1] + 1))
     lo, hi = GSD_RANGE[scene]
     gsd = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
-    cloud = 0 if rng.random() < 0.4 else int(rng.integers(2, 91))
+    cloud = 0 if rng.random() < 0.5 else int(round(2 + 93 * rng.random() ** 1.5))  # most scenes clear or light
     if scene == "desert":
         lat = float(rng.choice([-1, 1]) * rng.uniform(15, 35))
     else:

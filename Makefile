@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine:
+#   make reproduce   run every notebook at the cpu preset (writes runs/ and figures/)
+#   make test        the test suite, notebooks included (smoke preset)
+# Both create .venv and install what they need the first time.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PRESET ?= cpu
+ARCH   := $(shell uname -m)
+# torch builds that install offline here; on other machines pip fetches the matching wheels.
+ifeq ($(ARCH),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-fast reproduce notebooks-clean bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+test: install
+	RSLIB_PRESET=smoke $(BIN)/python -m pytest -q tests --nbmake notebooks --durations=15
+
+test-fast: install
+	RSLIB_PRESET=smoke $(BIN)/python -m pytest -q tests -x
+
+reproduce: install
+	$(BIN)/python -m rslib.notebooks --preset $(PRESET)
+
+notebooks-clean: install
+	$(BIN)/python -m rslib.notebooks --strip
+
+bench: install
+	$(BIN)/python bench/synthrs_throughput.py
+
+clean:
+	rm -rf runs data/synthrs .pytest_cache

@@ -1,0 +1,51 @@
+"""Project hygiene: dependencies agree, notebooks are clean and parameterised, presets resolve."""
+import re
+import tomllib
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from rslib.config import PRESET_NAMES, get_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_name(r): r.replace(" ", "") for r in py["dependencies"] + py["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
+    assert conda == declared
+
+
+def test_notebooks_are_committed_without_outputs_and_have_a_parameters_cell():
+    paths = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert paths
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs: run `make notebooks-clean`"
+        first = code[0]
+        assert "parameters" in first.metadata.get("tags", []), f"{path.name}: first code cell must be tagged parameters"
+        assert 'preset = os.environ.get("RSLIB_PRESET", "cpu")' in first.source
+        assert "class " not in "".join(c.source for c in code), f"{path.name} defines a class: move it to rslib"
+
+
+def test_presets_resolve_and_unknown_names_fail_clearly(monkeypatch):
+    for name in PRESET_NAMES:
+        assert get_preset(name).name == name
+    assert get_preset("cpu", **{"data.seed": 3}).data.seed == 3
+    with pytest.raises(ValueError, match="unknown preset 'laptop'"):
+        get_preset("laptop")
+    with pytest.raises(ValueError, match="no field"):
+        get_preset("cpu", **{"data.colour": 1})
+    monkeypatch.setenv("RSLIB_PRESET", "gpu")
+    assert get_preset().name == "gpu"
+    assert get_preset("smoke").figures_dir() != get_preset("cpu").figures_dir()  # tests never overwrite the gallery
