@@ -28,11 +28,68 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    """RS-CLIP: a small CLIPModel trained contrastively on captions (or a local folder at the paper preset)."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    patch: int = 8
+    projection_dim: int = 128
+    max_length: int = 77
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 5e-4
+    pretrained: str = ""  # local CLIP folder (transformers) or open_clip checkpoint file
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL: trained here at small presets, SD's from a local folder at the paper preset."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # len - 1 downsamplings: (32, 64, 64) -> f = 4
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_groups: int = 16
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    pretrained: str = ""  # local diffusers AutoencoderKL folder (or an SD folder with vae/)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The stage-one denoiser (UNet2DConditionModel) and its training and sampling knobs."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = 1
+    heads: int = 4
+    norm_groups: int = 16
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-4
+    caption_dropout: float = 0.1
+    ema_decay: float | None = 0.999
+    sample_steps: int = 25
+    guidance_scale: float = 4.0
+    pretrained: str = ""  # local Stable Diffusion 1.x diffusers folder (paper preset)
+
+
+@dataclass(frozen=True)
 class Preset:
     """One named preset: every knob a notebook needs, resolved once."""
 
     name: str
     data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    mixed_precision: str = "no"  # "no" on CPU (bf16 autocast is slow for CPU convolutions), "bf16" on GPU
     runs_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | mps
     num_workers: int = 0
@@ -72,6 +129,11 @@ _PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
         data=DataConfig(image_size=32, n_train=48, n_val=16, n_test=16, max_objects=8),
+        clip=ClipConfig(hidden=32, layers=1, heads=2, vision_hidden=32, vision_layers=1, vision_heads=2,
+                        projection_dim=32, steps=4, batch_size=16),
+        vae=VAEConfig(block_out_channels=(16, 32, 32), norm_groups=8, steps=4, batch_size=8),
+        unet=UNetConfig(block_out_channels=(16, 32, 32), heads=2, norm_groups=8, steps=4, batch_size=8,
+                        ema_decay=0.9, sample_steps=3),
     ),
     "cpu": Preset(
         name="cpu",
@@ -80,11 +142,27 @@ _PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         name="gpu",
         data=DataConfig(image_size=256, n_train=20000, n_val=1000, n_test=1000, max_objects=24),
+        clip=ClipConfig(hidden=256, layers=6, heads=8, vision_hidden=256, vision_layers=6, vision_heads=8, patch=16,
+                        projection_dim=256, steps=4000, batch_size=256),
+        vae=VAEConfig(block_out_channels=(64, 128, 256, 256), steps=8000, batch_size=32),
+        unet=UNetConfig(block_out_channels=(128, 256, 384, 384), attention_levels=(False, True, True, True),
+                        layers_per_block=2, heads=8, norm_groups=32, steps=20000, batch_size=64, lr=1e-4,
+                        sample_steps=50, guidance_scale=7.5),
+        mixed_precision="bf16",
         num_workers=4,
     ),
     "paper": Preset(
         name="paper",
         data=DataConfig(image_size=512, n_train=0, n_val=0, n_test=0, max_objects=24),
+        clip=ClipConfig(hidden=768, layers=12, heads=12, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                        patch=14, projection_dim=768, steps=0, pretrained="weights/clip-vit-large-patch14"),
+        vae=VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32, steps=0,
+                      pretrained="weights/stable-diffusion-v1-5"),
+        unet=UNetConfig(block_out_channels=(320, 640, 1280, 1280), attention_levels=(True, True, True, False),
+                        layers_per_block=2, heads=8, norm_groups=32, steps=50000, batch_size=4, lr=1e-5,
+                        caption_dropout=0.1, ema_decay=None, sample_steps=50, guidance_scale=7.5,
+                        pretrained="weights/stable-diffusion-v1-5"),
+        mixed_precision="bf16",
         num_workers=8,
     ),
 }
