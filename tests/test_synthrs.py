@@ -132,3 +132,15 @@ def test_imagefolder_loads_a_split(tmp_path, monkeypatch):
     assert row["image"].size == (32, 32)
     assert row["road"].size == (32, 32) and len(row["captions"]) >= 3
     assert set(row["metadata"]) >= {"year", "gsd", "cloud_cover"}
+
+
+def test_png_encoding_is_lossless():
+    import io
+
+    from PIL import Image
+
+    from rslib.data.formats import encode_png
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    grey = rgb[..., 0].copy()
+    assert (np.asarray(Image.open(io.BytesIO(encode_png(rgb)))) == rgb).all()
+    assert (np.asarray(Image.open(io.BytesIO(encode_png(grey)))) == grey).all()

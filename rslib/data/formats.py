@@ -183,6 +183,26 @@ def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W) or RGB (H, W, 3) array as PNG bytes (fast, lossless, deterministic)."""
+    import cv2
+
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"image arrays must be uint8, got {arr.dtype}")
+    ok, buf = cv2.imencode(".png", arr[..., ::-1] if arr.ndim == 3 else arr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _save_png(image: Image.Image | np.ndarray | bytes, dst: Path) -> None:
+    if isinstance(image, bytes):
+        dst.write_bytes(image)
+    else:
+        _to_pil(image).save(dst)
+
+
 class DatasetWriter:
     """Write one split atomically: ``with DatasetWriter(out) as w: w.add(record, image, conditions)``.
 
@@ -204,21 +224,21 @@ class DatasetWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         return self
 
-    def add(self, record: Record, image: Image.Image | np.ndarray | str | os.PathLike,
-            conditions: dict[str, Image.Image | np.ndarray] | None = None) -> Record:
-        """Add one image (array, PIL image, or a path to copy) and its condition maps."""
+    def add(self, record: Record, image: Image.Image | np.ndarray | bytes | str | os.PathLike,
+            conditions: dict[str, Image.Image | np.ndarray | bytes] | None = None) -> Record:
+        """Add one image (array, PIL image, encoded PNG bytes, or a path to copy) and its condition maps."""
         assert self.tmp is not None, "use DatasetWriter as a context manager"
         dst = self.tmp / record.file_name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(image, (str, os.PathLike)):
             shutil.copyfile(image, dst)
         else:
-            _to_pil(image).save(dst)
+            _save_png(image, dst)
         stem = Path(record.file_name).stem
         for name, cmap in (conditions or {}).items():
             rel = f"conditions/{name}/{stem}.png"
             (self.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            _to_pil(cmap).save(self.tmp / rel)
+            _save_png(cmap, self.tmp / rel)
             record.conditions[name] = rel
         self.records.append(record)
         return record

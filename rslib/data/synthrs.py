@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from rslib.data.conditions import seg_to_rgb
-from rslib.data.formats import CONTENT, DatasetWriter, ObjectAnnotation, Record
+from rslib.data.formats import CONTENT, DatasetWriter, ObjectAnnotation, Record, encode_png
 
 SCENES = (
     "airport", "port", "dense_residential", "sparse_residential", "industrial", "farmland",
@@ -760,8 +760,8 @@ def _palette(meta: dict) -> np.ndarray:
 
 
 def _colourise(c: _Canvas, rng: np.random.Generator, meta: dict) -> np.ndarray:
-    pal = _palette(meta)
-    col = pal[c.mat, c.var]
+    pal = _palette(meta).reshape(-1, 3)
+    col = pal[c.mat.astype(np.intp) * _N_VARIANTS + c.var]
     fine = _noise(rng, 1, c.r)
     mid = _noise(rng, 0, c.r)
     amp = _MAT_TEXTURE[c.mat]
@@ -1067,18 +1067,27 @@ def _render_index(args: tuple[int, int, int, int]) -> Scene:
     return make_scene((seed, split_id, index), size)
 
 
+def _render_encoded(args: tuple[int, int, int, int]) -> tuple[Scene, bytes, dict[str, bytes]]:
+    """Render one scene and encode its image and maps as PNG (in the worker, so writing stays cheap)."""
+    s = _render_index(args)
+    return s, encode_png(s.image), {k: encode_png(v) for k, v in s.maps.items()}
+
+
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 def generate(n: int, size: int = 64, seed: int = 0, split: str = "train", workers: int = 0,
              start: int = 0) -> list[Scene]:
     """Generate scenes ``start .. start+n-1`` of a split (in parallel when workers != 1)."""
-    args = [(seed, _SPLIT_IDS[split], i, size) for i in range(start, start + n)]
+    return _map(_render_index, [(seed, _SPLIT_IDS[split], i, size) for i in range(start, start + n)], workers)
+
+
+def _map(fn, args: list, workers: int) -> list:
     workers = workers or min(os.cpu_count() or 1, 8)
-    if workers <= 1 or n < 64:
-        return [_render_index(a) for a in args]
+    if workers <= 1 or len(args) < 64:
+        return [fn(a) for a in args]
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_render_index, args, chunksize=32))
+        return list(pool.map(fn, args, chunksize=32))
 
 
 def write_split(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, split: str = "train",
@@ -1086,7 +1095,8 @@ def write_split(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, s
     """Write a SynthRS split in the record format (images, six condition maps, content references)."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}; choose train, val or test")
-    scenes = generate(n, size, seed, split, workers)
+    rendered = _map(_render_encoded, [(seed, _SPLIT_IDS[split], i, size) for i in range(n)], workers)
+    scenes = [r[0] for r in rendered]
     names = [f"images/{i:06d}.png" for i in range(n)]
     # content image: another scene of the same type (a seeded choice within the split)
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], 99])
@@ -1102,7 +1112,7 @@ def write_split(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, s
                 rec.conditions[CONTENT] = names[int(others[rng.integers(len(others))])]
             else:  # the only scene of its type here: draw a fresh one of the same type
                 extra[CONTENT] = make_scene((seed, _SPLIT_IDS[split], 10**6 + i), size, scene=s.scene).image
-            w.add(rec, s.image, {**s.maps, **extra})
+            w.add(rec, rendered[i][1], {**rendered[i][2], **extra})
     return Path(out)
 
 
