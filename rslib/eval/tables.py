@@ -1,0 +1,73 @@
+"""Tables: the papers' published numbers beside ours, written as markdown and CSV."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from rslib.config import REPO_ROOT
+
+PAPER_TABLES = REPO_ROOT / "data" / "paper_tables"
+
+
+def paper_table(name: str, version: str | None = None) -> pd.DataFrame:
+    """A published table from data/paper_tables/<name>.csv (optionally one README version only)."""
+    path = PAPER_TABLES / f"{name}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; published tables: {sorted(p.stem for p in PAPER_TABLES.glob('*.csv'))}")
+    df = pd.read_csv(path)
+    if version is not None and "version" in df:
+        df = df[df["version"] == version]
+    return df.reset_index(drop=True)
+
+
+def ours_table(rows: Sequence[dict[str, Any]], preset: str, data: str = "SynthRS") -> pd.DataFrame:
+    """Our measured rows, labelled with the preset and data set that produced them."""
+    df = pd.DataFrame(list(rows))
+    df.insert(0, "ours", f"{preset} preset, {data}")
+    return df
+
+
+def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, metrics: Sequence[str], key: str = "method",
+                 paper_label: str = "paper") -> pd.DataFrame:
+    """One row per method: our metric columns, then the published ones in separate, labelled columns."""
+    left = ours.set_index(key)[[m for m in metrics if m in ours]].add_prefix("ours: ")
+    right = paper.set_index(key)[[m for m in metrics if m in paper]].add_prefix(f"{paper_label}: ")
+    right = right[~right.index.duplicated()]
+    return left.join(right, how="outer").reset_index()
+
+
+def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
+    """Write ``df`` as ``<name>.md`` (with a caption line) and ``<name>.csv``; returns both paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md, csv = folder / f"{name}.md", folder / f"{name}.csv"
+    df.to_csv(csv, index=False)
+    text = df.to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else df.to_string(index=False)
+    md.write_text((caption + "\n\n" if caption else "") + text + "\n")
+    return md, csv
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a stage's measured numbers as JSON (notebook 05 gathers them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=float))
+    return path
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a stage's results JSON, or an empty dict if that stage has not run."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
