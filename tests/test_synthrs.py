@@ -144,3 +144,13 @@ def test_png_encoding_is_lossless():
     grey = rgb[..., 0].copy()
     assert (np.asarray(Image.open(io.BytesIO(encode_png(rgb)))) == rgb).all()
     assert (np.asarray(Image.open(io.BytesIO(encode_png(grey)))) == grey).all()
+
+
+def test_ensure_synthrs_regenerates_only_when_asked_for_something_else(tmp_path):
+    from rslib.data.synthrs import ensure_synthrs
+    root = ensure_synthrs(tmp_path, {"train": 5, "val": 3}, size=32, seed=0, workers=1)
+    before = (root / "train" / "metadata.jsonl").stat().st_mtime_ns
+    ensure_synthrs(tmp_path, {"train": 5, "val": 3}, size=32, seed=0, workers=1)
+    assert (root / "train" / "metadata.jsonl").stat().st_mtime_ns == before  # cached
+    ensure_synthrs(tmp_path, {"train": 5}, size=32, seed=1, workers=1)
+    assert (root / "train" / "metadata.jsonl").stat().st_mtime_ns != before  # another seed: regenerated

@@ -19,6 +19,7 @@ built-up towns are; ``longitude`` tints the soil by region.
 from __future__ import annotations
 
 import calendar
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +62,7 @@ GSD_RANGE = {
     "parking": (0.25, 0.45), "playground": (0.45, 0.8), "bridge": (0.35, 0.8),
 }
 NOMINAL_SIZE = 512
+SYNTHRS_VERSION = "1.0"  # bump when the generator's output changes, so cached splits are regenerated
 
 # Materials: LoveDA class, base colour, texture amplitude, height (m).
 #  0 background 1 building 2 road 3 water 4 barren 5 forest 6 agriculture
@@ -1118,11 +1120,14 @@ def write_split(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, s
 
 def ensure_synthrs(root: str | os.PathLike, sizes: dict[str, int], size: int, seed: int = 0,
                    workers: int = 0) -> Path:
-    """Generate the train/val/test splits under ``root`` unless they already exist with these sizes."""
+    """Generate the train/val/test splits under ``root`` unless they already exist as asked (same
+    generator version, count, size and seed, recorded in each split's ``synthrs.json``)."""
     root = Path(root)
     for split, n in sizes.items():
-        meta = root / split / "metadata.jsonl"
-        if meta.is_file() and sum(1 for _ in open(meta)) == n:
+        stamp = {"version": SYNTHRS_VERSION, "n": n, "size": size, "seed": seed, "split": split}
+        info = root / split / "synthrs.json"
+        if info.is_file() and json.loads(info.read_text()) == stamp:
             continue
         write_split(root / split, n, size, seed, split, workers, overwrite=True)
+        info.write_text(json.dumps(stamp))
     return root
