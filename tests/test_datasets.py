@@ -88,3 +88,15 @@ def test_dropout_and_caption_choice_are_seeded():
     assert all(torch.equal(a[k], b[k]) for k in a)
     caps = [["x", "y", "z"]] * 8
     assert pick_captions(caps, torch.Generator().manual_seed(1)) == pick_captions(caps, torch.Generator().manual_seed(1))
+
+
+def test_truncation_keeps_the_largest_objects(split):
+    ds = RSDataset(split, max_objects=2, classes=OBJECT_CLASSES)
+    for i, rec in enumerate(ds.records):
+        if len(rec.objects) > 2:
+            areas = sorted(((o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]) for o in rec.objects), reverse=True)
+            b = ds[i]["boxes"]
+            got = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
+            assert got == pytest.approx(areas[:2], abs=1e-5)
+            return
+    pytest.skip("no image with more than two objects in this split")

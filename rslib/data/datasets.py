@@ -10,7 +10,7 @@ conditions          (18, S, S)          six condition maps x 3 channels in [0, 1
 content             (3, S, S)           content image in [-1, 1] (zeros if none)
 metadata            (7,)                fields normalised to [0, 1] (CRS-Diff ranges)
 metadata_valid      (7,)                False where the source had no value
-boxes, obb          (M, 4), (M, 8)      normalised boxes, padded to M
+boxes, obb          (M, 4), (M, 8)      normalised boxes, padded to M (the M largest if more)
 labels, valid       (M,), (M,)          class index (-1 for padding), padding mask
 captions            list[str]           every caption of the image
 scene               int                 scene index (-1 if unknown)
@@ -133,7 +133,10 @@ class RSDataset(torch.utils.data.Dataset):
         m = self.max_objects
         boxes, obb = torch.zeros(m, 4), torch.zeros(m, 8)
         labels, valid_obj = torch.full((m,), -1, dtype=torch.long), torch.zeros(m, dtype=torch.bool)
-        for k, o in enumerate(rec.objects[:m]):
+        objects = rec.objects
+        if len(objects) > m:  # keep the m largest objects (small ones matter least to a layout)
+            objects = sorted(objects, key=lambda o: -(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))[:m]
+        for k, o in enumerate(objects):
             boxes[k], obb[k] = torch.tensor(o.bbox), torch.tensor(o.obb)
             labels[k] = self._class_index.get(o.label, -1)
             valid_obj[k] = o.label in self._class_index
