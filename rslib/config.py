@@ -43,7 +43,11 @@ class ClipConfig:
     steps: int = 800
     batch_size: int = 128
     lr: float = 5e-4
-    pretrained: str = ""  # local CLIP folder (transformers) or open_clip checkpoint file
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    augment: bool = True  # brightness / contrast jitter of the training images
+    checkpoint_every: int = 250
+    pretrained: str = ""  # local transformers CLIP folder (text and vision towers), e.g. clip-vit-large-patch14
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,11 @@ class VAEConfig:
     steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6  # on the KL per latent value / pixel value, as in Stable Diffusion's autoencoder loss
+    mse_weight: float = 1.0  # reconstruction loss: L1 + mse_weight * MSE
+    crop_size: int = 0  # train on random crops of this side (0 = whole images); the model is fully convolutional
+    warmup_steps: int = 50
+    checkpoint_every: int = 250
     pretrained: str = ""  # local diffusers AutoencoderKL folder (or an SD folder with vae/)
 
 
@@ -73,11 +81,45 @@ class UNetConfig:
     steps: int = 600
     batch_size: int = 32
     lr: float = 3e-4
+    warmup_steps: int = 0
     caption_dropout: float = 0.1
     ema_decay: float | None = 0.999
     sample_steps: int = 25
     guidance_scale: float = 4.0
     pretrained: str = ""  # local Stable Diffusion 1.x diffusers folder (paper preset)
+
+
+@dataclass(frozen=True)
+class CRSDiffConfig:
+    """CRS-Diff stage two: sizes of the condition branch, its training, and notebook 03's evaluation."""
+
+    stem_channels: tuple[int, ...] = (16, 32)  # feature-extractor stem; log2(VAE factor) entries
+    inject_channels: tuple[int, ...] = (32, 64, 128)  # extractor features, one per UNet level
+    metadata_dim: int = 64  # sinusoid size per metadata field (320 in the paper)
+    content_tokens: int = 4  # context tokens from the content image
+    fusion: str = "aff"  # aff | ff | sum
+    use_metadata: bool = True
+    use_content: bool = True
+    metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    checkpoint_every: int = 200
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
+    control_scale: float = 1.0
+    eval_images: int = 48  # generated test images per setting in notebook 03's table
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """The small LoveDA-class segmentation network of the fidelity measures (trained on real images)."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 2e-3
 
 
 @dataclass(frozen=True)
@@ -89,6 +131,8 @@ class Preset:
     clip: ClipConfig = field(default_factory=ClipConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    crs: CRSDiffConfig = field(default_factory=CRSDiffConfig)
+    seg: SegmenterConfig = field(default_factory=SegmenterConfig)
     mixed_precision: str = "no"  # "no" on CPU (bf16 autocast is slow for CPU convolutions), "bf16" on GPU
     runs_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -134,10 +178,15 @@ _PRESETS: dict[str, Preset] = {
         vae=VAEConfig(block_out_channels=(16, 32, 32), norm_groups=8, steps=4, batch_size=8),
         unet=UNetConfig(block_out_channels=(16, 32, 32), heads=2, norm_groups=8, steps=4, batch_size=8,
                         ema_decay=0.9, sample_steps=3),
+        crs=CRSDiffConfig(stem_channels=(8, 16), inject_channels=(16, 32, 32), metadata_dim=16, steps=4,
+                          batch_size=8, warmup_steps=0, sample_steps=3, eval_images=4),
+        seg=SegmenterConfig(channels=(8, 16), steps=4, batch_size=8),
     ),
     "cpu": Preset(
         name="cpu",
         data=DataConfig(image_size=64, n_train=4000, n_val=400, n_test=400),
+        crs=CRSDiffConfig(),
+        seg=SegmenterConfig(),
     ),
     "gpu": Preset(
         name="gpu",
@@ -148,6 +197,10 @@ _PRESETS: dict[str, Preset] = {
         unet=UNetConfig(block_out_channels=(128, 256, 384, 384), attention_levels=(False, True, True, True),
                         layers_per_block=2, heads=8, norm_groups=32, steps=20000, batch_size=64, lr=1e-4,
                         sample_steps=50, guidance_scale=7.5),
+        crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(128, 256, 384, 384), metadata_dim=128,
+                          steps=10000, batch_size=64, lr=1e-4, warmup_steps=200, checkpoint_every=1000,
+                          sample_steps=50, guidance_scale=7.5, eval_images=500),
+        seg=SegmenterConfig(channels=(32, 64, 128, 256), steps=4000, batch_size=32, lr=1e-3),
         mixed_precision="bf16",
         num_workers=4,
     ),
@@ -162,6 +215,10 @@ _PRESETS: dict[str, Preset] = {
                         layers_per_block=2, heads=8, norm_groups=32, steps=50000, batch_size=4, lr=1e-5,
                         caption_dropout=0.1, ema_decay=None, sample_steps=50, guidance_scale=7.5,
                         pretrained="weights/stable-diffusion-v1-5"),
+        crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(192, 256, 384, 512), metadata_dim=320,
+                          steps=100000, batch_size=4, lr=1e-5, warmup_steps=0, checkpoint_every=500,
+                          sample_steps=50, guidance_scale=7.5, eval_images=1000),
+        seg=SegmenterConfig(channels=(64, 128, 256, 512), steps=20000, batch_size=16, lr=1e-3),
         mixed_precision="bf16",
         num_workers=8,
     ),

@@ -1,0 +1,142 @@
+"""Metrics of the text encoder, the autoencoder and the generators.
+
+* retrieval and zero-shot scene classification with RS-CLIP,
+* PSNR of reconstructions,
+* the Fréchet distance between two feature sets (FID), with RS-CLIP image features at the small presets,
+* CLIPScore (100 x cosine of image and caption features, clamped at 0, as torchmetrics computes it).
+
+Images are tensors in [-1, 1] of shape (B, 3, H, W) throughout.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import CLIPModel, CLIPTokenizer
+
+from rslib.data.synthrs import SCENE_PHRASES
+from rslib.models.text import encode_images, encode_text
+
+ZERO_SHOT_TEMPLATE = "an aerial image of {}."
+
+
+# ---------------------------------------------------------------------------
+# Retrieval and zero-shot classification
+
+
+def similarity_ranks(text_feats: torch.Tensor, image_feats: torch.Tensor,
+                     text_to_image: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+    """Rank (0 = best) of each text's matching image among all images, by cosine similarity (ties count in favour)."""
+    t = torch.nn.functional.normalize(text_feats.float(), dim=-1)
+    v = torch.nn.functional.normalize(image_feats.float(), dim=-1)
+    target = (torch.arange(len(t)) if text_to_image is None
+              else torch.as_tensor(text_to_image, dtype=torch.long)).to(t.device)
+    if len(target) != len(t) or (len(target) and int(target.max()) >= len(v)):
+        raise ValueError(f"{len(t)} texts, {len(v)} images: text_to_image must map every text to an image index")
+    sim = t @ v.T  # (T, I)
+    true = sim.gather(1, target[:, None])  # (T, 1)
+    return (sim > true).sum(1)  # (T,)
+
+
+def retrieval_recall(text_feats: torch.Tensor, image_feats: torch.Tensor, ks: Sequence[int] = (1, 5),
+                     text_to_image: torch.Tensor | Sequence[int] | None = None) -> dict[str, float]:
+    """Text -> image recall at k: the share of texts whose image is among the k most similar.
+
+    The i-th text matches the i-th image, or image ``text_to_image[i]`` when given (several captions per image).
+    Returns ``{"R@1": ..., "R@5": ...}`` as fractions in [0, 1].
+    """
+    ranks = similarity_ranks(text_feats, image_feats, text_to_image)
+    return {f"R@{k}": float((ranks < k).float().mean()) for k in ks}
+
+
+def top_k_images(text_feats: torch.Tensor, image_feats: torch.Tensor, k: int = 4) -> torch.Tensor:
+    """Indices (T, k) of the k images most similar to each text, best first."""
+    t = torch.nn.functional.normalize(text_feats.float(), dim=-1)
+    v = torch.nn.functional.normalize(image_feats.float(), dim=-1)
+    return (t @ v.T).topk(min(k, len(v)), dim=1).indices
+
+
+def scene_prompts(scene_names: Sequence[str], template: str = ZERO_SHOT_TEMPLATE) -> list[str]:
+    """One prompt per scene: SynthRS names use their caption wording ("a parking lot"), others the name itself."""
+    return [template.format(SCENE_PHRASES.get(n, n.replace("_", " "))) for n in scene_names]
+
+
+@torch.no_grad()
+def zero_shot_predict(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, scene_names: Sequence[str],
+                      template: str = ZERO_SHOT_TEMPLATE, batch_size: int = 256) -> torch.Tensor:
+    """Scene index (B,) whose prompt is most similar to each image (images in [-1, 1])."""
+    text = encode_text(clip, tokenizer, scene_prompts(scene_names, template))  # (S, D)
+    image = encode_images(clip, images, batch_size=batch_size)  # (B, D)
+    return (image @ text.T).argmax(1)  # (B,)
+
+
+def zero_shot_scene_accuracy(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor,
+                             scene_ids: torch.Tensor | Sequence[int], scene_names: Sequence[str],
+                             template: str = ZERO_SHOT_TEMPLATE) -> float:
+    """Share of images whose zero-shot scene prediction equals ``scene_ids`` (fraction in [0, 1])."""
+    pred = zero_shot_predict(clip, tokenizer, images, scene_names, template)
+    target = torch.as_tensor(scene_ids, dtype=torch.long)
+    return float((pred == target).float().mean())
+
+
+def confusion_matrix(pred: torch.Tensor | Sequence[int], target: torch.Tensor | Sequence[int],
+                     num_classes: int) -> torch.Tensor:
+    """Counts (num_classes, num_classes): row = true class, column = predicted class."""
+    pred = torch.as_tensor(pred, dtype=torch.long)
+    target = torch.as_tensor(target, dtype=torch.long)
+    idx = target * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+# ---------------------------------------------------------------------------
+# Reconstruction
+
+
+def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB (B,) of images in [-1, 1] (clamped to it; peak-to-peak range 2)."""
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    d = x.float().clamp(-1, 1) - y.float().clamp(-1, 1)
+    mse = d.pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
+    return 10.0 * torch.log10(4.0 / mse)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over images of the per-image PSNR in dB (images in [-1, 1])."""
+    return float(psnr_per_image(x, y).mean())
+
+
+# ---------------------------------------------------------------------------
+# Fréchet distance (FID) and CLIPScore
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (N, D) and (M, D).
+
+    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, in float64; the trace of the matrix square root is
+    the sum of the square roots of the eigenvalues of ``S_r S_f`` (as torchmetrics computes it).
+    """
+    real, fake = real.detach().double().cpu(), fake.detach().double().cpu()
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"need two (N, D) feature sets with the same D, got {tuple(real.shape)}, {tuple(fake.shape)}")
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("need at least two samples per set to fit a covariance")
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)  # (D, D), unbiased as torchmetrics
+    tr_sqrt = torch.linalg.eigvals(cov_r @ cov_f).sqrt().real.sum()
+    fid = (mu_r - mu_f).pow(2).sum() + cov_r.trace() + cov_f.trace() - 2.0 * tr_sqrt
+    return float(fid.clamp_min(0.0))
+
+
+def rs_clip_fid(clip: CLIPModel, real_images: torch.Tensor, fake_images: torch.Tensor) -> float:
+    """FID in the RS-CLIP image-feature space (L2-normalised projected features) of two image sets in [-1, 1]."""
+    return fid_from_features(encode_images(clip, real_images), encode_images(clip, fake_images))
+
+
+def clip_score(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, texts: Sequence[str]) -> float:
+    """CLIPScore: mean over pairs of 100 x max(cos(image_i, text_i), 0) (images in [-1, 1])."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    cos = (encode_images(clip, images) * encode_text(clip, tokenizer, list(texts))).sum(-1)  # (B,)
+    return float((100.0 * cos).clamp_min(0.0).mean())
+

@@ -1,0 +1,144 @@
+"""The autoencoder: a diffusers AutoencoderKL trained on RS images, and its latent scaling factor.
+
+Stable Diffusion runs in the latent space of a KL-regularised autoencoder (CRS-Diff uses SD's own). At the small
+presets we train one (``build_vae(cfg)``) on the SynthRS training images with
+
+    L = |x - D(z)|_1 + w_mse |x - D(z)|_2^2 + w_kl KL(q(z|x) || N(0, I)),   z ~ q(z|x) = N(mu(x), sigma(x)^2)
+
+(means over pixel values; the KL per latent value is divided by the number of pixel values, as Stable
+Diffusion's loss weighs it). Being fully convolutional, the model can train on random crops, which is several
+times cheaper per step. After training, the latents of the training images are scaled to unit standard
+deviation by ``scaling_factor = 1 / std(z)``, stored in the model config as diffusers pipelines expect.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from rslib.config import Preset, resolve_path
+from rslib.models.base import build_vae, require_local_dir
+from rslib.train.loop import TrainConfig, train_loop
+from rslib.train.text_encoder import begin, finished, mark_finished, stage_dataset, stage_stamp
+from rslib.data.datasets import collate
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random size x size crop per image: (B, C, H, W) -> (B, C, size, size)."""
+    b, _, h, w = images.shape
+    if size <= 0 or (size >= h and size >= w):
+        return images
+    ys = torch.randint(h - size + 1, (b,), generator=generator, device=generator.device).tolist()
+    xs = torch.randint(w - size + 1, (b,), generator=generator, device=generator.device).tolist()
+    return torch.stack([img[:, y:y + size, x:x + size] for img, y, x in zip(images, ys, xs)])
+
+
+def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0):
+    """``loss_fn(model, batch, generator)`` for train_loop: L1 (+ MSE) reconstruction + weighted KL."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x = random_crops(batch["pixel_values"], crop_size, generator)  # (B, 3, s, s)
+        posterior = model.encode(x).latent_dist
+        z = posterior.sample(generator=generator)  # (B, C, s/f, s/f)
+        rec = model.decode(z).sample  # (B, 3, s, s)
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = l1 + mse_weight * mse + kl_weight * kl
+        return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach(),
+                "psnr": 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))}
+
+    return loss_fn
+
+
+def _image_batches(images: torch.Tensor | Any, batch_size: int):
+    """Image tensors (b, 3, H, W) from a tensor or from a data set of items with ``pixel_values``."""
+    if isinstance(images, torch.Tensor):
+        for i in range(0, len(images), batch_size):
+            yield images[i:i + batch_size]
+    else:
+        for i in range(0, len(images), batch_size):
+            yield torch.stack([images[j]["pixel_values"] for j in range(i, min(i + batch_size, len(images)))])
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor | Any, batch_size: int = 64,
+                          seed: int = 0, max_images: int = 2048) -> float:
+    """``1 / std`` of sampled latents of (up to ``max_images``) images (a tensor in [-1, 1] or a data set)."""
+    dev = next(vae.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    was_training = vae.training
+    vae.eval()
+    n, s1, s2 = 0, 0.0, 0.0
+    for x in _image_batches(images[:max_images] if isinstance(images, torch.Tensor) else
+                            torch.utils.data.Subset(images, range(min(len(images), max_images))), batch_size):
+        z = vae.encode(x.to(dev)).latent_dist.sample(generator=g).double()  # (b, C, h, w)
+        n, s1, s2 = n + z.numel(), s1 + float(z.sum()), s2 + float(z.pow(2).sum())
+    vae.train(was_training)
+    var = s2 / n - (s1 / n) ** 2
+    return float(1.0 / max(var, 1e-12) ** 0.5)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64, scaled: bool = True) -> torch.Tensor:
+    """Latent means (B, C, H/f, W/f) of images in [-1, 1], times ``scaling_factor`` when ``scaled``."""
+    dev = next(vae.parameters()).device
+    out = [vae.encode(x.to(dev)).latent_dist.mode().cpu() for x in _image_batches(images, batch_size)]
+    z = torch.cat(out)
+    return z * vae.config.scaling_factor if scaled else z
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 64, scaled: bool = True) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from latents (divided by ``scaling_factor`` first when ``scaled``)."""
+    dev = next(vae.parameters()).device
+    z = latents / vae.config.scaling_factor if scaled else latents
+    return torch.cat([vae.decode(x.to(dev)).sample.clamp(-1, 1).cpu() for x in _image_batches(z, batch_size)])
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Deterministic reconstructions (latent mean, no sampling) of images in [-1, 1], clamped to [-1, 1]."""
+    was_training = vae.training
+    vae.eval()
+    out = decode_latents(vae, encode_latents(vae, images, batch_size, scaled=False), batch_size, scaled=False)
+    vae.train(was_training)
+    return out
+
+
+def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: bool = False,
+                      progress: bool = True) -> Path:
+    """Train the preset's AutoencoderKL, store its latent scaling factor and save it to ``runs/<preset>/autoencoder``.
+
+    A folder holding a finished run with the same settings is returned as it is (``force=True`` retrains);
+    at the paper preset (``vae.pretrained`` set) the local VAE folder (``<sd>/vae`` or the folder) is returned.
+    """
+    if cfg.vae.pretrained:
+        root = require_local_dir(cfg.vae.pretrained, "autoencoder weights", "vae.pretrained")
+        return root / "vae" if (root / "vae").is_dir() else root
+    out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir("autoencoder")
+    stamp = stage_stamp(cfg, "vae")
+    if not force and finished(out_dir, stamp):
+        return out_dir
+    resume = begin(out_dir, stamp, force)
+    t0 = time.perf_counter()
+    dataset = stage_dataset(cfg, "train")
+    vae = build_vae(cfg)
+    v = cfg.vae
+    tcfg = TrainConfig(steps=v.steps, batch_size=v.batch_size, lr=v.lr, warmup_steps=min(v.warmup_steps, v.steps // 5),
+                       mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, num_workers=cfg.num_workers,
+                       checkpoint_every=v.checkpoint_every)
+    result = train_loop(vae, vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size), dataset, tcfg, out_dir,
+                        collate_fn=collate, resume=resume, progress=progress)
+    factor = latent_scaling_factor(vae, dataset, seed=cfg.data.seed)
+    vae.register_to_config(scaling_factor=factor)
+    vae.to("cpu").eval()
+    vae.save_pretrained(out_dir)
+    mark_finished(out_dir, stamp, steps=result.steps, seconds=round(time.perf_counter() - t0, 1),
+                  train_seconds=round(result.seconds, 1), images=len(dataset), scaling_factor=factor,
+                  final_loss=result.history[-1]["loss"] if result.history else None)
+    return out_dir

@@ -1,0 +1,405 @@
+"""Stage two of CRS-Diff: train the condition branch around the frozen stage-one model (CRS-Diff §3.2-3.4).
+
+Frozen: the VAE, the text tower and the stage-one UNet (loaded with an identity class embedding). Trained:
+the adapter (encoder copy + FF/AFF fusion + zero convs), its feature extractor, the metadata encoder and the
+content tokenizer, with the noise-prediction MSE
+
+    L = E_{z, eps, t, c} || eps - eps_theta(z_t, t, text, content, metadata, maps) ||^2
+
+and CRS-Diff's condition-dropout policy (:class:`rslib.data.datasets.ConditionDropout`): captions dropped with
+0.5; the six maps kept all (0.1), dropped all (0.1) or dropped each (0.6 for lines, 0.5 for the others);
+content and metadata likewise, a dropped one replaced by its learned null.
+
+Every training image is pre-encoded once: VAE posterior mean/std (a latent is drawn each step), the content
+image's CLIP embedding, the condition maps as uint8 and the normalised metadata.
+
+Output folder ``runs/<preset>/crs_diff/`` (``crs_diff_<variant>`` for ablations)::
+
+    model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, adapter/, metadata_encoder/,
+    content_tokenizer/, image_encoder/      <- CRSDiffPipeline.from_pretrained
+    crs_diff.json                           <- settings, loss, wall times (written last: marks a finished run)
+    training/checkpoint/, training/history.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from rslib.config import Preset, resolve_path
+from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions
+from rslib.models.base import build_noise_scheduler, build_sampler
+from rslib.models.crs_diff import (
+    ContentTokenizer,
+    CRSDiffModel,
+    CRSLocalAdapter,
+    MetadataEncoder,
+    load_frozen_unet,
+)
+from rslib.models.text import tokenize
+from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
+from rslib.train.loop import HISTORY_NAME, TrainConfig, train_loop
+from rslib.utils import pick_device
+
+TRAINING_DIR = "training"
+INFO_NAME = "crs_diff.json"
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter", "metadata_encoder",
+         "content_tokenizer", "image_encoder")
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_stage_one(cfg: Preset, stage_one_dir: str | os.PathLike | None = None) -> Path:
+    """The stage-one pipeline folder, or a clear error naming the notebook that makes it."""
+    path = resolve_path(stage_one_dir) if stage_one_dir else cfg.run_dir("stage_one")
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no stage-one model at {path}: run notebook 02 "
+                                f"(rslib.train.stage_one.train_stage_one(cfg)) first, or pass stage_one_dir=")
+    return path
+
+
+def resolve_clip_dir(cfg: Preset, clip_dir: str | os.PathLike | None = None) -> Path:
+    """The RS-CLIP folder whose image tower embeds content images (notebook 01 makes it)."""
+    if clip_dir:
+        path = resolve_path(clip_dir)
+    elif cfg.clip.pretrained:
+        path = resolve_path(cfg.clip.pretrained)
+    else:
+        path = cfg.run_dir("text_encoder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no RS-CLIP at {path}: run notebook 01 (rslib.train.text_encoder."
+                                f"train_text_encoder(cfg)) first, or pass clip_dir=<a transformers CLIP folder>")
+    return path
+
+
+def image_encoder_from_clip(clip: CLIPModel) -> CLIPVisionModelWithProjection:
+    """The image tower + projection of a CLIPModel as a standalone CLIPVisionModelWithProjection (same weights)."""
+    vc = clip.config.vision_config.to_dict()
+    vc["projection_dim"] = clip.config.projection_dim
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**vc))
+    enc.vision_model.load_state_dict(clip.vision_model.state_dict())
+    enc.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return enc.eval()
+
+
+def load_image_encoder(clip_dir: str | os.PathLike) -> CLIPVisionModelWithProjection:
+    """The image tower of a saved CLIP folder."""
+    return image_encoder_from_clip(CLIPModel.from_pretrained(clip_dir, local_files_only=True))
+
+
+def load_stage_one_parts(path: str | os.PathLike) -> dict[str, Any]:
+    """vae, text_encoder, tokenizer and the UNet (identity class embedding) of a stage-one folder, frozen."""
+    path = str(path)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True).eval()
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True).eval()
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    unet = load_frozen_unet(path).eval()
+    for m in (vae, text, unet):
+        m.requires_grad_(False)
+    return {"vae": vae, "text_encoder": text, "tokenizer": tok, "unet": unet}
+
+
+# ---------------------------------------------------------------------------
+# Pre-encoded training data
+
+
+class CRSTrainingData(torch.utils.data.Dataset):
+    """Pre-encoded stage-two samples.
+
+    Item: ``mean``/``std`` (C, h, w) VAE posterior, ``conditions`` (18, S, S) uint8, ``content`` (D,) CLIP
+    embedding, ``has_content`` bool, ``metadata`` (7,) in [0, 1], ``metadata_valid`` (7,) bool, ``captions``.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, conditions: torch.Tensor, content: torch.Tensor,
+                 has_content: torch.Tensor, metadata: torch.Tensor, metadata_valid: torch.Tensor,
+                 captions: list[list[str]]):
+        n = len(mean)
+        if not all(len(x) == n for x in (std, conditions, content, has_content, metadata, metadata_valid, captions)):
+            raise ValueError("all pre-encoded tensors need the same length")
+        self.mean, self.std, self.conditions, self.content = mean, std, conditions, content
+        self.has_content, self.metadata, self.metadata_valid = has_content, metadata, metadata_valid
+        self.captions = [list(c) or [""] for c in captions]
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"mean": self.mean[i], "std": self.std[i], "conditions": self.conditions[i],
+                "content": self.content[i], "has_content": self.has_content[i], "metadata": self.metadata[i],
+                "metadata_valid": self.metadata_valid[i], "captions": self.captions[i]}
+
+
+def split_dataset(cfg: Preset, split: str) -> RSDataset:
+    """One split with condition maps (SynthRS is generated first when it is the data)."""
+    if not cfg.data.root:
+        from rslib.data.synthrs import ensure_synthrs
+
+        ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
+    folder = cfg.data_dir() / split
+    if not (folder / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"no {split} split at {folder}: convert a data set into it or leave data.root "
+                                f"empty for SynthRS")
+    return RSDataset(folder, size=cfg.data.image_size, max_objects=1)
+
+
+def load_split_tensors(ds: RSDataset) -> dict[str, Any]:
+    """Every item of a split stacked: images, conditions (uint8), content images, metadata, captions."""
+    items = [ds[i] for i in range(len(ds))]
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (N, 3, S, S) in [-1, 1]
+        "conditions": torch.stack([(it["conditions"] * 255).round().to(torch.uint8) for it in items]),  # (N, 18, S, S)
+        "content": torch.stack([it["content"] for it in items]),  # (N, 3, S, S)
+        "has_content": torch.tensor([bool(it["has_content"]) for it in items]),
+        "metadata": torch.stack([it["metadata"] for it in items]),  # (N, 7)
+        "metadata_valid": torch.stack([it["metadata_valid"] for it in items]),
+        "captions": [it["captions"] for it in items],
+    }
+
+
+@torch.no_grad()
+def encode_training_data(tensors: dict[str, Any], vae: AutoencoderKL,
+                         image_encoder: CLIPVisionModelWithProjection | None, batch_size: int = 64,
+                         device: str | torch.device = "cpu") -> CRSTrainingData:
+    """Pre-encode a split: VAE posterior (mean, std) and CLIP content embeddings, computed once."""
+    vae = vae.to(device)
+    means, stds = [], []
+    images = tensors["pixel_values"]
+    for i in range(0, len(images), batch_size):
+        dist = vae.encode(images[i:i + batch_size].to(device)).latent_dist
+        means.append(dist.mean.float().cpu())  # (b, C, h, w)
+        stds.append(dist.std.float().cpu())
+    if image_encoder is not None:
+        content = content_embeddings(image_encoder.to(device), tensors["content"], batch_size).cpu()  # (N, D)
+    else:
+        content = torch.zeros(len(images), 1)
+    return CRSTrainingData(torch.cat(means), torch.cat(stds), tensors["conditions"], content,
+                           tensors["has_content"], tensors["metadata"], tensors["metadata_valid"],
+                           tensors["captions"])
+
+
+# ---------------------------------------------------------------------------
+# Model and objective
+
+
+def build_crs_model(cfg: Preset, unet: UNet2DConditionModel, vae_scale_factor: int, image_dim: int | None,
+                    fusion: str | None = None, use_metadata: bool | None = None,
+                    use_content: bool | None = None) -> CRSDiffModel:
+    """Fresh trainable parts around ``unet`` (frozen, identity class embedding), sized by ``cfg.crs``."""
+    c = cfg.crs
+    fusion = fusion or c.fusion
+    use_metadata = c.use_metadata if use_metadata is None else use_metadata
+    use_content = c.use_content if use_content is None else use_content
+    levels = len(unet.config.block_out_channels)
+    if len(c.inject_channels) != levels:
+        raise ValueError(f"crs.inject_channels {c.inject_channels} needs one entry per UNet level ({levels}): the "
+                         f"stage-one UNet does not match preset {cfg.name!r}")
+    adapter = CRSLocalAdapter.from_unet(unet, stem_channels=c.stem_channels, inject_channels=c.inject_channels,
+                                        downscale=vae_scale_factor, fusion=fusion,
+                                        metadata_to_adapter=c.metadata_to_adapter)
+    e = unet.config.time_embedding_dim or 4 * unet.config.block_out_channels[0]
+    meta = MetadataEncoder(embed_dim=c.metadata_dim, out_dim=e) if use_metadata else None
+    content = None
+    if use_content:
+        if image_dim is None:
+            raise ValueError("use_content needs an image encoder (RS-CLIP) to embed content images")
+        content = ContentTokenizer(in_dim=image_dim, context_dim=unet.config.cross_attention_dim,
+                                   num_tokens=c.content_tokens)
+    unet.requires_grad_(False)
+    return CRSDiffModel(unet, adapter, meta, content)
+
+
+class CRSTrainModel(nn.Module):
+    """What the loop trains: the denoiser (frozen UNet + trainable parts) beside the frozen text tower."""
+
+    def __init__(self, crs: CRSDiffModel, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.crs = crs
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+
+
+def cpu_generator(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator seeded from ``generator`` (for draws the CPU-only helpers make), reproducibly."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
+
+
+class CRSDiffLoss:
+    """``loss_fn(model, batch, generator)``: noise-prediction MSE under CRS-Diff's condition dropout."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
+                 noise_scheduler: DDPMScheduler | None = None):
+        self.tokenizer = tokenizer
+        self.scaling_factor = float(scaling_factor)
+        self.dropout = dropout or ConditionDropout()
+        self.noise_scheduler = noise_scheduler or build_noise_scheduler()
+
+    def __call__(self, model: CRSTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """The loss of one batch; every random draw comes from ``generator``."""
+        mean, std = batch["mean"], batch["std"]  # (B, C, h, w)
+        dev, b = mean.device, mean.shape[0]
+        g = cpu_generator(generator)
+        keep = self.dropout.sample(b, g)  # local (B, 6), global (B, 2), caption (B,)
+        z = torch.randn(mean.shape, generator=g).to(dev)
+        latents = (mean + std * z) * self.scaling_factor
+        conditions = ConditionDropout.apply_local(batch["conditions"].float() / 255.0, keep["local"].to(dev))
+        captions = ConditionDropout.apply_captions(pick_captions(batch["captions"], g), keep["caption"])
+        ids = tokenize(self.tokenizer, captions).to(dev)  # (B, L)
+        with torch.no_grad():
+            text = model.text_encoder(input_ids=ids).last_hidden_state  # (B, L, D)
+        content_keep = keep["global"][:, 0].to(dev) & batch["has_content"].bool()
+        meta_keep = keep["global"][:, 1:2].to(dev) & batch["metadata_valid"].bool()  # (B, 7)
+        noise = torch.randn(latents.shape, generator=g).to(dev)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
+        loss = nn.functional.mse_loss(pred.float(), noise.float())
+        return {"loss": loss, "maps_kept": keep["local"].float().mean()}
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+def variant_name(cfg: Preset, fusion: str, use_metadata: bool, use_content: bool) -> str:
+    """Folder name of a run: ``crs_diff`` for the preset's own settings, ``crs_diff_<fusion>[_nometa][_nocontent]``."""
+    c = cfg.crs
+    if (fusion, use_metadata, use_content) == (c.fusion, c.use_metadata, c.use_content):
+        return "crs_diff"
+    return "crs_diff_" + fusion + ("" if use_metadata else "_nometa") + ("" if use_content else "_nocontent")
+
+
+def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
+    """The loop settings of stage two for a preset."""
+    c = cfg.crs
+    n = c.steps if steps is None else steps
+    return TrainConfig(steps=n, batch_size=c.batch_size, lr=c.lr, warmup_steps=min(c.warmup_steps, n),
+                       mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, ema_decay=None,
+                       checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0)
+
+
+def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
+    """True when ``out_dir`` holds a finished CRS-Diff folder (trained with ``stamp``'s settings, if given)."""
+    out_dir = Path(out_dir)
+    if not ((out_dir / "model_index.json").is_file() and (out_dir / INFO_NAME).is_file()):
+        return False
+    return stamp is None or json.loads((out_dir / INFO_NAME).read_text()).get("stamp") == stamp
+
+
+def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
+                   out_dir: str | os.PathLike | None = None, fusion: str | None = None, force: bool = False, *,
+                   use_metadata: bool | None = None, use_content: bool | None = None, steps: int | None = None,
+                   clip_dir: str | os.PathLike | None = None, stop_after: int | None = None,
+                   progress: bool = True) -> Path:
+    """Train CRS-Diff's condition branch on the frozen stage-one model; returns the saved pipeline folder.
+
+    ``fusion`` ("aff" | "ff" | "sum"), ``use_metadata`` and ``use_content`` switch the ablations (default:
+    ``cfg.crs``); an ablation saves to ``runs/<preset>/crs_diff_<variant>``. A finished folder with the same
+    settings is reused unless ``force``; an interrupted run resumes from its checkpoint.
+    """
+    c = cfg.crs
+    fusion = fusion or c.fusion
+    use_metadata = c.use_metadata if use_metadata is None else use_metadata
+    use_content = c.use_content if use_content is None else use_content
+    s1 = resolve_stage_one(cfg, stage_one_dir)
+    out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, fusion, use_metadata, use_content))
+    tcfg = crs_train_config(cfg, steps)
+    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
+                                   "crs": asdict(replace(c, fusion=fusion, use_metadata=use_metadata,
+                                                         use_content=use_content, steps=tcfg.steps))}))
+    if not force and is_finished(out_dir, stamp):
+        return out_dir
+    work = out_dir / TRAINING_DIR
+    old = out_dir / INFO_NAME
+    if force or (old.is_file() and json.loads(old.read_text()).get("stamp") != stamp):
+        shutil.rmtree(work, ignore_errors=True)  # other settings: start afresh
+    t0 = time.perf_counter()
+    parts = load_stage_one_parts(s1)
+    image_encoder = load_image_encoder(resolve_clip_dir(cfg, clip_dir)) if use_content else None
+    device = pick_device(cfg.device)
+    data = encode_training_data(load_split_tensors(split_dataset(cfg, "train")), parts["vae"], image_encoder,
+                                device=device)
+    encode_s = time.perf_counter() - t0
+
+    torch.manual_seed(cfg.data.seed)  # the fresh trainable parts' initial weights
+    vae_factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    image_dim = image_encoder.config.projection_dim if image_encoder is not None else None
+    crs = build_crs_model(cfg, parts["unet"], vae_factor, image_dim, fusion, use_metadata, use_content)
+    model = CRSTrainModel(crs, parts["text_encoder"])
+    loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor)
+    result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
+                        progress=progress)
+    if result.steps < tcfg.steps:
+        return out_dir
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in
+              (("adapter", crs.adapter), ("metadata_encoder", crs.metadata_encoder),
+               ("content_tokenizer", crs.content_tokenizer)) if m is not None}
+    info = {"stamp": stamp, "preset": cfg.name, "fusion": fusion, "use_metadata": use_metadata,
+            "use_content": use_content, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
+            "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
+            "final_loss": _mean_tail(result.history), "n_train": len(data), "parameters": counts,
+            "stage_one_dir": str(s1), "train": asdict(tcfg)}
+    pipe = CRSDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
+                           tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
+                           adapter=crs.adapter.cpu(), metadata_encoder=_cpu(crs.metadata_encoder),
+                           content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder))
+    save_pipeline(pipe, out_dir, info)
+    return out_dir
+
+
+def _cpu(m: nn.Module | None) -> nn.Module | None:
+    return m.cpu() if m is not None else None
+
+
+def _mean_tail(history: list[dict[str, float]], n: int = 20) -> float | None:
+    tail = [h["loss"] for h in history[-n:]]
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+def save_pipeline(pipe: CRSDiffPipeline, out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Write the pipeline's parts into ``out_dir`` (beside ``training/``); ``crs_diff.json`` is written last."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("model_index.json", INFO_NAME):
+        (out_dir / stale).unlink(missing_ok=True)
+    tmp = out_dir / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for part in PARTS:
+        if (out_dir / part).exists():
+            shutil.rmtree(out_dir / part)
+        if (tmp / part).exists():
+            os.replace(tmp / part, out_dir / part)
+    os.replace(tmp / "model_index.json", out_dir / "model_index.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=1, default=str))
+    return out_dir
+
+
+def crs_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The per-step loss history of a stage-two run."""
+    path = Path(out_dir) / TRAINING_DIR / HISTORY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no training history at {path}: train it first (train_crs_diff(cfg))")
+    return json.loads(path.read_text())
+
+
+def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """What produced a CRS-Diff folder: settings, steps, final loss, wall times, parameter counts."""
+    return json.loads((Path(out_dir) / INFO_NAME).read_text())
+
+
+__all__ = ["CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model", "crs_history", "crs_info",
+           "crs_train_config", "encode_training_data", "image_encoder_from_clip", "load_image_encoder",
+           "load_split_tensors", "load_stage_one_parts", "resolve_clip_dir", "resolve_stage_one", "split_dataset",
+           "train_crs_diff", "variant_name"]

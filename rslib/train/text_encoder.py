@@ -1,0 +1,183 @@
+"""RS-CLIP: contrastive training of a small CLIPModel on remote-sensing images and their captions.
+
+CRS-Diff's stage one conditions Stable Diffusion on a CLIP text encoder tuned on RS captions. At the small
+presets we train one from scratch on SynthRS with CLIP's symmetric InfoNCE loss and a learnable temperature:
+
+    L = 1/2 [ CE(s * T V^T, Y) + CE(s * V T^T, Y^T) ],   T, V: L2-normalised text / image features (B, D)
+
+where ``s = exp(logit_scale)`` (clamped at 100) and ``Y`` is the target matrix. SynthRS captions repeat
+("an aerial image of a port."), so two images in one batch can share a caption exactly; ``Y`` then spreads each
+row's target evenly over the identical captions instead of calling one of them a negative.
+
+The result is a folder that ``CLIPModel.from_pretrained`` and ``CLIPTokenizer.from_pretrained`` both read;
+the resumable training checkpoint lives in its ``checkpoint/`` subfolder, the loss history in ``history.json``
+and ``training.json`` marks a finished run (with the settings it was trained with).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rslib.config import Preset, resolve_path
+from rslib.data import synthrs
+from rslib.data.datasets import RSDataset, collate, pick_captions
+from rslib.models.text import build_rs_clip, clip_tokenizer, image_features, text_features, tokenize
+from rslib.train.loop import CHECKPOINT_DIR, HISTORY_NAME, TrainConfig, train_loop
+
+DONE_NAME = "training.json"
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the stage functions
+
+
+def stage_dataset(cfg: Preset, split: str = "train") -> RSDataset:
+    """Images and captions of one split (no condition maps), SynthRS generated first when it is the data."""
+    if not cfg.data.root:
+        synthrs.ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
+    folder = cfg.data_dir() / split
+    if not (folder / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"no {split} split at {folder}: set data.root to a folder in the record format "
+                                f"(see data/README.md) or leave it empty for SynthRS")
+    scenes = None if cfg.data.root else synthrs.SCENES
+    return RSDataset(folder, size=cfg.data.image_size, max_objects=cfg.data.max_objects, scenes=scenes,
+                     with_conditions=False, in_memory=cfg.num_workers == 0)
+
+
+def stage_stamp(cfg: Preset, part: str) -> dict[str, Any]:
+    """What a stage's result depends on: the preset name, the data settings and the part's own config."""
+    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), part: asdict(getattr(cfg, part))}))
+
+
+def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
+    """True if ``out_dir`` holds a finished run trained with the settings ``stamp``."""
+    info = out_dir / DONE_NAME
+    return info.is_file() and json.loads(info.read_text()).get("stamp") == stamp
+
+
+def begin(out_dir: Path, stamp: dict[str, Any], force: bool) -> bool:
+    """Prepare ``out_dir`` for training; returns whether to resume from its checkpoint.
+
+    A forced run, or one whose folder holds a finished run with other settings, starts from scratch.
+    """
+    info = out_dir / DONE_NAME
+    stale = info.is_file() and json.loads(info.read_text()).get("stamp") != stamp
+    if info.is_file():
+        info.unlink()
+    if (force or stale) and (out_dir / CHECKPOINT_DIR).exists():
+        shutil.rmtree(out_dir / CHECKPOINT_DIR)
+    return not (force or stale)
+
+
+def mark_finished(out_dir: Path, stamp: dict[str, Any], **info: Any) -> None:
+    """Write ``training.json`` last: the folder now holds a finished run."""
+    (out_dir / DONE_NAME).write_text(json.dumps({"stamp": stamp, **info}, indent=1))
+
+
+def training_info(folder: str | Path) -> dict[str, Any]:
+    """What a finished stage folder records: ``history`` (loss per step), ``seconds``, ``steps`` and more."""
+    folder = Path(folder)
+    info = json.loads((folder / DONE_NAME).read_text()) if (folder / DONE_NAME).is_file() else {}
+    hist = folder / HISTORY_NAME
+    info["history"] = json.loads(hist.read_text()) if hist.is_file() else []
+    return info
+
+
+def step_generator(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator seeded from the step's generator (for draws that must happen on the CPU)."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------
+# The contrastive loss
+
+
+def colour_jitter(images: torch.Tensor, generator: torch.Generator, strength: float = 0.1) -> torch.Tensor:
+    """Per-image brightness and contrast jitter of images in [-1, 1] (B, 3, H, W)."""
+    b = images.shape[0]
+    u = torch.rand(b, 2, 1, 1, generator=generator, device=generator.device).to(images) * 2 - 1  # (B, 2, 1, 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    out = (images - mean) * (1 + strength * u[:, :1]) + mean + strength * u[:, 1:]
+    return out.clamp(-1, 1)
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor,
+                     captions: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE of L2-normalised features (B, D); identical captions share the target mass."""
+    b = text.shape[0]
+    scale = logit_scale.exp().clamp(max=100.0)
+    logits = scale * text @ image.T  # (B texts, B images)
+    if captions is None:
+        same = torch.eye(b, device=text.device)
+    else:
+        ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        key = torch.tensor([ids[c] for c in captions], device=text.device)
+        same = (key[:, None] == key[None, :]).float()  # (B, B), symmetric
+    target = same / same.sum(1, keepdim=True)
+    loss_t = -(target * logits.log_softmax(1)).sum(1).mean()  # text -> image
+    loss_i = -(target * logits.T.log_softmax(1)).sum(1).mean()  # image -> text
+    hit = same[torch.arange(b), logits.argmax(1)]  # the best image's caption equals the query
+    return {"loss": 0.5 * (loss_t + loss_i), "logit_scale": scale.detach(), "batch_r1": hit.mean()}
+
+
+def clip_loss_fn(tokenizer: Any, max_length: int, augment: bool = True):
+    """``loss_fn(model, batch, generator)`` for train_loop: one caption per image, symmetric InfoNCE."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        captions = pick_captions(batch["captions"], step_generator(generator))
+        ids = tokenize(tokenizer, captions, max_length).to(batch["pixel_values"].device)  # (B, L)
+        images = batch["pixel_values"]  # (B, 3, S, S)
+        if augment:
+            images = colour_jitter(images, generator)
+        text = nn.functional.normalize(text_features(model, ids), dim=-1)  # (B, D)
+        image = nn.functional.normalize(image_features(model, images), dim=-1)  # (B, D)
+        return contrastive_loss(text, image, model.logit_scale, captions)
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+def train_text_encoder(cfg: Preset, out_dir: str | Path | None = None, *, force: bool = False,
+                       progress: bool = True) -> Path:
+    """Train RS-CLIP on the training split and save it (model + tokenizer) to ``runs/<preset>/text_encoder``.
+
+    A folder holding a finished run with the same settings is returned as it is (``force=True`` retrains);
+    at the paper preset (``clip.pretrained`` set) the local CLIP folder is returned unchanged.
+    """
+    if cfg.clip.pretrained:
+        from rslib.models.base import require_local_dir
+
+        return require_local_dir(cfg.clip.pretrained, "CLIP weights", "clip.pretrained")
+    out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir("text_encoder")
+    stamp = stage_stamp(cfg, "clip")
+    if not force and finished(out_dir, stamp):
+        return out_dir
+    resume = begin(out_dir, stamp, force)
+    t0 = time.perf_counter()
+    dataset = stage_dataset(cfg, "train")
+    model = build_rs_clip(cfg)
+    tokenizer = clip_tokenizer(cfg.clip.max_length)
+    c = cfg.clip
+    tcfg = TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                       warmup_steps=min(c.warmup_steps, max(c.steps // 5, 0)), mixed_precision=cfg.mixed_precision,
+                       seed=cfg.data.seed, num_workers=cfg.num_workers, checkpoint_every=c.checkpoint_every)
+    result = train_loop(model, clip_loss_fn(tokenizer, c.max_length, c.augment), dataset, tcfg, out_dir,
+                        collate_fn=collate, resume=resume, progress=progress)
+    model.to("cpu").eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    mark_finished(out_dir, stamp, steps=result.steps, seconds=round(time.perf_counter() - t0, 1),
+                  train_seconds=round(result.seconds, 1), images=len(dataset),
+                  final_loss=result.history[-1]["loss"] if result.history else None)
+    return out_dir

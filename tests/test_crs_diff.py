@@ -1,0 +1,248 @@
+"""CRS-Diff stage two: shapes (small and SD 1.5), exact identities at initialisation, control_scale, dropping a
+condition, save/load round trip, and a short training run whose loss falls."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from rslib.config import get_preset
+from rslib.data.datasets import ConditionDropout
+from rslib.data.formats import CONDITION_NAMES
+from rslib.models.base import build_sampler, build_unet, build_vae
+from rslib.models.crs_diff import (
+    ContentTokenizer,
+    CRSDiffModel,
+    CRSLocalAdapter,
+    MetadataEncoder,
+    metadata_sinusoids,
+    with_identity_class_embedding,
+)
+from rslib.models.text import clip_tokenizer
+from rslib.pipelines.crs_diff import CRSDiffPipeline, conditions_from_maps, keep_only
+
+TEXT_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """Tiny stage-one parts at the smoke preset (32 px images, 8x8 latents), built from config."""
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=77,
+                                        projection_dim=TEXT_DIM)).eval()
+    image = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                           num_hidden_layers=1, num_attention_heads=2,
+                                                           intermediate_size=64, projection_dim=TEXT_DIM)).eval()
+    vae = build_vae(cfg).eval()
+    unet = build_unet(cfg, TEXT_DIM).eval()
+    with torch.no_grad():  # a stage-one UNet whose output depends on everything (fresh out_conv is not zero)
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return {"cfg": cfg, "text_encoder": text, "image_encoder": image, "vae": vae, "unet": unet,
+            "tokenizer": clip_tokenizer(77)}
+
+
+def _pipe(parts, fusion="aff", use_metadata=True, use_content=True, perturb=False) -> CRSDiffPipeline:
+    cfg = parts["cfg"]
+    unet = with_identity_class_embedding(parts["unet"])
+    torch.manual_seed(1)
+    adapter = CRSLocalAdapter.from_unet(unet, stem_channels=cfg.crs.stem_channels,
+                                        inject_channels=cfg.crs.inject_channels, downscale=4, fusion=fusion)
+    meta = MetadataEncoder(embed_dim=cfg.crs.metadata_dim, out_dim=4 * 16) if use_metadata else None
+    content = ContentTokenizer(in_dim=TEXT_DIM, context_dim=TEXT_DIM, num_tokens=4) if use_content else None
+    if perturb:  # a "trained" branch: every weight moved, zero convs included
+        with torch.no_grad():
+            for m in (adapter, meta, content):
+                for p in (m.parameters() if m is not None else []):
+                    p.add_(0.05 * torch.randn_like(p))
+    pipe = CRSDiffPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                           unet=unet, scheduler=build_sampler(), adapter=adapter, metadata_encoder=meta,
+                           content_tokenizer=content, image_encoder=parts["image_encoder"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _conditions(b: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, 18, size, size, generator=g) > 0.7).float()
+
+
+def _run(pipe, **kw) -> torch.Tensor:
+    args = dict(prompt=["an aerial image of a port.", "a farmland."], num_inference_steps=3, guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(0), output_type="latent")
+    args.update(kw)
+    return pipe(**args).images
+
+
+# ---------------------------------------------------------------------------
+# Shapes
+
+
+def test_small_shapes(parts):
+    """Residual, feature and token shapes at the smoke configuration, for every fusion."""
+    cfg = parts["cfg"]
+    unet = with_identity_class_embedding(parts["unet"])
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 77, TEXT_DIM)
+    for fusion in ("aff", "ff", "sum"):
+        adapter = CRSLocalAdapter.from_unet(unet, stem_channels=(8, 16), inject_channels=(16, 32, 32), downscale=4,
+                                            fusion=fusion)
+        feats = adapter.extractor(_conditions())
+        assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2)]
+        down, mid = adapter(x, t, ctx, _conditions())
+        assert [tuple(d.shape) for d in down] == [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4),
+                                                   (2, 32, 2, 2), (2, 32, 2, 2)]
+        assert tuple(mid.shape) == (2, 32, 2, 2) and adapter.num_residuals == 7
+    meta = MetadataEncoder(embed_dim=cfg.crs.metadata_dim, out_dim=64)
+    assert meta(torch.rand(2, 7), torch.ones(2, 7, dtype=torch.bool)).shape == (2, 64)
+    tokens = ContentTokenizer(in_dim=TEXT_DIM, context_dim=TEXT_DIM, num_tokens=4)(torch.randn(2, TEXT_DIM))
+    assert tokens.shape == (2, 4, TEXT_DIM)
+
+
+def test_sd15_shapes_on_meta_device():
+    """At SD 1.5 shapes (built on the meta device, no memory): 13 residuals as the reference lists them."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    class_embed_type="identity")
+        adapter = CRSLocalAdapter.from_unet(unet, stem_channels=(32, 64, 128), inject_channels=(192, 256, 384, 512),
+                                            downscale=8, fusion="aff")
+        meta = MetadataEncoder(embed_dim=320, out_dim=1280)
+        content = ContentTokenizer(in_dim=768, context_dim=768, num_tokens=4)
+        model = CRSDiffModel(unet, adapter, meta, content)
+        feats = adapter.extractor(torch.empty(1, 18, 512, 512))
+        ctx = model.context(torch.empty(1, 77, 768), torch.empty(1, 768), torch.ones(1, dtype=torch.bool))
+        emb = meta(torch.empty(1, 7), torch.ones(1, 7, dtype=torch.bool))
+        down, mid = adapter(torch.empty(1, 4, 64, 64), torch.tensor([1]), ctx, None, emb, features=feats)
+        eps = model(torch.empty(1, 4, 64, 64), torch.tensor([1]), torch.empty(1, 77, 768), torch.empty(1, 18, 512, 512))
+    assert [tuple(f.shape[1:]) for f in feats] == [(192, 64, 64), (256, 32, 32), (384, 16, 16), (512, 8, 8)]
+    assert tuple(ctx.shape) == (1, 81, 768) and tuple(emb.shape) == (1, 1280)
+    expected = [(320, 64)] * 3 + [(320, 32), (640, 32), (640, 32), (640, 16), (1280, 16), (1280, 16)] + [(1280, 8)] * 3
+    assert [(d.shape[1], d.shape[2]) for d in down] == expected
+    assert tuple(mid.shape) == (1, 1280, 8, 8) and tuple(eps.shape) == (1, 4, 64, 64)
+    n = {k: sum(p.numel() for p in m.parameters()) for k, m in
+         (("meta", meta), ("content", content), ("extractor", adapter.extractor))}
+    assert 2.8e6 < n["meta"] < 2.9e6 and 47e6 < n["content"] < 47.5e6 and 8.1e6 < n["extractor"] < 8.3e6
+
+
+# ---------------------------------------------------------------------------
+# Exact identities
+
+
+def test_metadata_sinusoids_vectorised():
+    """All fields at once equal one field at a time (interleaved sin/cos of value * 1000)."""
+    v = torch.rand(3, 7)
+    emb = metadata_sinusoids(v, 16)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(8) / 8)
+    for f in range(7):
+        arg = v[:, f:f + 1] * 1000 * freqs
+        assert torch.allclose(emb[:, f, 0::2], arg.sin()) and torch.allclose(emb[:, f, 1::2], arg.cos())
+
+
+def test_fresh_adapter_equals_stage_one_pipeline(parts):
+    """A fresh branch (zero outputs, zero metadata, no content tokens) gives exactly the stage-one images."""
+    pipe = _pipe(parts, use_content=False)
+    sd = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                 unet=parts["unet"], scheduler=build_sampler(), safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    ref = sd(["an aerial image of a port.", "a farmland."], num_inference_steps=3, guidance_scale=3.0,
+             generator=torch.Generator().manual_seed(0), output_type="latent").images
+    out = _run(pipe, conditions=_conditions(), metadata={"cloud_cover": 80, "month": 7})
+    assert torch.equal(out, ref)
+    assert torch.equal(_run(pipe, text_only=True), ref)
+
+
+def test_control_scale_zero_is_the_frozen_model(parts):
+    """With a trained (perturbed) adapter, control_scale=0 leaves exactly the frozen model's output."""
+    pipe = _pipe(parts, use_metadata=False, use_content=False, perturb=True)
+    frozen = _run(pipe, text_only=True)
+    assert torch.equal(_run(pipe, conditions=_conditions(), control_scale=0.0), frozen)
+    assert not torch.allclose(_run(pipe, conditions=_conditions(), control_scale=1.0), frozen)
+    # the scale really scales: residuals are linear in it
+    model, x, t, ctx = pipe.denoiser(), torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, TEXT_DIM)
+    d1, m1 = model.adapter(x, t, ctx, _conditions(), control_scale=1.0)
+    d2, m2 = model.adapter(x, t, ctx, _conditions(), control_scale=0.5)
+    assert all(torch.allclose(a * 0.5, b) for a, b in zip(d1, d2)) and torch.allclose(m1 * 0.5, m2)
+
+
+def test_dropping_a_condition_equals_zeroing_it(parts):
+    """Maps left out of the dict give the same images as the 18-channel stack with those maps zeroed,
+    and the same stack the dropout policy produces when it drops them."""
+    pipe = _pipe(parts, perturb=True)
+    full = _conditions(1)[0]
+    maps = {n: full[3 * i:3 * i + 3] for i, n in enumerate(CONDITION_NAMES)}
+    subset = {n: maps[n] for n in ("road", "segmentation")}
+    stack = keep_only(full[None], ["road", "segmentation"])
+    keep = torch.tensor([[n in subset for n in CONDITION_NAMES]])
+    assert torch.equal(stack, ConditionDropout.apply_local(full[None], keep))
+    assert torch.equal(conditions_from_maps(subset, 32), stack[0])
+    a = _run(pipe, prompt="a port.", conditions=subset, metadata={"gsd": 0.3})
+    b = _run(pipe, prompt="a port.", conditions=stack, metadata={"gsd": 0.3})
+    assert torch.equal(a, b)
+    assert not torch.equal(a, _run(pipe, prompt="a port.", conditions=full[None], metadata={"gsd": 0.3}))
+
+
+def test_fresh_fdn_resnet_is_the_copied_resnet(parts):
+    """With the zero convs opened to identity, a fresh adapter's outputs are the UNet encoder's own states."""
+    unet = with_identity_class_embedding(parts["unet"])
+    for fusion in ("aff", "ff", "sum"):
+        adapter = CRSLocalAdapter.from_unet(unet, stem_channels=(8, 16), inject_channels=(16, 32, 32), downscale=4,
+                                            fusion=fusion)
+        with torch.no_grad():
+            for conv in list(adapter.zero_convs) + [adapter.mid_zero_conv]:
+                c = conv.weight.shape[0]
+                conv.weight.copy_(torch.eye(c)[:, :, None, None])
+        x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, TEXT_DIM)
+        down, mid = adapter(x, t, ctx, _conditions())
+        states = []
+        emb = unet.time_embedding(unet.time_proj(t))
+        h = unet.conv_in(x)
+        states.append(h)
+        for block in unet.down_blocks:
+            kw = {"encoder_hidden_states": ctx} if hasattr(block, "attentions") else {}
+            h, res = block(h, emb, **kw)
+            states += list(res)
+        h = unet.mid_block(h, emb, encoder_hidden_states=ctx)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(down, states)), fusion
+        assert torch.allclose(mid, h, atol=1e-5)
+
+
+def test_save_load_round_trip(parts, tmp_path):
+    """save_pretrained / from_pretrained gives bitwise the same images (every part, optional ones included)."""
+    pipe = _pipe(parts, perturb=True)
+    content = torch.rand(1, 3, 32, 32) * 2 - 1
+    kw = dict(conditions=_conditions(), metadata={"cloud_cover": 40}, content_image=content)
+    before = _run(pipe, **kw)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = CRSDiffPipeline.from_pretrained(tmp_path / "p", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_run(loaded, **kw), before)
+    assert loaded.adapter.config.fusion == "aff" and loaded.unet.config.class_embed_type == "identity"
+    # content and metadata reach the output; a missing content image is the learned null
+    assert not torch.equal(_run(pipe, **{**kw, "content_image": None}), before)
+    assert not torch.equal(_run(pipe, **{**kw, "metadata": {"cloud_cover": 90}}), before)
+    without = _pipe(parts, use_metadata=False, use_content=False, perturb=True)
+    without.save_pretrained(tmp_path / "q")
+    again = CRSDiffPipeline.from_pretrained(tmp_path / "q", local_files_only=True)
+    assert again.metadata_encoder is None and again.content_tokenizer is None
+
+
+def test_metadata_null_and_keep():
+    """Dropped fields contribute their learned null; kept fields their linear map."""
+    enc = MetadataEncoder(embed_dim=8, out_dim=6)
+    with torch.no_grad():
+        enc.null.copy_(torch.randn(7, 6))
+        enc.weight.add_(torch.randn_like(enc.weight))
+    v = torch.rand(2, 7)
+    none = torch.zeros(2, 7, dtype=torch.bool)
+    assert torch.allclose(enc(v, none), enc.null.sum(0).expand(2, -1))
+    keep = none.clone()
+    keep[:, 4] = True
+    per_field = enc.field_embeddings(v)
+    assert torch.allclose(enc(v, keep), enc.null.sum(0) - enc.null[4] + per_field[:, 4], atol=1e-5)
