@@ -113,13 +113,81 @@ class CRSDiffConfig:
 
 
 @dataclass(frozen=True)
+class CCDiffConfig:
+    """CC-Diff: sizes of the adapter (resamplers, context bridge, fusion modules), its references, training and
+    notebook 04's evaluation. ``mode``: "cc_diff" | "no_bridge" (the background ignores the foreground) |
+    "gligen" (GLIGEN-style gated self-attention over phrase + box tokens, no references)."""
+
+    mode: str = "cc_diff"
+    use_layout_attention: bool = True
+    fusion_blocks: tuple[str, ...] = ("mid_block", "up_blocks.1")  # UNet blocks whose attn2 get a fusion module
+    resampler_dim: int = 128
+    resampler_depth: int = 1
+    resampler_heads: int = 4
+    resampler_dim_head: int = 32
+    num_fg_queries: int = 4  # tokens per instance reference (16 in the paper)
+    num_bg_queries: int = 4  # background queries (8)
+    num_bridge_queries: int = 4  # context-bridge queries (8)
+    ff_mult: int = 2
+    fusion_heads: int = 4
+    fusion_dim_head: int = 32
+    box_hidden: int = 128
+    max_instances: int = 8  # objects per image (the largest kept)
+    # references
+    image_encoder: str = "rs_clip"  # "rs_clip" (the RS-CLIP vision tower) | "dinov2" (a local Dinov2Model folder)
+    dino_path: str = ""  # local transformers Dinov2Model folder (e.g. dinov2-large) when image_encoder = "dinov2"
+    dino_size: int = 224  # DINOv2 input side (224 -> 16 x 16 patches + CLS = 257 tokens)
+    bank_per_class: int = 64  # reference crops kept per class (the paper: the 200 largest)
+    crop_margin: float = 0.15  # a crop is its box grown by this fraction of its size on each side
+    fg_ref_grid: int = 2  # reference tokens: CLS + a grid x grid pooling of the patch tokens (0 = all tokens)
+    bg_ref_grid: int = 4  # same for the retrieved background scene
+    retrieval_pool: int = 0  # training images in the background retrieval index (0 = all)
+    ref_dtype: str = "float32"  # how reference tokens are stored ("float16" halves the pipeline's size)
+    # training
+    steps: int = 250
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    checkpoint_every: int = 100
+    instance_dropout: float = 0.1  # all instances of a sample dropped (caption-only generation)
+    caption_dropout: float = 0.1  # caption replaced by ""
+    # sampling and evaluation
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
+    eval_images: int = 48  # generated test layouts per variant in notebook 04's table
+
+
+@dataclass(frozen=True)
 class SegmenterConfig:
     """The small LoveDA-class segmentation network of the fidelity measures (trained on real images)."""
 
-    channels: tuple[int, ...] = (32, 64, 128)
+    channels: tuple[int, ...] = (32, 64, 128)  # per level; each further level halves the resolution
+    norm: bool = False  # GroupNorm after every conv (off: half the CPU time, trains fine at these depths)
+    crop_size: int = 0  # train on random crops of this side (0 = whole images); the network is fully convolutional
     steps: int = 500
     batch_size: int = 32
     lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The YOLOScore / trainability detector: torchvision FCOS on a small FPN backbone, trained from scratch."""
+
+    channels: tuple[int, ...] = (32, 64, 128)  # backbone stages, one per FPN level
+    strides: tuple[int, ...] = (2, 4, 8)  # of each level on the network input (powers of two, doubling)
+    fpn_channels: int = 48
+    head_convs: int = 1  # conv layers per FCOS head branch (4 in the FCOS paper)
+    input_size: int = 0  # images are resized to this side inside the model (0 = keep the image size)
+    min_box_px: float = 2.0  # boxes smaller (sqrt of area, image pixels) are ignore regions: not learned, not scored
+    steps: int = 500
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
 
 
 @dataclass(frozen=True)
@@ -132,7 +200,9 @@ class Preset:
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     crs: CRSDiffConfig = field(default_factory=CRSDiffConfig)
+    cc: CCDiffConfig = field(default_factory=CCDiffConfig)
     seg: SegmenterConfig = field(default_factory=SegmenterConfig)
+    det: DetectorConfig = field(default_factory=DetectorConfig)
     mixed_precision: str = "no"  # "no" on CPU (bf16 autocast is slow for CPU convolutions), "bf16" on GPU
     runs_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -180,13 +250,24 @@ _PRESETS: dict[str, Preset] = {
                         ema_decay=0.9, sample_steps=3),
         crs=CRSDiffConfig(stem_channels=(8, 16), inject_channels=(16, 32, 32), metadata_dim=16, steps=4,
                           batch_size=8, warmup_steps=0, sample_steps=3, eval_images=4),
+        cc=CCDiffConfig(resampler_dim=16, resampler_heads=2, resampler_dim_head=8, num_fg_queries=2,
+                        num_bg_queries=2, num_bridge_queries=2, fusion_heads=2, fusion_dim_head=8, box_hidden=16,
+                        max_instances=4, bank_per_class=4, fg_ref_grid=1, bg_ref_grid=2, steps=4, batch_size=8,
+                        warmup_steps=0, checkpoint_every=2, sample_steps=3, eval_images=4),
         seg=SegmenterConfig(channels=(8, 16), steps=4, batch_size=8),
+        det=DetectorConfig(channels=(8, 16), strides=(2, 4), fpn_channels=16, steps=4, batch_size=4, warmup_steps=0),
     ),
     "cpu": Preset(
         name="cpu",
         data=DataConfig(image_size=64, n_train=4000, n_val=400, n_test=400),
+        # SynthRS captions are at most 19 tokens, so the text tower reads 32; 16-px patches keep the vision
+        # tower cheap (4 x 4 patches at 64 px): 82% zero-shot scene accuracy after 300 steps.
+        clip=ClipConfig(max_length=32, patch=16, steps=300),
+        vae=VAEConfig(crop_size=32, steps=400),
         crs=CRSDiffConfig(),
+        cc=CCDiffConfig(),
         seg=SegmenterConfig(),
+        det=DetectorConfig(),
     ),
     "gpu": Preset(
         name="gpu",
@@ -200,7 +281,14 @@ _PRESETS: dict[str, Preset] = {
         crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(128, 256, 384, 384), metadata_dim=128,
                           steps=10000, batch_size=64, lr=1e-4, warmup_steps=200, checkpoint_every=1000,
                           sample_steps=50, guidance_scale=7.5, eval_images=500),
+        cc=CCDiffConfig(resampler_dim=384, resampler_depth=2, resampler_heads=6, resampler_dim_head=64,
+                        num_fg_queries=8, num_bg_queries=4, num_bridge_queries=4, ff_mult=4, fusion_heads=8,
+                        fusion_dim_head=48, box_hidden=256, max_instances=12, bank_per_class=128, fg_ref_grid=4,
+                        bg_ref_grid=8, steps=8000, batch_size=32, lr=1e-4, warmup_steps=200, checkpoint_every=1000,
+                        sample_steps=50, guidance_scale=7.5, eval_images=500),
         seg=SegmenterConfig(channels=(32, 64, 128, 256), steps=4000, batch_size=32, lr=1e-3),
+        det=DetectorConfig(channels=(32, 64, 128, 256), strides=(4, 8, 16, 32), fpn_channels=96, head_convs=2,
+                           min_box_px=3.0, steps=4000, batch_size=32, lr=1e-3, warmup_steps=200),
         mixed_precision="bf16",
         num_workers=4,
     ),
@@ -218,7 +306,16 @@ _PRESETS: dict[str, Preset] = {
         crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(192, 256, 384, 512), metadata_dim=320,
                           steps=100000, batch_size=4, lr=1e-5, warmup_steps=0, checkpoint_every=500,
                           sample_steps=50, guidance_scale=7.5, eval_images=1000),
+        cc=CCDiffConfig(resampler_dim=1280, resampler_depth=4, resampler_heads=20, resampler_dim_head=64,
+                        num_fg_queries=16, num_bg_queries=8, num_bridge_queries=8, ff_mult=4, fusion_heads=8,
+                        fusion_dim_head=160, box_hidden=512, max_instances=6, image_encoder="dinov2",
+                        dino_path="weights/dinov2-large", bank_per_class=200, crop_margin=0.0, fg_ref_grid=0,
+                        bg_ref_grid=0, retrieval_pool=5000, ref_dtype="float16", steps=30000, batch_size=4,
+                        grad_accum=10, lr=1e-4, warmup_steps=0, checkpoint_every=300, instance_dropout=0.0,
+                        caption_dropout=0.0, sample_steps=50, guidance_scale=7.5, eval_images=1000),
         seg=SegmenterConfig(channels=(64, 128, 256, 512), steps=20000, batch_size=16, lr=1e-3),
+        det=DetectorConfig(channels=(64, 128, 256, 512), strides=(8, 16, 32, 64), fpn_channels=128, head_convs=4,
+                           input_size=800, min_box_px=0.0, steps=30000, batch_size=16, lr=1e-3, warmup_steps=500),
         mixed_precision="bf16",
         num_workers=8,
     ),

@@ -215,3 +215,9 @@ def segmentation_to_classes(conditions: torch.Tensor) -> torch.Tensor:
     pal = torch.tensor(LOVEDA_PALETTE, dtype=seg.dtype, device=seg.device)  # (7, 3)
     d = ((seg[:, None] - pal[None, :, :, None, None]) ** 2).sum(2)  # (B, 7, H, W)
     return d.argmin(1)
+
+
+def load_all(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, Any]:
+    """The first ``n`` items of a data set (all by default) collated into one batch."""
+    n = len(ds) if n is None else min(n, len(ds))
+    return collate([ds[i] for i in range(n)])

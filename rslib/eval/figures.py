@@ -142,3 +142,153 @@ def statistics_figure(records: Sequence[Record]) -> plt.Figure:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+def smooth(values: Sequence[float], window: int = 20) -> np.ndarray:
+    """Running mean over ``window`` steps (shorter at the start), for noisy loss curves."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def loss_curves(histories: dict[str, Sequence[dict[str, float]]], key: str = "loss", window: int = 20,
+                logy: bool = True, title: str = "", ax: plt.Axes | None = None) -> plt.Figure:
+    """One smoothed curve per named training history (a list of per-step dicts with ``step`` and ``key``)."""
+    fig, ax = (plt.subplots(figsize=(5.5, 3.2)) if ax is None else (ax.figure, ax))
+    for name, hist in histories.items():
+        pts = [(h.get("step", i + 1), h[key]) for i, h in enumerate(hist) if key in h]
+        if not pts:
+            continue
+        steps, vals = zip(*pts)
+        ax.plot(steps, vals, alpha=0.25, lw=0.8)
+        ax.plot(steps, smooth(vals, window), lw=1.6, label=name, color=ax.lines[-1].get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if len(histories) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, names: Sequence[str], title: str = "") -> plt.Figure:
+    """A row-normalised confusion matrix (rows: true class, columns: predicted) with counts as text."""
+    m = np.asarray(matrix, dtype=float)
+    frac = m / np.maximum(m.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(0.42 * len(names) + 2.2, 0.42 * len(names) + 1.6))
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if m[i, j]:
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_figure(queries: Sequence[str], images: Sequence[Sequence[np.ndarray]],
+                     hits: Sequence[Sequence[bool]], cell: float = 1.5) -> plt.Figure:
+    """Each row: a text query and its top-k retrieved images; the true match is framed green, others grey."""
+    k = max(len(r) for r in images)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(cell * (k + 2.2), cell * len(queries)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2] + [1] * k})
+    for r, (q, row, hit) in enumerate(zip(queries, images, hits)):
+        axes[r, 0].axis("off")
+        axes[r, 0].text(0, 0.5, "\n".join(textwrap.wrap(q, 34)), fontsize=7, va="center")
+        for c in range(k):
+            ax = axes[r, c + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            ax.imshow(_as_display(row[c]), interpolation="nearest")
+            colour = "#34c759" if hit[c] else "#bbbbbb"
+            for s in ax.spines.values():
+                s.set_edgecolor(colour)
+                s.set_linewidth(3 if hit[c] else 1)
+            if r == 0:
+                ax.set_title(f"top {c + 1}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def to_uint8(images: "np.ndarray | object") -> np.ndarray:
+    """Images in [-1, 1] (B, 3, H, W) tensor or array -> uint8 (B, H, W, 3)."""
+    x = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
+    return (np.clip((x.transpose(0, 2, 3, 1) + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _box(ax: plt.Axes, xy: tuple[float, float], w: float, h: float, text: str, colour: str,
+         fontsize: float = 7.5) -> tuple[float, float, float, float]:
+    ax.add_patch(plt.Rectangle(xy, w, h, fc=colour, ec="#333333", lw=0.8, zorder=2))
+    ax.text(xy[0] + w / 2, xy[1] + h / 2, text, ha="center", va="center", fontsize=fontsize, zorder=3)
+    return xy[0], xy[1], w, h
+
+
+def _arrow(ax: plt.Axes, a: tuple[float, float], b: tuple[float, float], colour: str = "#333333",
+           style: str = "-|>", ls: str = "-") -> None:
+    ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle=style, color=colour, lw=1.0, ls=ls), zorder=1)
+
+
+def crs_diff_diagram(levels: int = 3) -> plt.Figure:
+    """CRS-Diff's architecture: frozen stage-one UNet (grey), trainable condition branch (orange), inputs (blue)."""
+    frozen, train, inp, out = "#d9d9d9", "#ffcc80", "#bbdefb", "#c8e6c9"
+    fig, ax = plt.subplots(figsize=(11, 5.6))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 5.6)
+    ax.axis("off")
+    # inputs
+    _box(ax, (0.1, 4.6), 1.7, 0.6, "text prompt", inp)
+    _box(ax, (0.1, 3.7), 1.7, 0.6, "content image", inp)
+    _box(ax, (0.1, 2.8), 1.7, 0.6, "metadata (7 fields)", inp)
+    _box(ax, (0.1, 0.6), 1.7, 1.0, "6 condition maps\n(18 channels)", inp)
+    # global encoders
+    _box(ax, (2.2, 4.6), 1.6, 0.6, "RS-CLIP text\n(frozen)", frozen)
+    _box(ax, (2.2, 3.7), 1.6, 0.6, "CLIP image +\ncontent tokenizer", train)
+    _box(ax, (2.2, 2.8), 1.6, 0.6, "metadata encoder\n(sinusoid + linear)", train)
+    _box(ax, (2.2, 0.6), 1.6, 1.0, "local feature\nextractor", train)
+    for y in (4.9, 4.0, 3.1):
+        _arrow(ax, (1.8, y), (2.2, y))
+    _arrow(ax, (1.8, 1.1), (2.2, 1.1))
+    _box(ax, (4.2, 4.25), 1.5, 0.6, "context: text +\nK content tokens", out)
+    _arrow(ax, (3.8, 4.9), (4.2, 4.6))
+    _arrow(ax, (3.8, 4.0), (4.2, 4.45))
+    # UNet (frozen): encoder, middle, decoder; adapter (trainable copy of encoder + middle)
+    x0 = 6.1
+    for i in range(levels):
+        _box(ax, (x0 + 0.1 * i, 4.3 - 0.55 * i), 1.1, 0.45, f"enc {i}", frozen)
+        _box(ax, (x0 + 2.6 - 0.1 * i, 4.3 - 0.55 * i), 1.1, 0.45, f"dec {i}", frozen)
+        _box(ax, (x0 + 0.1 * i, 0.3 + 0.55 * i), 1.1, 0.45, f"enc {i} copy\n+ AFF", train, fontsize=6.5)
+        _box(ax, (x0 + 1.35, 1.05 + 0.55 * i), 0.55, 0.35, "zero\nconv", train, fontsize=5.5)
+        _arrow(ax, (x0 + 1.2 + 0.1 * i, 0.52 + 0.55 * i), (x0 + 1.35, 1.2 + 0.55 * i))
+        _arrow(ax, (x0 + 1.9, 1.22 + 0.55 * i), (x0 + 2.6 - 0.1 * i, 4.5 - 0.55 * i), colour="#e65100")
+    _box(ax, (x0 + 1.25, 4.3 - 0.55 * levels), 1.2, 0.45, "middle", frozen)
+    ax.text(x0 + 1.85, 5.15, "stage-one UNet (frozen)", ha="center", fontsize=9, weight="bold")
+    ax.text(x0 + 0.6, 0.05, "adapter: trainable copy, features fused by FF/AFF", ha="left", fontsize=8,
+            color="#e65100")
+    _arrow(ax, (5.7, 4.55), (x0, 4.5))
+    _arrow(ax, (3.8, 3.1), (x0 - 0.1, 3.2), colour="#6a1b9a")
+    ax.text(4.3, 3.25, "+ time embedding", fontsize=7, color="#6a1b9a")
+    _arrow(ax, (3.8, 1.1), (x0, 0.7), colour="#e65100")
+    ax.text(4.0, 0.75, "features at every level", fontsize=7, color="#e65100")
+    _box(ax, (9.9, 2.3), 1.0, 0.8, "noise\nprediction", out)
+    _arrow(ax, (x0 + 3.7, 4.5), (10.4, 3.1))
+    handles = [plt.Rectangle((0, 0), 1, 1, fc=c, ec="#333333") for c in (inp, frozen, train)]
+    ax.legend(handles, ["inputs", "frozen", "trained in stage two"], loc="lower right", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

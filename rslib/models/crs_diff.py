@@ -545,3 +545,29 @@ __all__ = [
     "load_frozen_unet", "metadata_sinusoids", "trainable_parameter_counts", "with_identity_class_embedding",
     "zero_module",
 ]
+
+
+@torch.no_grad()
+def fusion_maps(adapter: CRSLocalAdapter, sample: torch.Tensor, timestep: int, encoder_hidden_states: torch.Tensor,
+                conditions: torch.Tensor, metadata_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What the first fusion block does: its input normalised without (``before``) and with (``after``) the
+    condition features, and the features themselves; each reduced to one map (B, h, w) by the channel mean of
+    absolute values. Only for "ff" / "aff" adapters."""
+    block = next((m for m in adapter.modules() if isinstance(m, FeatureDenorm2d)), None)
+    if block is None:
+        raise ValueError("this adapter has no FF/AFF block (fusion 'sum'): nothing to show")
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module: FeatureDenorm2d, args: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+        x, f = args
+        x = module.attn(x) if isinstance(module, AttnFeatureDenorm2d) else x
+        seen.setdefault("before", module.norm(x).abs().mean(1))
+        seen.setdefault("after", out.abs().mean(1))
+        seen.setdefault("features", f.abs().mean(1))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        adapter(sample, timestep, encoder_hidden_states, conditions, metadata_emb)
+    finally:
+        handle.remove()
+    return seen

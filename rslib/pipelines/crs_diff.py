@@ -320,3 +320,47 @@ def load_crs_diff(path: str | os.PathLike, device: str | torch.device | None = N
     pipe = CRSDiffPipeline.from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(pick_device(str(device)) if device is not None else pick_device("auto"))
+
+
+@torch.no_grad()
+def sample_crs_diff(pipe: CRSDiffPipeline, prompts: Sequence[str], seed: int, *, conditions: torch.Tensor | None = None,
+                    maps: Sequence[str] | None = CONDITION_NAMES, metadata: Any = None,
+                    content_images: torch.Tensor | None = None, control_scale: float = 1.0,
+                    guidance_scale: float = 4.0, steps: int = 20, batch_size: int = 64,
+                    same_noise: bool = False) -> torch.Tensor:
+    """Images (N, 3, S, S) in [-1, 1] for N prompts; image i starts from noise seeded by ``seed + i``
+    (by ``seed`` for every image with ``same_noise``, for sweeps of one knob).
+
+    ``conditions``: the (N, 18, S, S) stack (uint8 or [0, 1]) of which only ``maps`` are kept (the others are
+    zero, as training drops them); ``maps=None`` runs the frozen stage-one model (text only). ``metadata``: one
+    dict for all images, a list of dicts, or None (learned null). ``content_images`` (N, 3, S, S) in [-1, 1] or
+    None (learned null). Like ``sample_stage_one``, an image's noise depends only on (seed, index).
+    """
+    prompts = list(prompts)
+    n = len(prompts)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
+    out = []
+    for i in range(0, n, batch_size):
+        sl = slice(i, min(i + batch_size, n))
+        b = sl.stop - sl.start
+        gens = [torch.Generator(device=gen_device).manual_seed(seed + (0 if same_noise else k))
+                for k in range(sl.start, sl.stop)]
+        cond = None
+        if maps is not None and conditions is not None:
+            c = conditions[sl]
+            c = c.float() / 255.0 if c.dtype == torch.uint8 else c.float()
+            cond = keep_only(c, maps)
+        if isinstance(metadata, list):
+            meta = metadata[sl]
+        elif isinstance(metadata, tuple):  # (values (N, 7), keep (N, 7))
+            meta = (metadata[0][sl], metadata[1][sl])
+        else:
+            meta = metadata
+        content = content_images[sl] if content_images is not None else None
+        res = pipe(prompts[sl], conditions=cond if cond is not None else torch.zeros(b, 18, size, size),
+                   metadata=meta, content_image=content, control_scale=control_scale,
+                   guidance_scale=guidance_scale, num_inference_steps=steps, generator=gens, output_type="pt",
+                   text_only=maps is None)
+        out.append(res.images.cpu() * 2 - 1)
+    return torch.cat(out) if out else torch.zeros(0, 3, size, size)
