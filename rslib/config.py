@@ -164,6 +164,7 @@ class SegmenterConfig:
 
     channels: tuple[int, ...] = (32, 64, 128)  # per level; each further level halves the resolution
     norm: bool = False  # GroupNorm after every conv (off: half the CPU time, trains fine at these depths)
+    patch: int = 1  # space-to-depth factor: layers run at 1/patch of the image resolution (patch^2 cheaper)
     crop_size: int = 0  # train on random crops of this side (0 = whole images); the network is fully convolutional
     steps: int = 500
     batch_size: int = 32
@@ -264,6 +265,7 @@ _PRESETS: dict[str, Preset] = {
         # tower cheap (4 x 4 patches at 64 px): 82% zero-shot scene accuracy after 300 steps.
         clip=ClipConfig(max_length=32, patch=16, steps=300),
         vae=VAEConfig(crop_size=32, steps=400),
+        unet=UNetConfig(steps=1000),
         crs=CRSDiffConfig(),
         cc=CCDiffConfig(),
         seg=SegmenterConfig(),

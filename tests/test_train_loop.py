@@ -193,6 +193,20 @@ def test_ema_differs_and_loads_back(tmp_path):
         load_trainable(nn.Sequential(nn.Linear(4, 32)), tmp_path, strict=False)
 
 
+def test_ema_warms_up_and_follows_the_weights(tmp_path):
+    """With a high decay over a short run the average must still leave the random initialisation behind."""
+    from rslib.train.loop import ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == 0.1 and ema_decay_at(0.999, 10**6) == 0.999
+    model = _mlp()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    train_loop(model, _mse, _data(), _cfg(steps=30, lr=1e-2, ema_decay=0.999), tmp_path, progress=False)
+    raw = load_file(tmp_path / "checkpoint/model.safetensors")
+    ema = load_file(tmp_path / "checkpoint/ema.safetensors")
+    for k in raw:
+        assert (ema[k] - raw[k]).norm() < (ema[k] - init[k]).norm(), k
+
+
 def test_gradient_accumulation_matches_bigger_batch(tmp_path):
     common = dict(steps=3, lr=1e-2, max_grad_norm=None)
     accum = _mlp()

@@ -96,6 +96,15 @@ class TrainResult:
 # Pure functions of the step: data order and random seeds
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay after optimizer step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up lets the average follow the weights early on; a fixed 0.999 over a few hundred steps would keep
+    most of the random initialisation (0.999^600 = 0.55).
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 def step_seed(seed: int, step: int, process_index: int = 0, stream: str = "generator") -> int:
     """A 63-bit seed that depends only on (seed, step, process index, stream name)."""
     key = f"{seed}:{step}:{process_index}:{stream}".encode()
@@ -416,9 +425,10 @@ def train_loop(
                 extras_sum[k] = extras_sum.get(k, 0.0) + v / cfg.grad_accum
         scheduler.step()
         if ema is not None:
+            decay = ema_decay_at(cfg.ema_decay, step)
             with torch.no_grad():
                 for name, p in named:
-                    ema[name].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
+                    ema[name].lerp_(p.detach().float(), 1.0 - decay)
 
         logged = {"loss": torch.stack(losses).mean(), **extras_sum}
         if world > 1:

@@ -72,7 +72,14 @@ def load_text_tower(path: str | os.PathLike) -> tuple[CLIPTextModel, CLIPTokeniz
     """The text tower of a saved CLIP folder (CLIPModel or CLIPTextModel) and its tokenizer."""
     path = Path(path)
     sub = "text_encoder" if (path / "text_encoder" / "config.json").is_file() else ""
-    text = CLIPTextModel.from_pretrained(path, subfolder=sub, local_files_only=True)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a CLIPModel folder also holds the vision tower: not an error here
+    try:
+        text = CLIPTextModel.from_pretrained(path, subfolder=sub, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(level)
     max_length = text.config.max_position_embeddings
     for tok_dir in (path, path / "tokenizer"):
         if (tok_dir / "vocab.json").is_file() or (tok_dir / "tokenizer.json").is_file():
