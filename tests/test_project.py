@@ -49,3 +49,13 @@ def test_presets_resolve_and_unknown_names_fail_clearly(monkeypatch):
     monkeypatch.setenv("RSLIB_PRESET", "gpu")
     assert get_preset().name == "gpu"
     assert get_preset("smoke").figures_dir() != get_preset("cpu").figures_dir()  # tests never overwrite the gallery
+
+
+def test_train_cli_rejects_bad_overrides():
+    """``python -m rslib.train`` names the bad override instead of training with a wrong preset."""
+    from rslib.train.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["stage_one", "--preset", "smoke", "--set", "unet.steps"])  # no "=": argparse error
+    with pytest.raises((KeyError, ValueError, AttributeError), match="nope"):
+        main(["stage_one", "--preset", "smoke", "--set", "unet.nope=3"])
