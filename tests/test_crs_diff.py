@@ -95,7 +95,8 @@ def test_small_shapes(parts):
                                             fusion=fusion)
         feats = adapter.extractor(_conditions())
         assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2)]
-        down, mid = adapter(x, t, ctx, _conditions())
+        zeros = [torch.zeros_like(f) for f in adapter.extractor(_conditions())]
+        down, mid = adapter(x, t, ctx, _conditions(), features=zeros)
         assert [tuple(d.shape) for d in down] == [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4),
                                                    (2, 32, 2, 2), (2, 32, 2, 2)]
         assert tuple(mid.shape) == (2, 32, 2, 2) and adapter.num_residuals == 7
@@ -189,7 +190,8 @@ def test_dropping_a_condition_equals_zeroing_it(parts):
 
 
 def test_fresh_fdn_resnet_is_the_copied_resnet(parts):
-    """With the zero convs opened to identity, a fresh adapter's outputs are the UNet encoder's own states."""
+    """With the zero convs opened to identity and zero features, a fresh adapter's outputs are the UNet
+    encoder's own states (FF/AFF with zero features is the copied GroupNorm; the sum adds nothing)."""
     unet = with_identity_class_embedding(parts["unet"])
     for fusion in ("aff", "ff", "sum"):
         adapter = CRSLocalAdapter.from_unet(unet, stem_channels=(8, 16), inject_channels=(16, 32, 32), downscale=4,
@@ -199,7 +201,8 @@ def test_fresh_fdn_resnet_is_the_copied_resnet(parts):
                 c = conv.weight.shape[0]
                 conv.weight.copy_(torch.eye(c)[:, :, None, None])
         x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, TEXT_DIM)
-        down, mid = adapter(x, t, ctx, _conditions())
+        zeros = [torch.zeros_like(f) for f in adapter.extractor(_conditions())]
+        down, mid = adapter(x, t, ctx, _conditions(), features=zeros)
         states = []
         emb = unet.time_embedding(unet.time_proj(t))
         h = unet.conv_in(x)

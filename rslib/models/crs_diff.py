@@ -136,7 +136,10 @@ class LocalFeatureExtractor(nn.Module):
     """Condition stack (B, 18, H, W) -> one feature map per UNet level, [(B, L_i, H / (f 2^i), W / (f 2^i))].
 
     A stem of 3x3 convs brings the maps down to half the latent resolution (``downscale`` f is the VAE's
-    factor), then one stride-2 stage per level; each stage ends in a zero-initialised 3x3 conv.
+    factor), then one stride-2 stage per level; each stage ends in a 3x3 conv. These output convs are *not*
+    zero-initialised: the adapter's zero convolutions already make a fresh model equal to stage one, and zero
+    features as well would starve both of gradient (each would wait for the other to grow), so the fused
+    states must carry the maps from the first step.
     """
 
     def __init__(self, in_channels: int = 18, stem_channels: Sequence[int] = (32, 64, 128),
@@ -158,7 +161,7 @@ class LocalFeatureExtractor(nn.Module):
         for i, ch in enumerate(inject_channels):
             stride = 2 if (i > 0 or n_down > 0) else 1
             self.stages.append(nn.Sequential(nn.Conv2d(prev, ch, 3, padding=1, stride=stride), nn.SiLU()))
-            self.outs.append(zero_module(nn.Conv2d(ch, ch, 3, padding=1)))
+            self.outs.append(nn.Conv2d(ch, ch, 3, padding=1))
             prev = ch
 
     def forward(self, conditions: torch.Tensor) -> list[torch.Tensor]:
