@@ -1,0 +1,272 @@
+"""CC-Diff training, references and pipeline: the loss falls, resuming is exact, the saved pipeline round-trips,
+a fresh adapter reproduces stage one, retrieval never returns the query, the reference bank is seeded."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+from transformers import CLIPModel, Dinov2Config, Dinov2Model
+
+from rslib.config import get_preset
+from rslib.data.datasets import collate
+from rslib.models.base import build_sampler, build_unet, build_vae
+from rslib.models.cc_diff import CCDiffAdapter
+from rslib.models.references import (
+    ImageTokenEncoder,
+    ReferenceBank,
+    crop_objects,
+    load_dinov2,
+    phrase_for,
+    pool_tokens,
+    select_bank,
+)
+from rslib.models.text import clip_tokenizer, rs_clip_config
+from rslib.pipelines.cc_diff import CCDiffPipeline, layout_tensors, load_cc_diff
+from rslib.train.cc_diff import (
+    LATENTS_CACHE,
+    REFERENCES_CACHE,
+    CCDiffLoss,
+    CCTrainModel,
+    build_adapter,
+    build_references,
+    cached_references,
+    cached_training_data,
+    cc_history,
+    cc_info,
+    is_finished,
+    load_stage_one_parts,
+    train_cc_diff,
+    train_split,
+)
+from rslib.train.stage_one import load_text_tower, save_pipeline
+
+ADAPTER_FILE = "adapter/diffusion_pytorch_model.safetensors"
+LAYOUT = [{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.4]},
+          {"label": "vehicle", "obb": [0.6, 0.6, 0.9, 0.62, 0.88, 0.8, 0.58, 0.78]}]
+
+
+def _cfg(**cc):
+    return get_preset("smoke", **{f"cc.{k}": v for k, v in cc.items()})
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny RS-CLIP and a stage-one pipeline folder (random UNet whose output depends on everything)."""
+    root = tmp_path_factory.mktemp("cc_inputs")
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    CLIPModel(rs_clip_config(cfg)).save_pretrained(root / "text_encoder")
+    clip_tokenizer(cfg.clip.max_length).save_pretrained(root / "text_encoder")
+    text, tok = load_text_tower(root / "text_encoder")
+    unet = build_unet(cfg, text.config.hidden_size)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_pipeline(root / "stage_one", unet, build_vae(cfg), text, tok, {"test": True})
+    return root / "stage_one", root / "text_encoder"
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory):
+    """One 4-step run straight through, one stopped after 2 steps and resumed (same cache of references)."""
+    s1, clip = inputs
+    root = tmp_path_factory.mktemp("cc_runs")
+    cfg = _cfg(steps=4, batch_size=4, checkpoint_every=0, instance_dropout=0.3, caption_dropout=0.3)
+    straight = train_cc_diff(cfg, s1, clip, root / "straight", progress=False)
+    stopped = train_cc_diff(cfg, s1, clip, root / "resumed", stop_after=2, progress=False)
+    assert not is_finished(stopped) and len(cc_history(stopped)) == 2
+    resumed = train_cc_diff(cfg, s1, clip, root / "resumed", progress=False)
+    return cfg, straight, resumed
+
+
+def _fixed_loss(cfg, s1, clip, root, adapter) -> float:
+    """The loss of the whole (tiny) training set with one fixed draw of noise, timesteps and references."""
+    parts = load_stage_one_parts(s1)
+    ds = train_split(cfg)
+    data = cached_training_data(cfg, ds, s1, parts["vae"], root / LATENTS_CACHE)
+    bank, data.retrieved = cached_references(cfg, ds, s1, clip, parts, root / REFERENCES_CACHE)
+    model = CCTrainModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], adapter, bank.phrases)
+    loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, 0.0, 0.0)
+    with torch.no_grad():
+        return float(loss_fn(model, collate([data[i] for i in range(len(data))]),
+                             torch.Generator().manual_seed(0))["loss"])
+
+
+def test_loss_falls(inputs, tmp_path):
+    s1, clip = inputs
+    cfg = _cfg(steps=24, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=0)
+    out = train_cc_diff(cfg, s1, clip, tmp_path / "cc", progress=False)
+    losses = [h["loss"] for h in cc_history(out)]
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]), losses
+    info = cc_info(out)
+    assert info["mode"] == "cc_diff" and info["parameters"]["total"] > 0 and info["bank_entries"] > 0
+    torch.manual_seed(cfg.data.seed)
+    fresh = build_adapter(cfg, load_stage_one_parts(s1)["unet"], info["image_dim"], "cc_diff")
+    before = _fixed_loss(cfg, s1, clip, tmp_path, fresh)
+    after = _fixed_loss(cfg, s1, clip, tmp_path, CCDiffAdapter.from_pretrained(out / "adapter"))
+    assert after < 0.9 * before, (before, after)
+
+
+def test_exact_resume(runs):
+    _, straight, resumed = runs
+    a, b = load_file(str(straight / ADAPTER_FILE)), load_file(str(resumed / ADAPTER_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in cc_history(straight)] == [h["loss"] for h in cc_history(resumed)]
+    assert any(a[k].abs().sum() > 0 for k in a if "to_out" in k)  # the zero-initialised outputs moved
+
+
+def test_pipeline_round_trip(runs, tmp_path):
+    cfg, out, _ = runs
+    pipe = load_cc_diff(out, "cpu")
+    args = dict(prompt=["an aerial image of a port.", "a river."], layout=LAYOUT, num_inference_steps=2,
+                guidance_scale=3.0, output_type="np")
+    a = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    s = cfg.data.image_size
+    assert a.shape == (2, s, s, 3) and np.isfinite(a).all()
+    pipe.save_pretrained(tmp_path / "again", safe_serialization=True)
+    again = CCDiffPipeline.from_pretrained(tmp_path / "again", local_files_only=True)
+    again.set_progress_bar_config(disable=True)
+    b = again(**args, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(a, b)
+    assert torch.equal(pipe.references.fg_tokens, again.references.fg_tokens) and pipe.references.fg_tokens.abs().sum() > 0
+    # per-image layouts, and a layout does change the image
+    c = pipe(**{**args, "layout": [LAYOUT, []]}, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(c[0], a[0], atol=1e-5)
+    d = pipe(**{**args, "layout": None}, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(d[0] - a[0]).max() > 1e-4
+
+
+def test_fresh_adapter_equals_stage_one(inputs, runs):
+    s1, _ = inputs
+    cfg, out, _ = runs
+    sd = StableDiffusionPipeline.from_pretrained(s1, safety_checker=None, requires_safety_checker=False,
+                                                 local_files_only=True)
+    sd.set_progress_bar_config(disable=True)
+    trained = load_cc_diff(out, "cpu")
+    args = dict(prompt=["an aerial image of a port.", "a forest."], num_inference_steps=3, guidance_scale=3.0,
+                output_type="np")
+    ref = sd(**args, generator=torch.Generator().manual_seed(1)).images
+    for mode in ("cc_diff", "gligen"):
+        torch.manual_seed(0)
+        adapter = build_adapter(cfg, sd.unet, trained.references.config.image_dim, mode)
+        pipe = CCDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                              scheduler=build_sampler(), adapter=adapter, references=trained.references)
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(**args, layout=[], generator=torch.Generator().manual_seed(1)).images
+        np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+    # GLIGEN's gates start closed: an identity even with instances
+    got = pipe(**args, layout=LAYOUT, generator=torch.Generator().manual_seed(1)).images
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+
+
+def test_layout_errors_name_the_field(runs):
+    _, out, _ = runs
+    refs = load_cc_diff(out, "cpu").references
+    with pytest.raises(ValueError, match=r"layout\[0\]\[0\]\['label'\].*unknown label 'submarine'"):
+        layout_tensors([[{"label": "submarine", "bbox": [0, 0, 0.5, 0.5]}]], refs)
+    with pytest.raises(ValueError, match=r"layout\[0\]\[1\]\['bbox'\].*x0 < x1"):
+        layout_tensors([[LAYOUT[0], {"label": "ship", "bbox": [0.5, 0.1, 0.2, 0.4]}]], refs)
+    with pytest.raises(ValueError, match=r"layout\[1\]\[0\]\['bbox'\] must be 4 numbers"):
+        layout_tensors([[], [{"label": "ship", "bbox": [0.1, 0.2, 0.3]}]], refs)
+    with pytest.raises(ValueError, match=r"\['obb'\] must be normalised"):
+        layout_tensors([[{"label": "ship", "obb": [10, 10, 20, 10, 20, 20, 10, 20]}]], refs)
+    with pytest.raises(ValueError, match=r"needs a 'bbox'"):
+        layout_tensors([[{"label": "ship"}]], refs)
+    lay = layout_tensors([LAYOUT, LAYOUT[:1]], refs)
+    assert lay["valid"].tolist() == [[True, True], [True, False]]
+    torch.testing.assert_close(lay["boxes"][0, 1], torch.tensor([0.58, 0.6, 0.9, 0.8]))
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def _bank(pool_owner: list[int], embeds: torch.Tensor) -> ReferenceBank:
+    m = len(pool_owner)
+    fg_labels = torch.tensor([0, 0, 0, 1])
+    return ReferenceBank.build(
+        ["ship", "vehicle"], torch.arange(4.0)[:, None, None].expand(4, 2, 3), fg_labels,
+        torch.tensor([0, 0, 1, 2]), torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.randn(m, 3, 3), embeds,
+        torch.tensor(pool_owner), torch.eye(4))
+
+
+def test_retrieval_never_returns_the_query():
+    torch.manual_seed(0)
+    embeds = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    bank = _bank(list(range(6)), embeds)
+    top = bank.retrieve(embeds)[:, 0]
+    assert top.tolist() == list(range(6))  # without exclusion each image retrieves itself
+    top = bank.retrieve(embeds, exclude_images=torch.arange(6))[:, 0]
+    assert all(t != i for i, t in enumerate(top.tolist()))
+    sims = embeds @ embeds.T - 10 * torch.eye(6)
+    assert top.tolist() == sims.argmax(1).tolist()  # the best other scene
+
+
+def test_training_reference_is_another_instance():
+    bank = _bank([0], torch.zeros(1, 4))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[0, 1, -1]]).expand(64, -1)
+    pick = bank.pick_for_training(labels, torch.zeros(64, dtype=torch.long), g)
+    assert set(pick[:, 0].tolist()) == {2}  # image 0 owns entries 0 and 1: only entry 2 is another image's
+    assert set(pick[:, 1].tolist()) == {3} and set(pick[:, 2].tolist()) == {-1}
+    pick = bank.pick_for_training(labels[:, :1], torch.full((64,), 5), g)
+    assert set(pick[:, 0].tolist()) == {0, 1, 2}  # any ship crop for an image outside the bank
+    one = ReferenceBank.build(["ship"], torch.ones(2, 1, 3), torch.tensor([0, 0]), torch.tensor([4, 4]),
+                              torch.ones(2), torch.zeros(1, 1, 3), torch.zeros(1, 4), torch.tensor([0]), torch.eye(4))
+    assert set(one.pick_for_training(torch.zeros(32, 1, dtype=torch.long), torch.full((32,), 4), g)[:, 0].tolist()) \
+        == {0, 1}  # only the image's own crops: fall back to them
+    a = bank.pick_for_training(labels, torch.full((64,), 5), torch.Generator().manual_seed(3))
+    assert torch.equal(a, bank.pick_for_training(labels, torch.full((64,), 5), torch.Generator().manual_seed(3)))
+    by_aspect = bank.pick_by_aspect(torch.tensor([[0, 0, 1]]), torch.tensor([[[0, 0, .4, .2], [0, 0, .1, .2],
+                                                                               [0, 0, .3, .3]]]))
+    assert by_aspect.tolist() == [[1, 2, 3]]  # nearest aspect ratio within the class
+    assert torch.equal(bank.fg(torch.tensor([-1, 3])), torch.stack([torch.zeros(2, 3), torch.full((2, 3), 3.0)]))
+
+
+def test_reference_bank_is_seeded(inputs):
+    _, clip_dir = inputs
+    cfg = get_preset("smoke")
+    ds = train_split(cfg)
+    clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
+    text, tok = load_text_tower(clip_dir)
+    bank1, ret1 = build_references(cfg, ds, clip, text, tok)
+    bank2, ret2 = build_references(cfg, ds, clip, text, tok)
+    assert torch.equal(bank1.fg_tokens, bank2.fg_tokens) and torch.equal(bank1.fg_image, bank2.fg_image)
+    assert ret1 == ret2
+    assert all(bank1.bg_image[r].item() != i for i, rs in enumerate(ret1) for r in rs)  # never the image itself
+    lab, area = [0] * 20 + [1] * 20, torch.rand(40, generator=torch.Generator().manual_seed(0)).tolist()
+    chosen = select_bank(lab, area, 2, 4, seed=1)
+    assert torch.equal(chosen, select_bank(lab, area, 2, 4, seed=1))
+    assert not torch.equal(chosen, select_bank(lab, area, 2, 4, seed=2))
+    largest = set(np.argsort(area[:20])[-12:].tolist()) | {20 + i for i in np.argsort(area[20:])[-12:].tolist()}
+    assert set(chosen.tolist()) <= largest and len(chosen) == 8
+    labels = bank1.fg_labels.tolist()
+    assert labels == sorted(labels)  # grouped by class
+    assert all(labels.count(c) <= cfg.cc.bank_per_class for c in set(labels))
+
+
+def test_crops_pooling_phrases_and_dinov2(tmp_path):
+    img = torch.zeros(1, 3, 32, 32)
+    img[:, :, 8:16, 4:20] = 1.0  # a bright 16 x 8 object
+    crop = crop_objects(img, torch.tensor([0]), torch.tensor([[4 / 32, 8 / 32, 20 / 32, 16 / 32]]), 16)
+    assert crop.shape == (1, 3, 16, 16) and crop[:, :, 2:-2, 2:-2].min() > 0.99  # the whole box, stretched
+    tokens = torch.randn(2, 1 + 16, 5)
+    pooled = pool_tokens(tokens, 2)
+    assert pooled.shape == (2, 5, 5) and torch.equal(pooled[:, 0], tokens[:, 0])
+    torch.testing.assert_close(pooled[:, 1], tokens[:, [1, 2, 5, 6]].mean(1))
+    assert phrase_for("ship") == "a ship" and phrase_for("storagetank") == "a storage tank"
+    assert phrase_for("airplane") == "an airplane" and phrase_for("Expressway-toll-station") == \
+        "an expressway toll station"
+    with pytest.raises(FileNotFoundError, match="cc.dino_path"):
+        load_dinov2(tmp_path / "missing")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=28)).save_pretrained(tmp_path / "dino")
+    enc = ImageTokenEncoder.from_dinov2(load_dinov2(tmp_path / "dino"), input_size=28)
+    out = enc(torch.rand(3, 3, 40, 40) * 2 - 1)
+    assert out.shape == (3, 5, 32) and enc.dim == 32  # CLS + 2 x 2 patches
