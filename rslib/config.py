@@ -101,6 +101,7 @@ class CRSDiffConfig:
     use_metadata: bool = True
     use_content: bool = True
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
+    timestep_sampling: str = "cubic"  # "uniform" | "cubic": favour noisy steps, where layout is decided
     steps: int = 600
     batch_size: int = 32
     lr: float = 5e-4
@@ -266,7 +267,7 @@ _PRESETS: dict[str, Preset] = {
         clip=ClipConfig(max_length=32, patch=16, steps=300),
         vae=VAEConfig(crop_size=32, steps=400),
         unet=UNetConfig(steps=1000),
-        crs=CRSDiffConfig(),
+        crs=CRSDiffConfig(lr=1e-3),
         cc=CCDiffConfig(),
         seg=SegmenterConfig(),
         det=DetectorConfig(),

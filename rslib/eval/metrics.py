@@ -3,13 +3,17 @@
 * retrieval and zero-shot scene classification with RS-CLIP,
 * PSNR of reconstructions,
 * the Fréchet distance between two feature sets (FID), with RS-CLIP image features at the small presets,
-* CLIPScore (100 x cosine of image and caption features, clamped at 0, as torchmetrics computes it).
+* CLIPScore (100 x cosine of image and caption features, clamped at 0, as torchmetrics computes it),
+* the kernel distance (KID) between two feature sets,
+* at the paper preset, FID and Inception Score with InceptionV3 from a local weights file (torchmetrics).
 
 Images are tensors in [-1, 1] of shape (B, 3, H, W) throughout.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import CLIPModel, CLIPTokenizer
@@ -140,3 +144,97 @@ def clip_score(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, 
     cos = (encode_images(clip, images) * encode_text(clip, tokenizer, list(texts))).sum(-1)  # (B,)
     return float((100.0 * cos).clamp_min(0.0).mean())
 
+
+
+# ---------------------------------------------------------------------------
+# Kernel Inception Distance (in any feature space) and the Inception-network metrics of the paper preset
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                      degree: int = 3, gamma: float | None = None, coef: float = 1.0, seed: int = 0
+                      ) -> tuple[float, float]:
+    """Kernel distance (KID) between feature sets (N, D) and (M, D): mean and std over random subsets.
+
+    The unbiased MMD^2 with the polynomial kernel ``k(x, y) = (gamma x.y + coef)^degree`` (gamma = 1/D),
+    as torchmetrics' KernelInceptionDistance computes it; ``subset_size`` is capped at the smaller set.
+    """
+    real, fake = real.detach().double().cpu(), fake.detach().double().cpu()
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"need two (N, D) feature sets with the same D, got {tuple(real.shape)}, {tuple(fake.shape)}")
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        raise ValueError("need at least two samples per set for the kernel distance")
+    gamma = 1.0 / real.shape[1] if gamma is None else gamma
+    g = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m]]
+        y = fake[torch.randperm(len(fake), generator=g)[:m]]
+        k_xx, k_yy, k_xy = ((gamma * a @ b.T + coef) ** degree for a, b in ((x, x), (y, y), (x, y)))
+        mmd = (k_xx.sum() - k_xx.diag().sum() + k_yy.sum() - k_yy.diag().sum()) / (m * (m - 1)) - 2 * k_xy.mean()
+        scores.append(mmd)
+    s = torch.stack(scores)
+    return float(s.mean()), float(s.std(unbiased=False))
+
+
+def rs_clip_kid(clip: CLIPModel, real_images: torch.Tensor, fake_images: torch.Tensor, **kwargs: float
+                ) -> tuple[float, float]:
+    """KID (mean, std) in the RS-CLIP image-feature space of two image sets in [-1, 1]."""
+    return kid_from_features(encode_images(clip, real_images), encode_images(clip, fake_images), **kwargs)
+
+
+INCEPTION_WEIGHTS_HINT = ("the FID InceptionV3 weights of torch-fidelity, pt_inception-2015-12-05-6726825d.pth "
+                          "(download it once on a machine with network access and give its local path)")
+
+
+def _inception_weights(path: str | os.PathLike) -> str:
+    """The local InceptionV3 weights file, or a FileNotFoundError naming it; torch-fidelity must be installed."""
+    from rslib.config import resolve_path
+
+    p = resolve_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"InceptionV3 weights file {p} not found: it should hold {INCEPTION_WEIGHTS_HINT}")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError as e:
+        raise ImportError("the Inception metrics (FID, IS) need torch-fidelity: pip install torch-fidelity") from e
+    return str(p)
+
+
+def inception_fid(feature_extractor_weights_path: str | os.PathLike, feature: int = 2048, **kwargs: Any):
+    """torchmetrics FrechetInceptionDistance with InceptionV3 from a local weights file (images in [0, 1], as
+    ``normalize=True``); a missing file raises FileNotFoundError naming it."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    path = _inception_weights(feature_extractor_weights_path)
+    return FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=path, **kwargs)
+
+
+def inception_score_metric(feature_extractor_weights_path: str | os.PathLike, splits: int = 10, **kwargs: Any):
+    """torchmetrics InceptionScore on the logits of InceptionV3 from a local weights file (images in [0, 1])."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    from torchmetrics.image.inception import InceptionScore
+
+    path = _inception_weights(feature_extractor_weights_path)
+    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                             feature_extractor_weights_path=path)
+    return InceptionScore(feature=net, splits=splits, normalize=True, **kwargs)
+
+
+@torch.no_grad()
+def inception_scores(real_images: torch.Tensor, fake_images: torch.Tensor,
+                     feature_extractor_weights_path: str | os.PathLike, batch_size: int = 64,
+                     splits: int = 10) -> dict[str, float]:
+    """FID (2048-d InceptionV3 pool features) and Inception Score of images in [-1, 1], from a local weights file."""
+    fid = inception_fid(feature_extractor_weights_path)
+    iscore = inception_score_metric(feature_extractor_weights_path, splits=min(splits, max(1, len(fake_images))))
+    to01 = lambda x: ((x.float().clamp(-1, 1) + 1) / 2)  # noqa: E731
+    for i in range(0, len(real_images), batch_size):
+        fid.update(to01(real_images[i:i + batch_size]), real=True)
+    for i in range(0, len(fake_images), batch_size):
+        batch = to01(fake_images[i:i + batch_size])
+        fid.update(batch, real=False)
+        iscore.update(batch)
+    is_mean, is_std = iscore.compute()
+    return {"fid_inception": float(fid.compute()), "inception_score": float(is_mean),
+            "inception_score_std": float(is_std)}

@@ -1,0 +1,122 @@
+"""How well CRS-Diff follows each control, measured on held-out SynthRS conditions (notebook 03, table (b) of 05).
+
+For a setting (a subset of the six maps, with or without metadata and content image) the test split's
+conditions are turned into images, which are then scored against the very conditions they came from:
+
+* **road IoU** and **mIoU**: a segmenter trained on real images (:mod:`rslib.eval.segmenter`) labels the
+  generated image; its road class is compared with the road mask given, its 7 LoveDA classes with the
+  segmentation map given;
+* **edge F1**: Canny edges of the generated image against the soft-edge map given (1-px tolerance);
+* **FID** (RS-CLIP image features) against the real test images and **CLIPScore** against the captions.
+
+The same measures on the real test images give the ceiling; on text-only generations (no map at all) they give
+the floor, since nothing told the model where the roads are.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from rslib.data.datasets import segmentation_to_classes
+from rslib.data.formats import CONDITION_NAMES
+from rslib.eval import metrics
+from rslib.eval.segmenter import edge_f1, miou, predict_classes, road_iou
+
+ROAD_CHANNEL = 3 * CONDITION_NAMES.index("road")
+EDGE_CHANNEL = 3 * CONDITION_NAMES.index("soft_edges")
+
+# name -> (maps kept, metadata given, content image given); maps None = the frozen stage-one model
+SETTINGS: dict[str, tuple[tuple[str, ...] | None, bool, bool]] = {
+    "text only": (None, False, False),
+    **{name: ((name,), False, False) for name in CONDITION_NAMES},
+    "all six maps": (CONDITION_NAMES, False, False),
+    "all + metadata + content": (CONDITION_NAMES, True, True),
+}
+
+
+def targets(test: Mapping[str, Any], n: int) -> dict[str, torch.Tensor]:
+    """What generations are scored against: road mask, segmentation classes, soft edges of the first n items."""
+    cond = test["conditions"][:n].float() / 255.0  # (n, 18, S, S)
+    return {"road": cond[:, ROAD_CHANNEL] > 0.5, "segmentation": segmentation_to_classes(cond),
+            "soft_edges": cond[:, EDGE_CHANNEL]}
+
+
+def fidelity(images: torch.Tensor, target: Mapping[str, torch.Tensor], segmenter: torch.nn.Module) -> dict[str, float]:
+    """Road IoU, mIoU and edge F1 of images (n, 3, S, S) in [-1, 1] against the maps they were asked to follow."""
+    pred = predict_classes(segmenter, images)
+    return {"road_iou": road_iou(pred, target["road"]), "miou": miou(pred, target["segmentation"]),
+            "edge_f1": edge_f1(images, target["soft_edges"])}
+
+
+def generate_setting(pipe: Any, test: Mapping[str, Any], setting: tuple[tuple[str, ...] | None, bool, bool],
+                     n: int, seed: int, **kw: Any) -> torch.Tensor:
+    """Generate the first n test items under one setting: (maps, with metadata, with content image)."""
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    maps, with_meta, with_content = setting
+    prompts = [c[0] for c in test["captions"][:n]]
+    meta = (test["metadata"][:n], test["metadata_valid"][:n]) if with_meta else None
+    content = test["content"][:n] if with_content else None
+    return sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][:n], maps=maps, metadata=meta,
+                           content_images=content, **kw)
+
+
+def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: Any, segmenter: torch.nn.Module,
+                      n: int, seed: int, settings: Mapping[str, tuple] | None = None,
+                      **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """One row of measures per setting (plus the real images' row); returns (rows, generated images by name)."""
+    settings = SETTINGS if settings is None else settings
+    target = targets(test, n)
+    real = test["pixel_values"][:n]
+    prompts = [c[0] for c in test["captions"][:n]]
+    rows = [{"setting": "real test images", **fidelity(real, target, segmenter),
+             "fid_rsclip": 0.0, "clip_score": metrics.clip_score(clip, tokenizer, real, prompts)}]
+    images = {}
+    for name, setting in settings.items():
+        t0 = time.perf_counter()
+        gen = generate_setting(pipe, test, setting, n, seed, **kw)
+        images[name] = gen
+        rows.append({"setting": name, **fidelity(gen, target, segmenter),
+                     "fid_rsclip": metrics.rs_clip_fid(clip, real, gen),
+                     "clip_score": metrics.clip_score(clip, tokenizer, gen, prompts),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+    return rows, images
+
+
+def _with_field(records: Sequence[Any], n: int, field: str, values: Sequence[float],
+                **fixed: float) -> list[dict[str, Any]]:
+    """The first n records' metadata with ``field`` set to ``values[i]`` (and ``fixed`` fields overridden)."""
+    return [{**dict(r.metadata), **fixed, field: v} for r, v in zip(records[:n], values)]
+
+
+def metadata_adherence(pipe: Any, test: Mapping[str, Any], records: Sequence[Any], n: int, seed: int,
+                       **kw: Any) -> dict[str, Any]:
+    """Cloud cover asked vs cloud fraction seen, and month vs vegetation greenness (both Spearman).
+
+    Each of the first n test items is generated with all its maps and its own metadata, except that the cloud
+    cover is set to an evenly spread value in 0..100 (first run) or the month runs through the year at latitude
+    50 N without clouds (second run). SynthRS draws clouds over the asked fraction and greens vegetation in the
+    northern summer, so a model that reads its metadata reproduces both relations.
+    """
+    from rslib.eval import fidelity
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [c[0] for c in test["captions"][:n]]
+    cloud = (torch.randperm(n, generator=g).float() / max(n - 1, 1) * 100).round().tolist()
+    gen_c = sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][:n], maps=CONDITION_NAMES,
+                            metadata=_with_field(records, n, "cloud_cover", cloud), **kw)
+    seen = fidelity.cloud_fraction(gen_c)
+    months = [int(1 + (i * 12) // n) for i in range(n)]
+    months = [months[i] for i in torch.randperm(n, generator=g).tolist()]
+    gen_m = sample_crs_diff(pipe, prompts, seed + 1, conditions=test["conditions"][:n], maps=CONDITION_NAMES,
+                            metadata=_with_field(records, n, "month", months, latitude=50.0, cloud_cover=0), **kw)
+    green = fidelity.season_greenness(gen_m)
+    summer = [-torch.cos(torch.tensor(2 * torch.pi * (m - 1) / 12)).item() for m in months]  # 1 in July, -1 in January
+    return {"cloud_asked": cloud, "cloud_seen": [float(x) for x in seen],
+            "cloud_spearman": fidelity.spearman(cloud, seen),
+            "months": months, "greenness": [float(x) for x in green],
+            "season_spearman": fidelity.spearman(summer, green), "images_cloud": gen_c, "images_month": gen_m}
