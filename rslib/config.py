@@ -102,6 +102,7 @@ class CRSDiffConfig:
     use_content: bool = True
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
     timestep_sampling: str = "cubic"  # "uniform" | "cubic": favour noisy steps, where layout is decided
+    x0_weight_max: float = 20.0  # a sample's MSE weight: clamp(1/SNR(t), 1, this); 1 = plain noise MSE (paper)
     steps: int = 600
     batch_size: int = 32
     lr: float = 5e-4
@@ -110,6 +111,7 @@ class CRSDiffConfig:
     sample_steps: int = 20
     guidance_scale: float = 4.0
     control_scale: float = 1.0
+    map_guidance: bool = True  # CFG's unconditional branch sees no maps (False: the same maps, as CRS-Diff does)
     eval_images: int = 48  # generated test images per setting in notebook 03's table
 
 
@@ -309,7 +311,8 @@ _PRESETS: dict[str, Preset] = {
                         pretrained="weights/stable-diffusion-v1-5"),
         crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(192, 256, 384, 512), metadata_dim=320,
                           steps=100000, batch_size=4, lr=1e-5, warmup_steps=0, checkpoint_every=500,
-                          sample_steps=50, guidance_scale=7.5, eval_images=1000),
+                          sample_steps=50, guidance_scale=7.5, eval_images=1000, x0_weight_max=1.0,
+                          map_guidance=False),
         cc=CCDiffConfig(resampler_dim=1280, resampler_depth=4, resampler_heads=20, resampler_dim_head=64,
                         num_fg_queries=16, num_bg_queries=8, num_bridge_queries=8, ff_mult=4, fusion_heads=8,
                         fusion_dim_head=160, box_hidden=512, max_instances=6, image_encoder="dinov2",

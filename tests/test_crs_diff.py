@@ -249,3 +249,37 @@ def test_metadata_null_and_keep():
     keep[:, 4] = True
     per_field = enc.field_embeddings(v)
     assert torch.allclose(enc(v, keep), enc.null.sum(0) - enc.null[4] + per_field[:, 4], atol=1e-5)
+
+
+def test_loss_weights_turn_noisy_steps_into_clean_latent_errors():
+    from rslib.train.crs_diff import CRSDiffLoss
+
+    tok = clip_tokenizer()
+    plain = CRSDiffLoss(tok, 1.0)
+    t = torch.tensor([0, 300, 600, 900, 999])
+    assert torch.equal(plain.weights(t), torch.ones(5))  # default: the plain noise MSE
+    weighted = CRSDiffLoss(tok, 1.0, x0_weight_max=20.0)
+    w = weighted.weights(t)
+    a = weighted.noise_scheduler.alphas_cumprod[t]
+    assert torch.allclose(w, ((1 - a) / a).clamp(1, 20))
+    assert w[0] == 1 and w[-1] == 20 and torch.all(w[1:] >= w[:-1])  # grows with the noise, clipped both ends
+    with pytest.raises(ValueError, match="x0_weight_max"):
+        CRSDiffLoss(tok, 1.0, x0_weight_max=0.5)
+
+
+def test_map_guidance_unconditional_branch_sees_no_maps(parts, tmp_path):
+    """map_guidance: CFG's unconditional branch gets zero maps (training's "drop all"); saved with the folder."""
+    pipe = _pipe(parts, use_metadata=False, use_content=False, perturb=True)
+    c = _conditions()
+    guided = _run(pipe, conditions=c, map_guidance=True)
+    assert not torch.allclose(guided, _run(pipe, conditions=c, map_guidance=False))
+    zero = torch.zeros_like(c)  # no maps given: both branches already see none
+    assert torch.equal(_run(pipe, conditions=zero, map_guidance=True), _run(pipe, conditions=zero, map_guidance=False))
+    no_cfg = dict(conditions=c, guidance_scale=1.0)  # without guidance there is no unconditional branch
+    assert torch.equal(_run(pipe, **no_cfg, map_guidance=True), _run(pipe, **no_cfg, map_guidance=False))
+    assert pipe.config.map_guidance is False  # the constructor's default follows CRS-Diff
+    CRSDiffPipeline(**pipe.components, map_guidance=True).save_pretrained(tmp_path / "g")
+    loaded = CRSDiffPipeline.from_pretrained(tmp_path / "g", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.map_guidance is True
+    assert torch.equal(_run(loaded, conditions=c), guided)  # None = the saved default

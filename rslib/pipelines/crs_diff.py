@@ -135,7 +135,7 @@ class CRSDiffPipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, scheduler: DDIMScheduler, adapter: CRSLocalAdapter,
                  metadata_encoder: MetadataEncoder | None = None, content_tokenizer: ContentTokenizer | None = None,
-                 image_encoder: CLIPVisionModelWithProjection | None = None):
+                 image_encoder: CLIPVisionModelWithProjection | None = None, map_guidance: bool = False):
         super().__init__()
         if unet.config.class_embed_type != "identity":
             raise ValueError("CRSDiffPipeline needs the UNet with class_embed_type='identity' "
@@ -143,6 +143,7 @@ class CRSDiffPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, adapter=adapter, metadata_encoder=metadata_encoder,
                               content_tokenizer=content_tokenizer, image_encoder=image_encoder)
+        self.register_to_config(map_guidance=bool(map_guidance))  # the default of __call__, saved with the folder
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def denoiser(self) -> CRSDiffModel:
@@ -201,6 +202,7 @@ class CRSDiffPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         text_only: bool = False,
+        map_guidance: bool | None = None,
         output_type: str = "np",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
@@ -213,6 +215,10 @@ class CRSDiffPipeline(DiffusionPipeline):
         or normalised (B, 7) values. ``content_image`` in [-1, 1] (or ``content_embeds``); None = learned null.
         ``control_scale`` scales the adapter's residuals (0 = none; a list gives one scale per residual).
         ``text_only=True`` runs the frozen stage-one UNet alone (no residuals, metadata or content).
+        ``map_guidance``: the unconditional branch of classifier-free guidance sees no maps (all zero, the
+        "drop all" case of training), so the guidance scale amplifies the maps as it amplifies the prompt; off
+        (CRS-Diff's own choice) both branches see the same maps. None: the pipeline's ``config.map_guidance``
+        (``crs.map_guidance`` of the preset it was trained at).
         ``output_type``: "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1], "pil" or "latent".
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -222,6 +228,8 @@ class CRSDiffPipeline(DiffusionPipeline):
             raise ValueError("CRSDiffPipeline generates square images: give height == width")
         device, dtype = self.device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
+        if map_guidance is None:
+            map_guidance = bool(self.config.get("map_guidance", False))
         model = self.denoiser()
 
         text = self.encode_prompt(prompts)  # (B, L, D)
@@ -271,7 +279,8 @@ class CRSDiffPipeline(DiffusionPipeline):
             cond = self._conditions(conditions, b, size)  # (B, 18, S, S)
             feats = self.adapter.extractor(cond)  # once: the maps do not change over the steps
             if do_cfg:
-                feats = [torch.cat([f, f]) for f in feats]
+                uncond = self.adapter.extractor(torch.zeros_like(cond)) if map_guidance else feats
+                feats = [torch.cat([u, f]) for u, f in zip(uncond, feats)]
 
         shape = (b, self.unet.config.in_channels, size // self.vae_scale_factor, size // self.vae_scale_factor)
         if latents is None:
@@ -327,7 +336,7 @@ def sample_crs_diff(pipe: CRSDiffPipeline, prompts: Sequence[str], seed: int, *,
                     maps: Sequence[str] | None = CONDITION_NAMES, metadata: Any = None,
                     content_images: torch.Tensor | None = None, control_scale: float = 1.0,
                     guidance_scale: float = 4.0, steps: int = 20, batch_size: int = 64,
-                    same_noise: bool = False) -> torch.Tensor:
+                    same_noise: bool = False, map_guidance: bool | None = None) -> torch.Tensor:
     """Images (N, 3, S, S) in [-1, 1] for N prompts; image i starts from noise seeded by ``seed + i``
     (by ``seed`` for every image with ``same_noise``, for sweeps of one knob).
 
@@ -361,6 +370,6 @@ def sample_crs_diff(pipe: CRSDiffPipeline, prompts: Sequence[str], seed: int, *,
         res = pipe(prompts[sl], conditions=cond if cond is not None else torch.zeros(b, 18, size, size),
                    metadata=meta, content_image=content, control_scale=control_scale,
                    guidance_scale=guidance_scale, num_inference_steps=steps, generator=gens, output_type="pt",
-                   text_only=maps is None)
+                   text_only=maps is None, map_guidance=map_guidance)
         out.append(res.images.cpu() * 2 - 1)
     return torch.cat(out) if out else torch.zeros(0, 3, size, size)
