@@ -153,6 +153,8 @@ class CCDiffConfig:
     lr: float = 5e-4
     warmup_steps: int = 20
     checkpoint_every: int = 100
+    timestep_sampling: str = "cubic"  # as crs.timestep_sampling: "uniform" (paper) | "cubic"
+    x0_weight_max: float = 20.0  # as crs.x0_weight_max; 1 = plain noise MSE (paper)
     instance_dropout: float = 0.1  # all instances of a sample dropped (caption-only generation)
     caption_dropout: float = 0.1  # caption replaced by ""
     # sampling and evaluation
@@ -319,6 +321,7 @@ _PRESETS: dict[str, Preset] = {
                         dino_path="weights/dinov2-large", bank_per_class=200, crop_margin=0.0, fg_ref_grid=0,
                         bg_ref_grid=0, retrieval_pool=5000, ref_dtype="float16", steps=30000, batch_size=4,
                         grad_accum=10, lr=1e-4, warmup_steps=0, checkpoint_every=300, instance_dropout=0.0,
+                        timestep_sampling="uniform", x0_weight_max=1.0,
                         caption_dropout=0.0, sample_steps=50, guidance_scale=7.5, eval_images=1000),
         seg=SegmenterConfig(channels=(64, 128, 256, 512), steps=20000, batch_size=16, lr=1e-3),
         det=DetectorConfig(channels=(64, 128, 256, 512), strides=(8, 16, 32, 64), fpn_channels=128, head_convs=4,

@@ -252,19 +252,25 @@ def test_metadata_null_and_keep():
 
 
 def test_loss_weights_turn_noisy_steps_into_clean_latent_errors():
-    from rslib.train.crs_diff import CRSDiffLoss
+    from rslib.models.base import AdapterTimesteps, build_noise_scheduler
 
-    tok = clip_tokenizer()
-    plain = CRSDiffLoss(tok, 1.0)
+    ns = build_noise_scheduler()
     t = torch.tensor([0, 300, 600, 900, 999])
-    assert torch.equal(plain.weights(t), torch.ones(5))  # default: the plain noise MSE
-    weighted = CRSDiffLoss(tok, 1.0, x0_weight_max=20.0)
+    assert torch.equal(AdapterTimesteps(ns).weights(t), torch.ones(5))  # default: the plain noise MSE
+    weighted = AdapterTimesteps(ns, "cubic", x0_weight_max=20.0)
     w = weighted.weights(t)
-    a = weighted.noise_scheduler.alphas_cumprod[t]
+    a = ns.alphas_cumprod[t]
     assert torch.allclose(w, ((1 - a) / a).clamp(1, 20))
     assert w[0] == 1 and w[-1] == 20 and torch.all(w[1:] >= w[:-1])  # grows with the noise, clipped both ends
+    pred, noise = torch.zeros(5, 4, 2, 2), torch.ones(5, 4, 2, 2)
+    loss, mse = weighted.loss(pred, noise, t)
+    assert mse == 1 and torch.isclose(loss, w.mean())
+    drawn = weighted.sample(4000, torch.Generator().manual_seed(0))  # cubic: most draws at the noisy end
+    assert drawn.min() >= 0 and drawn.max() <= 999 and (drawn >= 500).float().mean() > 0.8
     with pytest.raises(ValueError, match="x0_weight_max"):
-        CRSDiffLoss(tok, 1.0, x0_weight_max=0.5)
+        AdapterTimesteps(ns, x0_weight_max=0.5)
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        AdapterTimesteps(ns, "quadratic")
 
 
 def test_map_guidance_unconditional_branch_sees_no_maps(parts, tmp_path):

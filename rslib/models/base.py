@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from rslib.config import Preset, resolve_path
@@ -72,6 +73,42 @@ def build_unet(cfg: Preset, cross_attention_dim: int) -> UNet2DConditionModel:
 def build_noise_scheduler() -> DDPMScheduler:
     """The training noise scheduler (SD 1.x schedule, epsilon prediction)."""
     return DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False)
+
+
+class AdapterTimesteps:
+    """How the adapters of stage two (CRS-Diff, CC-Diff) draw training steps and weight their losses.
+
+    ``sampling``: "uniform", or "cubic" t = (1 - u^3) T, which favours the noisy steps where the layout of the
+    image is decided (T2I-Adapter's non-uniform sampling). ``x0_weight_max``: each sample's noise MSE is
+    multiplied by clamp(1/SNR(t), 1, x0_weight_max). The noise MSE at step t equals SNR(t) times the error of
+    the clean latent it implies, so at the noisy steps a wrong layout costs almost nothing (SNR(900) = 0.014);
+    the weight makes those samples' loss a clean-latent error. 1 = the plain noise MSE.
+    """
+
+    def __init__(self, noise_scheduler: DDPMScheduler, sampling: str = "uniform", x0_weight_max: float = 1.0):
+        if sampling not in ("uniform", "cubic"):
+            raise ValueError(f"timestep_sampling must be 'uniform' or 'cubic', not {sampling!r}")
+        if x0_weight_max < 1.0:
+            raise ValueError(f"x0_weight_max must be >= 1 (1 = plain noise MSE), not {x0_weight_max}")
+        self.noise_scheduler, self.sampling, self.x0_weight_max = noise_scheduler, sampling, float(x0_weight_max)
+
+    def sample(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        """(B,) training timesteps drawn with ``generator`` (CPU)."""
+        n = self.noise_scheduler.config.num_train_timesteps
+        if self.sampling == "uniform":
+            return torch.randint(0, n, (b,), generator=generator)
+        u = torch.rand(b, generator=generator)
+        return ((1 - u ** 3) * n).long().clamp(0, n - 1)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) loss weights clamp(1/SNR(t), 1, x0_weight_max)."""
+        a = self.noise_scheduler.alphas_cumprod.to(t.device)[t]
+        return ((1 - a) / a).clamp(1.0, self.x0_weight_max)
+
+    def loss(self, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, plain noise MSE) of predictions (B, C, h, w) at steps t (B,)."""
+        per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (self.weights(t) * per_sample).mean(), per_sample.mean().detach()
 
 
 def build_sampler() -> DDIMScheduler:

@@ -41,7 +41,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate
-from rslib.models.base import build_noise_scheduler, build_sampler
+from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
 from rslib.models.cc_diff import CCDiffAdapter, CCDiffModel, trainable_parameter_count
 from rslib.models.references import (
     ImageTokenEncoder,
@@ -396,13 +396,15 @@ class CCDiffLoss:
 
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, references: ReferenceBank | None = None,
                  caption_dropout: float = 0.1, instance_dropout: float = 0.1,
-                 noise_scheduler: DDPMScheduler | None = None):
+                 noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
+                 x0_weight_max: float = 1.0):
         self.tokenizer = tokenizer
         self.references = references
         self.scaling_factor = float(scaling_factor)
         self.caption_dropout = float(caption_dropout)
         self.instance_dropout = float(instance_dropout)
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
+        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max)
 
     def __call__(self, model: CCTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -440,11 +442,11 @@ class CCDiffLoss:
                              model.phrase_pooled[lab].to(text.dtype), pooled, tuple(mean.shape[-2:]),
                              boxes=batch["boxes"][:, :n], **refs)
         noise = torch.randn(latents.shape, generator=g).to(dev)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(dev)
+        t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.net(noisy, t, text, ctx)
-        loss = nn.functional.mse_loss(pred.float(), noise.float())
-        return {"loss": loss, "instances": valid.sum(1).float().mean()}
+        loss, noise_mse = self.steps.loss(pred, noise, t)
+        return {"loss": loss, "noise_mse": noise_mse, "instances": valid.sum(1).float().mean()}
 
 
 # ---------------------------------------------------------------------------
@@ -522,7 +524,8 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     adapter = build_adapter(cfg, parts["unet"], image_dim, mode)
     model = CCTrainModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], adapter, bank.phrases)
     loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, cfg.cc.caption_dropout,
-                         cfg.cc.instance_dropout)
+                         cfg.cc.instance_dropout, timestep_sampling=cfg.cc.timestep_sampling,
+                         x0_weight_max=cfg.cc.x0_weight_max)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:

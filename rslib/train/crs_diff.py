@@ -37,7 +37,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConf
 
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions
-from rslib.models.base import build_noise_scheduler, build_sampler
+from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import (
     ContentTokenizer,
     CRSDiffModel,
@@ -240,33 +240,11 @@ class CRSDiffLoss:
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
                  x0_weight_max: float = 1.0):
-        if x0_weight_max < 1.0:
-            raise ValueError(f"x0_weight_max must be >= 1 (1 = plain noise MSE), not {x0_weight_max}")
-        if timestep_sampling not in ("uniform", "cubic"):
-            raise ValueError(f"timestep_sampling must be 'uniform' or 'cubic', not {timestep_sampling!r}")
         self.tokenizer = tokenizer
         self.scaling_factor = float(scaling_factor)
         self.dropout = dropout or ConditionDropout()
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
-        self.timestep_sampling = timestep_sampling
-        self.x0_weight_max = float(x0_weight_max)
-
-    def weights(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) loss weights clamp(1/SNR(t), 1, x0_weight_max). The noise MSE at step t equals SNR(t) times the
-        error of the implied clean latent, so at the noisy steps, where the layout of the image is decided, a
-        wrong layout costs almost nothing (SNR(900) = 0.014); the weight turns those samples' loss into a
-        clean-latent error. 1 everywhere when x0_weight_max = 1."""
-        a = self.noise_scheduler.alphas_cumprod.to(t.device)[t]
-        return ((1 - a) / a).clamp(1.0, self.x0_weight_max)
-
-    def timesteps(self, b: int, generator: torch.Generator) -> torch.Tensor:
-        """(B,) training timesteps: uniform, or "cubic" t = (1 - u^3) T, which favours the noisy steps where the
-        layout of the image is decided (T2I-Adapter's non-uniform sampling; a short run learns control sooner)."""
-        n = self.noise_scheduler.config.num_train_timesteps
-        if self.timestep_sampling == "uniform":
-            return torch.randint(0, n, (b,), generator=generator)
-        u = torch.rand(b, generator=generator)
-        return ((1 - u ** 3) * n).long().clamp(0, n - 1)
+        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max)
 
     def __call__(self, model: CRSTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -284,12 +262,11 @@ class CRSDiffLoss:
         content_keep = keep["global"][:, 0].to(dev) & batch["has_content"].bool()
         meta_keep = keep["global"][:, 1:2].to(dev) & batch["metadata_valid"].bool()  # (B, 7)
         noise = torch.randn(latents.shape, generator=g).to(dev)
-        t = self.timesteps(b, g).to(dev)
+        t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
-        per_sample = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        loss = (self.weights(t) * per_sample).mean()
-        return {"loss": loss, "noise_mse": per_sample.mean().detach(), "maps_kept": keep["local"].float().mean()}
+        loss, noise_mse = self.steps.loss(pred, noise, t)
+        return {"loss": loss, "noise_mse": noise_mse, "maps_kept": keep["local"].float().mean()}
 
 
 # ---------------------------------------------------------------------------
