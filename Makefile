@@ -44,6 +44,8 @@ notebooks-clean: install
 
 bench: install
 	$(BIN)/python bench/synthrs_throughput.py
+	$(BIN)/python bench/train_step.py --size small --repeats 5
+	$(BIN)/python bench/sampling.py --size small --repeats 5
 
 clean:
 	rm -rf runs data/synthrs .pytest_cache
