@@ -260,3 +260,21 @@ def test_cli_writes_the_expected_keys(trained, tmp_path):
     assert "fid_inception" in res["skipped"] and res["n_generated"] == cfg.data.n_test
     with pytest.raises(SystemExit):
         main(["--generated", str(tmp_path), "--real", str(root / "val"), "--out", str(out)])
+
+
+def test_layouts_of_replaces_slivers_and_drops_empty_boxes():
+    """Objects clipped to a zero-area oriented box at the border still make a valid pipeline layout."""
+    from types import SimpleNamespace
+
+    from rslib.data.formats import ObjectAnnotation
+    from rslib.eval.layout import layouts_of, polygon_area
+
+    sliver = ObjectAnnotation("ship", [0.0, 0.2, 0.1, 0.3], [0.0, 0.2, 0.0, 0.3, 0.0, 0.3, 0.0, 0.2])
+    empty = ObjectAnnotation("ship", [0.5, 0.5, 0.5, 0.6], [0.5, 0.5, 0.5, 0.6, 0.5, 0.6, 0.5, 0.5])
+    good = ObjectAnnotation("airplane", [0.4, 0.4, 0.8, 0.8], [0.4, 0.4, 0.8, 0.4, 0.8, 0.8, 0.4, 0.8])
+    data = SimpleNamespace(records=[SimpleNamespace(objects=[sliver, empty, good])], classes=("ship", "airplane"))
+    (lay,) = layouts_of(data, 1)
+    assert [o["label"] for o in lay] == ["airplane", "ship"]  # largest first, the empty box left out
+    assert lay[0]["obb"] == good.obb
+    assert lay[1]["obb"] == [0.0, 0.2, 0.1, 0.2, 0.1, 0.3, 0.0, 0.3]  # the sliver's axis-aligned box
+    assert all(polygon_area(o["obb"]) > 0 for o in lay)

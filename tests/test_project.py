@@ -59,3 +59,12 @@ def test_train_cli_rejects_bad_overrides():
         main(["stage_one", "--preset", "smoke", "--set", "unet.steps"])  # no "=": argparse error
     with pytest.raises((KeyError, ValueError, AttributeError), match="nope"):
         main(["stage_one", "--preset", "smoke", "--set", "unet.nope=3"])
+
+
+def test_gallery_shows_only_figures_that_exist():
+    """Every image and table figures/README.md links to is committed beside it."""
+    text = (ROOT / "figures" / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert len(images) >= 20
+    missing = [p for p in images if not (ROOT / "figures" / p).is_file()]
+    assert not missing, f"figures/README.md shows figures that do not exist: {missing}"

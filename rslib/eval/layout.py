@@ -27,13 +27,26 @@ from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
 
 
+def polygon_area(points: Sequence[float]) -> float:
+    """Area of a polygon given as x1, y1, x2, y2, ... (shoelace formula)."""
+    xs, ys = points[0::2], points[1::2]
+    return 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
+
+
 def layouts_of(data: EvalSet, n: int, max_objects: int | None = None) -> list[list[dict[str, Any]]]:
-    """The first n records' objects as pipeline layouts ``[{"label", "obb"}]`` (largest first, at most max_objects)."""
+    """The first n records' objects as pipeline layouts ``[{"label", "obb", "bbox"}]`` (largest first, at most
+    max_objects). Objects with an empty box are left out; an oriented box of zero area (a sliver clipped at the
+    image border) is replaced by its axis-aligned box."""
     out = []
     for rec in data.records[:n]:
-        objs = [o for o in rec.objects if o.label in data.classes]
+        objs = [o for o in rec.objects if o.label in data.classes and o.bbox[2] > o.bbox[0] and o.bbox[3] > o.bbox[1]]
         objs.sort(key=lambda o: -(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))
-        out.append([{"label": o.label, "obb": list(o.obb), "bbox": list(o.bbox)} for o in objs[:max_objects]])
+        lay = []
+        for o in objs[:max_objects]:
+            x0, y0, x1, y1 = o.bbox
+            obb = list(o.obb) if polygon_area(list(o.obb)) > 0 else [x0, y0, x1, y0, x1, y1, x0, y1]
+            lay.append({"label": o.label, "obb": obb, "bbox": list(o.bbox)})
+        out.append(lay)
     return out
 
 
