@@ -217,6 +217,20 @@ def segmentation_to_classes(conditions: torch.Tensor) -> torch.Tensor:
     return d.argmin(1)
 
 
+def split_dir(cfg: Any, split: str) -> Path:
+    """The folder of one split of a preset's data set (a :class:`rslib.config.Preset`); SynthRS is generated
+    first when it is the data (``data.root`` empty), and a missing split is an error saying how to make it."""
+    if not cfg.data.root:
+        from rslib.data.synthrs import ensure_synthrs
+
+        ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
+    folder = cfg.data_dir() / split
+    if not (folder / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"no {split} split at {folder}: convert a data set into it (python -m rslib.data "
+                                f"convert ..., see data/README.md) or leave data.root empty for SynthRS")
+    return folder
+
+
 def load_all(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, Any]:
     """The first ``n`` items of a data set (all by default) collated into one batch."""
     n = len(ds) if n is None else min(n, len(ds))

@@ -19,7 +19,7 @@ from PIL import Image
 
 from rslib.config import Preset
 from rslib.data.conditions import rgb_to_seg
-from rslib.data.datasets import load_image
+from rslib.data.datasets import load_image, split_dir
 from rslib.data.formats import Record, read_records
 from rslib.data.synthrs import OBJECT_CLASSES
 
@@ -119,12 +119,5 @@ def load_folder(split_dir: str | os.PathLike, size: int | None = None, maps: Seq
 
 def preset_split(cfg: Preset, split: str = "train", maps: Sequence[str] = EVAL_MAPS) -> EvalSet:
     """One split of the preset's data set in memory (SynthRS is generated first when it is the data)."""
-    if not cfg.data.root:
-        from rslib.data.synthrs import ensure_synthrs
-
-        ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
-    folder = cfg.data_dir() / split
-    if not (folder / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"no {split} split at {folder}: set data.root to a folder in the record format "
-                                f"(see data/README.md) or leave it empty for SynthRS")
+    folder = split_dir(cfg, split)
     return load_folder(folder, cfg.data.image_size, maps)

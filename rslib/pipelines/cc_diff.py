@@ -36,6 +36,7 @@ from rslib.models.cc_diff import (
     obb_to_boxes,
 )
 from rslib.models.references import ReferenceBank
+from rslib.pipelines.common import check_output_type, decode_latents, load_pipeline_folder
 
 Layout = Sequence[Mapping[str, Any]]
 
@@ -224,8 +225,7 @@ class CCDiffPipeline(DiffusionPipeline):
         size = height or width or self.unet.config.sample_size * self.vae_scale_factor
         if (height or size) != (width or size):
             raise ValueError("CCDiffPipeline generates square images: give height == width")
-        if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(f"output_type must be 'np', 'pt', 'pil' or 'latent', not {output_type!r}")
+        check_output_type(output_type)
         device, dtype = self.device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
         hw = (size // self.vae_scale_factor, size // self.vae_scale_factor)
@@ -265,15 +265,7 @@ class CCDiffPipeline(DiffusionPipeline):
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
 
-        if output_type == "latent":
-            images: Any = latents
-        else:
-            images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            images = (images / 2 + 0.5).clamp(0, 1).float()  # (B, 3, S, S) in [0, 1]
-            if output_type in ("np", "pil"):
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+        images = decode_latents(self, latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -282,14 +274,8 @@ class CCDiffPipeline(DiffusionPipeline):
 
 def load_cc_diff(path: str | os.PathLike, device: str | torch.device | None = None) -> CCDiffPipeline:
     """A saved CC-Diff folder (from ``train_cc_diff``) as a pipeline on ``device``, progress bar off."""
-    from rslib.utils import pick_device
-
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path} is not a CC-Diff folder: run notebook 04 "
+    return load_pipeline_folder(CCDiffPipeline, path, device, f"{path} is not a CC-Diff folder: run notebook 04 "
                                 f"(rslib.train.cc_diff.train_cc_diff(cfg)) first")
-    pipe = CCDiffPipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(pick_device(str(device)) if device is not None else pick_device("auto"))
 
 
 __all__ = ["CCDiffPipeline", "layout_tensors", "load_cc_diff"]

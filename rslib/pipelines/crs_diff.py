@@ -30,6 +30,7 @@ from rslib.models.crs_diff import (
     MetadataEncoder,
     _scales,
 )
+from rslib.pipelines.common import check_output_type, decode_latents, load_pipeline_folder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -227,6 +228,7 @@ class CRSDiffPipeline(DiffusionPipeline):
         if (height or size) != (width or size):
             raise ValueError("CRSDiffPipeline generates square images: give height == width")
         device, dtype = self.device, self.unet.dtype
+        check_output_type(output_type)
         do_cfg = guidance_scale > 1.0
         if map_guidance is None:
             map_guidance = bool(self.config.get("map_guidance", False))
@@ -302,17 +304,7 @@ class CRSDiffPipeline(DiffusionPipeline):
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
 
-        if output_type == "latent":
-            images: Any = latents
-        else:
-            images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            images = (images / 2 + 0.5).clamp(0, 1).float()  # (B, 3, S, S) in [0, 1]
-            if output_type in ("np", "pil"):
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-            elif output_type != "pt":
-                raise ValueError(f"output_type must be 'np', 'pt', 'pil' or 'latent', not {output_type!r}")
+        images = decode_latents(self, latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -321,14 +313,8 @@ class CRSDiffPipeline(DiffusionPipeline):
 
 def load_crs_diff(path: str | os.PathLike, device: str | torch.device | None = None) -> CRSDiffPipeline:
     """A saved CRS-Diff folder (from ``train_crs_diff``) as a pipeline on ``device``, progress bar off."""
-    from rslib.utils import pick_device
-
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path} is not a CRS-Diff folder: run notebook 03 "
+    return load_pipeline_folder(CRSDiffPipeline, path, device, f"{path} is not a CRS-Diff folder: run notebook 03 "
                                 f"(rslib.train.crs_diff.train_crs_diff(cfg)) first")
-    pipe = CRSDiffPipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(pick_device(str(device)) if device is not None else pick_device("auto"))
 
 
 @torch.no_grad()

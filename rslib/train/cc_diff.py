@@ -40,7 +40,7 @@ from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from rslib.config import Preset, resolve_path
-from rslib.data.datasets import RSDataset, collate
+from rslib.data.datasets import RSDataset, collate, split_dir
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
 from rslib.models.cc_diff import CCDiffAdapter, CCDiffModel, trainable_parameter_count
 from rslib.models.references import (
@@ -54,7 +54,7 @@ from rslib.models.references import (
 )
 from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
-from rslib.train.loop import HISTORY_NAME, TrainConfig, train_loop
+from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
 from rslib.utils import atomic_write_dir, pick_device
 
 TRAINING_DIR = "training"
@@ -117,14 +117,7 @@ def dataset_classes(cfg: Preset) -> list[str]:
 
 def train_split(cfg: Preset) -> RSDataset:
     """The training split with up to ``cfg.cc.max_instances`` objects per image (SynthRS is generated first)."""
-    if not cfg.data.root:
-        from rslib.data.synthrs import ensure_synthrs
-
-        ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
-    folder = cfg.data_dir() / "train"
-    if not (folder / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"no train split at {folder}: convert a data set into it or leave data.root "
-                                f"empty for SynthRS")
+    folder = split_dir(cfg, "train")
     return RSDataset(folder, size=cfg.data.image_size, max_objects=cfg.cc.max_instances,
                      classes=dataset_classes(cfg), with_conditions=False)
 
@@ -532,7 +525,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
         return out_dir
     info = {"stamp": stamp, "preset": cfg.name, "mode": mode, "steps": result.steps,
             "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(result.seconds, 2),
-            "encode_seconds": round(encode_s, 2), "final_loss": _mean_tail(result.history), "n_train": len(data),
+            "encode_seconds": round(encode_s, 2), "final_loss": mean_tail(result.history), "n_train": len(data),
             "parameters": trainable_parameter_count(adapter), "image_dim": image_dim, "bank_entries": int(bank.fg_tokens.shape[0]),
             "retrieval_pool": int(bank.bg_tokens.shape[0]), "stage_one_dir": str(s1), "clip_dir": str(clip_path),
             "train": asdict(tcfg)}
@@ -543,37 +536,14 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     return out_dir
 
 
-def _mean_tail(history: list[dict[str, float]], n: int = 20) -> float | None:
-    tail = [h["loss"] for h in history[-n:]]
-    return round(sum(tail) / len(tail), 5) if tail else None
-
-
 def save_pipeline(pipe: CCDiffPipeline, out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Write the pipeline's parts into ``out_dir`` (beside ``training/``); ``cc_diff.json`` is written last."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("model_index.json", INFO_NAME):
-        (out_dir / stale).unlink(missing_ok=True)
-    tmp = out_dir / ".pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for part in PARTS:
-        if (out_dir / part).exists():
-            shutil.rmtree(out_dir / part)
-        if (tmp / part).exists():
-            os.replace(tmp / part, out_dir / part)
-    os.replace(tmp / "model_index.json", out_dir / "model_index.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=1, default=str))
-    return out_dir
+    return save_pipeline_folder(pipe, out_dir, PARTS, INFO_NAME, info)
 
 
 def cc_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The per-step loss history of a CC-Diff run."""
-    path = Path(out_dir) / TRAINING_DIR / HISTORY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no training history at {path}: train it first (train_cc_diff(cfg))")
-    return json.loads(path.read_text())
+    return read_history(Path(out_dir) / TRAINING_DIR, "train it first (train_cc_diff(cfg))")
 
 
 def cc_info(out_dir: str | os.PathLike) -> dict[str, Any]:

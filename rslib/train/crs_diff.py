@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from rslib.config import Preset, resolve_path
-from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions
+from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions, split_dir
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import (
     ContentTokenizer,
@@ -47,7 +47,7 @@ from rslib.models.crs_diff import (
 )
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
-from rslib.train.loop import HISTORY_NAME, TrainConfig, train_loop
+from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -142,14 +142,7 @@ class CRSTrainingData(torch.utils.data.Dataset):
 
 def split_dataset(cfg: Preset, split: str) -> RSDataset:
     """One split with condition maps (SynthRS is generated first when it is the data)."""
-    if not cfg.data.root:
-        from rslib.data.synthrs import ensure_synthrs
-
-        ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
-    folder = cfg.data_dir() / split
-    if not (folder / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"no {split} split at {folder}: convert a data set into it or leave data.root "
-                                f"empty for SynthRS")
+    folder = split_dir(cfg, split)
     return RSDataset(folder, size=cfg.data.image_size, max_objects=1)
 
 
@@ -350,7 +343,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     info = {"stamp": stamp, "preset": cfg.name, "fusion": fusion, "use_metadata": use_metadata,
             "use_content": use_content, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
             "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
-            "final_loss": _mean_tail(result.history), "n_train": len(data), "parameters": counts,
+            "final_loss": mean_tail(result.history), "n_train": len(data), "parameters": counts,
             "stage_one_dir": str(s1), "train": asdict(tcfg)}
     pipe = CRSDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
                            tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
@@ -365,37 +358,14 @@ def _cpu(m: nn.Module | None) -> nn.Module | None:
     return m.cpu() if m is not None else None
 
 
-def _mean_tail(history: list[dict[str, float]], n: int = 20) -> float | None:
-    tail = [h["loss"] for h in history[-n:]]
-    return round(sum(tail) / len(tail), 5) if tail else None
-
-
 def save_pipeline(pipe: CRSDiffPipeline, out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Write the pipeline's parts into ``out_dir`` (beside ``training/``); ``crs_diff.json`` is written last."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("model_index.json", INFO_NAME):
-        (out_dir / stale).unlink(missing_ok=True)
-    tmp = out_dir / ".pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for part in PARTS:
-        if (out_dir / part).exists():
-            shutil.rmtree(out_dir / part)
-        if (tmp / part).exists():
-            os.replace(tmp / part, out_dir / part)
-    os.replace(tmp / "model_index.json", out_dir / "model_index.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=1, default=str))
-    return out_dir
+    return save_pipeline_folder(pipe, out_dir, PARTS, INFO_NAME, info)
 
 
 def crs_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The per-step loss history of a stage-two run."""
-    path = Path(out_dir) / TRAINING_DIR / HISTORY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no training history at {path}: train it first (train_crs_diff(cfg))")
-    return json.loads(path.read_text())
+    return read_history(Path(out_dir) / TRAINING_DIR, "train it first (train_crs_diff(cfg))")
 
 
 def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:

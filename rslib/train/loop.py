@@ -17,6 +17,7 @@ gives bitwise the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import shutil
 import time
@@ -447,3 +448,44 @@ def train_loop(
     if accelerator.device.type != "cpu":
         accelerator.free_memory()  # hand cached accelerator memory back before the next stage
     return TrainResult(out_dir=out_dir, history=history, seconds=time.perf_counter() - t0, steps=end)
+
+
+# ---------------------------------------------------------------------------
+# The folders the stages save: a diffusers pipeline beside training/, an info file written last
+
+
+def mean_tail(history: list[dict[str, float]], n: int = 20) -> float | None:
+    """The mean loss of the last ``n`` logged steps (None for an empty history)."""
+    tail = [h["loss"] for h in history[-n:]]
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+def save_pipeline_folder(pipe: Any, out_dir: str | Path, parts: Sequence[str], info_name: str,
+                         info: dict[str, Any]) -> Path:
+    """Write a diffusers pipeline's ``parts`` into ``out_dir`` (beside ``training/``), then its index, then the
+    info file ``info_name``: a folder with the info file is complete, whenever the process stops."""
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("model_index.json", info_name):
+        (out_dir / stale).unlink(missing_ok=True)
+    tmp = out_dir / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for part in parts:
+        if (out_dir / part).exists():
+            shutil.rmtree(out_dir / part)
+        if (tmp / part).exists():
+            os.replace(tmp / part, out_dir / part)
+    os.replace(tmp / "model_index.json", out_dir / "model_index.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out_dir / info_name).write_text(json.dumps(info, indent=1, default=str))
+    return out_dir
+
+
+def read_history(training_dir: str | Path, how_to_train: str) -> list[dict[str, float]]:
+    """The per-step history a training run logged in ``training_dir``, or an error saying how to make it."""
+    path = Path(training_dir) / HISTORY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no training history at {path}: {how_to_train}")
+    return json.loads(path.read_text())

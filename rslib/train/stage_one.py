@@ -33,10 +33,11 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from rslib.config import Preset, resolve_path
-from rslib.data.datasets import RSDataset, collate, pick_captions
+from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
 from rslib.models.base import build_noise_scheduler, build_sampler, build_unet, require_local_dir
 from rslib.models.text import clip_tokenizer, tokenize
-from rslib.train.loop import EMA_NAME, HISTORY_NAME, WEIGHTS_NAME, TrainConfig, train_loop
+from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, read_history,
+                              save_pipeline_folder, train_loop)
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -126,15 +127,7 @@ class LatentCaptions(torch.utils.data.Dataset):
 
 def latent_dataset(cfg: Preset, vae: AutoencoderKL, split: str = "train") -> LatentCaptions:
     """Encode one split of the preset's data set with the frozen VAE (SynthRS is generated if missing)."""
-    if not cfg.data.root:
-        from rslib.data.synthrs import ensure_synthrs
-
-        ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
-    split_dir = cfg.data_dir() / split
-    if not (split_dir / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"no {split} split at {split_dir}: convert a data set into it (python -m rslib.data "
-                                f"convert ...) or leave data.root empty for SynthRS")
-    ds = RSDataset(split_dir, size=cfg.data.image_size, max_objects=1, with_conditions=False)
+    ds = RSDataset(split_dir(cfg, split), size=cfg.data.image_size, max_objects=1, with_conditions=False)
     images = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])  # (N, 3, S, S) in [-1, 1]
     mean, std = encode_latents(vae, images, device=pick_device(cfg.device))
     return LatentCaptions(mean, std, [r.captions for r in ds.records])
@@ -250,7 +243,7 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
     info = {
         "preset": cfg.name, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
         "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
-        "final_loss": _mean_tail(result.history), "n_train": len(data), "ema_decay": tcfg.ema_decay,
+        "final_loss": mean_tail(result.history), "n_train": len(data), "ema_decay": tcfg.ema_decay,
         "text_encoder_dir": str(te_dir), "autoencoder_dir": str(ae_dir), "train": asdict(tcfg),
         "unet": asdict(cfg.unet), "unet_parameters": sum(p.numel() for p in unet.parameters()),
     }
@@ -258,41 +251,19 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
     return out_dir
 
 
-def _mean_tail(history: list[dict[str, float]], n: int = 20) -> float | None:
-    tail = [h["loss"] for h in history[-n:]]
-    return round(sum(tail) / len(tail), 5) if tail else None
-
-
 def save_pipeline(out_dir: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL,
                   text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, info: dict[str, Any]) -> Path:
     """Write the parts as a StableDiffusionPipeline folder (DDIM sampler); ``stage_one.json`` is written last."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("model_index.json", INFO_NAME):
-        (out_dir / stale).unlink(missing_ok=True)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_sampler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    tmp = out_dir / ".pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for part in PIPELINE_PARTS:  # move each part in, then the index, then the info file
-        if (out_dir / part).exists():
-            shutil.rmtree(out_dir / part)
-        os.replace(tmp / part, out_dir / part)
-    os.replace(tmp / "model_index.json", out_dir / "model_index.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=1, default=str))
-    return out_dir
+    return save_pipeline_folder(pipe, out_dir, PIPELINE_PARTS, INFO_NAME, info)
 
 
 def stage_one_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The per-step loss history of a stage-one run (``training/history.json``)."""
-    path = Path(out_dir) / TRAINING_DIR / HISTORY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no training history at {path}: train stage one first (train_stage_one(cfg))")
-    return json.loads(path.read_text())
+    return read_history(Path(out_dir) / TRAINING_DIR, "train stage one first (train_stage_one(cfg))")
 
 
 def stage_one_info(out_dir: str | os.PathLike) -> dict[str, Any]:

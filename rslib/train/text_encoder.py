@@ -27,7 +27,7 @@ from torch import nn
 
 from rslib.config import Preset, resolve_path
 from rslib.data import synthrs
-from rslib.data.datasets import RSDataset, collate, pick_captions
+from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
 from rslib.models.text import build_rs_clip, clip_tokenizer, image_features, text_features, tokenize
 from rslib.train.loop import CHECKPOINT_DIR, HISTORY_NAME, TrainConfig, train_loop
 
@@ -40,12 +40,7 @@ DONE_NAME = "training.json"
 
 def stage_dataset(cfg: Preset, split: str = "train") -> RSDataset:
     """Images and captions of one split (no condition maps), SynthRS generated first when it is the data."""
-    if not cfg.data.root:
-        synthrs.ensure_synthrs(cfg.synthrs_dir(), cfg.split_sizes(), cfg.data.image_size, seed=cfg.data.seed)
-    folder = cfg.data_dir() / split
-    if not (folder / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"no {split} split at {folder}: set data.root to a folder in the record format "
-                                f"(see data/README.md) or leave it empty for SynthRS")
+    folder = split_dir(cfg, split)
     scenes = None if cfg.data.root else synthrs.SCENES
     return RSDataset(folder, size=cfg.data.image_size, max_objects=cfg.data.max_objects, scenes=scenes,
                      with_conditions=False, in_memory=cfg.num_workers == 0)
