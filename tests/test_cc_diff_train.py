@@ -51,8 +51,8 @@ LAYOUT = [{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.4]},
           {"label": "vehicle", "obb": [0.6, 0.6, 0.9, 0.62, 0.88, 0.8, 0.58, 0.78]}]
 
 
-def _cfg(**cc):
-    return get_preset("smoke", **{f"cc.{k}": v for k, v in cc.items()})
+def _cfg(lr_decay: str = "cosine", **cc):
+    return get_preset("smoke", lr_decay=lr_decay, **{f"cc.{k}": v for k, v in cc.items()})
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def _fixed_loss(cfg, s1, clip, root, adapter) -> float:
 
 def test_loss_falls(inputs, tmp_path):
     s1, clip = inputs
-    cfg = _cfg(steps=24, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=0)
+    cfg = _cfg(steps=24, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=0, lr_decay="constant")
     out = train_cc_diff(cfg, s1, clip, tmp_path / "cc", progress=False)
     losses = [h["loss"] for h in cc_history(out)]
     assert len(losses) == 24 and all(np.isfinite(losses))

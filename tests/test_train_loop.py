@@ -63,8 +63,20 @@ def test_loss_falls(tmp_path):
     assert json.loads((tmp_path / "history.json").read_text()) == res.history
 
 
+def test_cosine_lr_decay(tmp_path):
+    res = train_loop(_mlp(), _mse, _data(), _cfg(steps=20, warmup_steps=4, lr_decay="cosine"), tmp_path,
+                     progress=False)
+    lrs = [h["lr"] for h in res.history]  # the LR each optimizer step used
+    assert lrs[:5] == pytest.approx([1e-2 * k / 5 for k in range(1, 5)] + [1e-2])  # warm-up, then the peak
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then strictly falling
+    assert 0 < lrs[-1] < 0.01 * 1e-2  # to nearly 0 at the last step
+    assert loop.lr_multiplier(4, 20, "cosine")(20) == 0.0 and loop.lr_multiplier(4, 20)(19) == 1.0
+    with pytest.raises(ValueError, match="lr_decay"):
+        _cfg(lr_decay="linear")
+
+
 def test_exact_resume(tmp_path):
-    cfg = _cfg(ema_decay=0.8, checkpoint_every=5, weight_decay=0.01, warmup_steps=3)
+    cfg = _cfg(ema_decay=0.8, checkpoint_every=5, weight_decay=0.01, warmup_steps=3, lr_decay="cosine")
     full = train_loop(_mlp(0.2), _noisy_mse, _data(), cfg, tmp_path / "full", progress=False)
 
     part = train_loop(_mlp(0.2), _noisy_mse, _data(), cfg, tmp_path / "part", stop_after=8, progress=False)

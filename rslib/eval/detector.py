@@ -238,7 +238,7 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
     tcfg = TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                        warmup_steps=min(d.warmup_steps, d.steps // 5), max_grad_norm=5.0,
                        mixed_precision=cfg.mixed_precision, seed=cfg.data.seed,
-                       checkpoint_every=max(0, d.steps // 2), log_every=10, num_workers=0)
+                       checkpoint_every=max(0, d.steps // 2), log_every=10, num_workers=0, lr_decay=cfg.lr_decay)
     result = train_loop(model, detection_loss, dataset, tcfg, out_dir, collate_fn=collate_detections,
                         resume=resume, progress=progress)
     model.to("cpu").eval()

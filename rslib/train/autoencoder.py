@@ -131,7 +131,7 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
     v = cfg.vae
     tcfg = TrainConfig(steps=v.steps, batch_size=v.batch_size, lr=v.lr, warmup_steps=min(v.warmup_steps, v.steps // 5),
                        mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, num_workers=cfg.num_workers,
-                       checkpoint_every=v.checkpoint_every)
+                       checkpoint_every=v.checkpoint_every, lr_decay=cfg.lr_decay)
     result = train_loop(vae, vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size), dataset, tcfg, out_dir,
                         collate_fn=collate, resume=resume, progress=progress)
     factor = latent_scaling_factor(vae, dataset, seed=cfg.data.seed)

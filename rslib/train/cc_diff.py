@@ -461,7 +461,7 @@ def cc_train_config(cfg: Preset, mode: str | None = None) -> TrainConfig:
     return TrainConfig(steps=c.steps, batch_size=c.batch_size, grad_accum=c.grad_accum, lr=c.lr,
                        warmup_steps=min(c.warmup_steps, c.steps), mixed_precision=cfg.mixed_precision,
                        seed=cfg.data.seed, ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10,
-                       num_workers=0, find_unused_parameters=(mode or c.mode) != "cc_diff")
+                       num_workers=0, find_unused_parameters=(mode or c.mode) != "cc_diff", lr_decay=cfg.lr_decay)
 
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
@@ -491,7 +491,8 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, mode))
     tcfg = cc_train_config(cfg, mode)
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
-                                   "clip": str(clip_path), "cc": asdict(replace(cfg.cc, mode=mode))}))
+                                   "clip": str(clip_path), "lr_decay": cfg.lr_decay,
+                                   "cc": asdict(replace(cfg.cc, mode=mode))}))
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

@@ -280,7 +280,7 @@ def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
     n = c.steps if steps is None else steps
     return TrainConfig(steps=n, batch_size=c.batch_size, lr=c.lr, warmup_steps=min(c.warmup_steps, n),
                        mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, ema_decay=None,
-                       checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0)
+                       checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0, lr_decay=cfg.lr_decay)
 
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
@@ -310,6 +310,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, fusion, use_metadata, use_content))
     tcfg = crs_train_config(cfg, steps)
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
+                                   "lr_decay": cfg.lr_decay,
                                    "crs": asdict(replace(c, fusion=fusion, use_metadata=use_metadata,
                                                          use_content=use_content, steps=tcfg.steps))}))
     if not force and is_finished(out_dir, stamp):

@@ -17,8 +17,9 @@ gives bitwise the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import math
+import os
 import shutil
 import time
 import warnings
@@ -42,6 +43,7 @@ from rslib.utils import atomic_write_dir
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
+LR_DECAYS = ("constant", "cosine")
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 STATE_NAME = "state.json"
@@ -58,7 +60,8 @@ class TrainConfig:
     batch_size: int  # samples per micro-batch, summed over all processes
     lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up, then constant LR
+    warmup_steps: int = 0  # linear warm-up, then lr_decay
+    lr_decay: str = "constant"  # after warm-up: "constant" | "cosine" (to 0 at the last step)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -76,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), not {self.ema_decay}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, not {self.lr_decay!r}")
 
 
 @dataclass
@@ -308,9 +313,18 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     raise TypeError(f"loss_fn must return a tensor or a dict with key 'loss', not {type(out).__name__}")
 
 
-def _warmup(warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear from 1/(w+1) to 1 over the first w steps, then 1."""
-    return lambda step: min(1.0, (step + 1) / (warmup_steps + 1))
+def lr_multiplier(warmup_steps: int, steps: int, decay: str = "constant") -> Callable[[int], float]:
+    """LR multiplier of optimizer step ``step``: linear from 1/(w+1) to 1 over the first w steps, then 1
+    ("constant") or a half cosine from 1 down to 0 at step ``steps`` ("cosine")."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
 
 
 def train_loop(
@@ -349,7 +363,7 @@ def train_loop(
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True")
     model.to(accelerator.device)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.warmup_steps, cfg.steps, cfg.lr_decay))
     loss_module = _LossModule(model, loss_fn)
     wrapped, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
 

@@ -190,7 +190,7 @@ def stage_one_train_config(cfg: Preset) -> TrainConfig:
     return TrainConfig(
         steps=u.steps, batch_size=u.batch_size, lr=u.lr, warmup_steps=min(u.warmup_steps, u.steps),
         mixed_precision=cfg.mixed_precision, ema_decay=u.ema_decay, seed=cfg.data.seed,
-        checkpoint_every=min(1000, max(50, u.steps // 5)), log_every=10, num_workers=0,
+        checkpoint_every=min(1000, max(50, u.steps // 5)), log_every=10, num_workers=0, lr_decay=cfg.lr_decay,
     )
 
 

@@ -47,8 +47,9 @@ def stage_dataset(cfg: Preset, split: str = "train") -> RSDataset:
 
 
 def stage_stamp(cfg: Preset, part: str) -> dict[str, Any]:
-    """What a stage's result depends on: the preset name, the data settings and the part's own config."""
-    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), part: asdict(getattr(cfg, part))}))
+    """What a stage's result depends on: the preset name, the data settings, the LR schedule and the part's config."""
+    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "lr_decay": cfg.lr_decay,
+                                  part: asdict(getattr(cfg, part))}))
 
 
 def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
@@ -166,7 +167,7 @@ def train_text_encoder(cfg: Preset, out_dir: str | Path | None = None, *, force:
     c = cfg.clip
     tcfg = TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                        warmup_steps=min(c.warmup_steps, max(c.steps // 5, 0)), mixed_precision=cfg.mixed_precision,
-                       seed=cfg.data.seed, num_workers=cfg.num_workers, checkpoint_every=c.checkpoint_every)
+                       seed=cfg.data.seed, num_workers=cfg.num_workers, checkpoint_every=c.checkpoint_every, lr_decay=cfg.lr_decay)
     result = train_loop(model, clip_loss_fn(tokenizer, c.max_length, c.augment), dataset, tcfg, out_dir,
                         collate_fn=collate, resume=resume, progress=progress)
     model.to("cpu").eval()
