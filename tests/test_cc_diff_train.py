@@ -3,6 +3,7 @@ a fresh adapter reproduces stage one, retrieval never returns the query, the ref
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,6 +46,7 @@ from rslib.train.cc_diff import (
     train_split,
 )
 from rslib.train.stage_one import load_text_tower, save_pipeline
+from rslib.train.text_encoder import training_settings
 
 ADAPTER_FILE = "adapter/diffusion_pytorch_model.safetensors"
 LAYOUT = [{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.4]},
@@ -120,6 +122,17 @@ def test_exact_resume(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in cc_history(straight)] == [h["loss"] for h in cc_history(resumed)]
     assert any(a[k].abs().sum() > 0 for k in a if "to_out" in k)  # the zero-initialised outputs moved
+
+
+def test_sampling_settings_do_not_retrain(inputs, runs):
+    """Changing how a trained adapter is sampled or evaluated reuses it; changing how it trains does not."""
+    (s1, clip), (cfg, straight, _) = inputs, runs
+    before = (straight / "cc_diff.json").stat().st_mtime_ns
+    sampling = replace(cfg, cc=replace(cfg.cc, guidance_scale=9.0, sample_steps=7, eval_images=99))
+    assert train_cc_diff(sampling, s1, clip, straight, progress=False) == straight
+    assert (straight / "cc_diff.json").stat().st_mtime_ns == before  # reused, not retrained
+    assert training_settings(sampling.cc) == training_settings(cfg.cc)
+    assert training_settings(replace(cfg.cc, lr=cfg.cc.lr / 2)) != training_settings(cfg.cc)
 
 
 def test_pipeline_round_trip(runs, tmp_path):

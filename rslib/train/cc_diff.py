@@ -55,6 +55,7 @@ from rslib.models.references import (
 from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
+from rslib.train.text_encoder import training_settings
 from rslib.utils import atomic_write_dir, pick_device
 
 TRAINING_DIR = "training"
@@ -492,7 +493,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     tcfg = cc_train_config(cfg, mode)
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
                                    "clip": str(clip_path), "lr_decay": cfg.lr_decay,
-                                   "cc": asdict(replace(cfg.cc, mode=mode))}))
+                                   "cc": training_settings(replace(cfg.cc, mode=mode))}))
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

@@ -48,6 +48,7 @@ from rslib.models.crs_diff import (
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
 from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
+from rslib.train.text_encoder import training_settings
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -311,8 +312,8 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     tcfg = crs_train_config(cfg, steps)
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
                                    "lr_decay": cfg.lr_decay,
-                                   "crs": asdict(replace(c, fusion=fusion, use_metadata=use_metadata,
-                                                         use_content=use_content, steps=tcfg.steps))}))
+                                   "crs": training_settings(replace(c, fusion=fusion, use_metadata=use_metadata,
+                                                                    use_content=use_content, steps=tcfg.steps))}))
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

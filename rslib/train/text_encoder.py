@@ -52,6 +52,15 @@ def stage_stamp(cfg: Preset, part: str) -> dict[str, Any]:
                                   part: asdict(getattr(cfg, part))}))
 
 
+# settings that only change how a trained model is sampled or evaluated, not the model: left out of the stamps
+SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "eval_images")
+
+
+def training_settings(part_cfg: Any) -> dict[str, Any]:
+    """A stage config (dataclass) as a dict without its sampling-only fields (:data:`SAMPLING_ONLY`)."""
+    return {k: v for k, v in asdict(part_cfg).items() if k not in SAMPLING_ONLY}
+
+
 def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
     """True if ``out_dir`` holds a finished run trained with the settings ``stamp``."""
     info = out_dir / DONE_NAME
