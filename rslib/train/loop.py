@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -416,6 +417,7 @@ def train_loop(
         desc=out_dir.name or "train",
         disable=not progress or not accelerator.is_local_main_process,
         dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,  # a notebook keeps every refresh as an output line
     )
     wrapped.train()
     _frozen_parts_to_eval(loss_module)
@@ -452,7 +454,8 @@ def train_loop(
         bar.update(1)
         if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == end:
             window = history[-max(1, cfg.log_every) :]
-            bar.set_postfix(loss=f"{sum(h['loss'] for h in window) / len(window):.4g}", lr=f"{lr:.3g}")
+            mean_loss = sum(h["loss"] for h in window) / len(window)
+            bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.3g}", refresh=False)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 != end:
             save(step + 1)
     bar.close()
