@@ -42,8 +42,8 @@ from rslib.config import DetectorConfig, Preset, resolve_path
 from rslib.data.synthrs import OBJECT_CLASSES
 from rslib.eval.data import preset_split
 from rslib.eval.segmenter import dihedral
-from rslib.train.loop import TrainConfig, train_loop
-from rslib.train.text_encoder import begin, finished, mark_finished, stage_stamp, training_info
+from rslib.train.loop import train_loop
+from rslib.train.text_encoder import begin, finished, mark_finished, stage_stamp, stage_train_config, training_info
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "detector.json"
@@ -235,10 +235,9 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
     cleaned = [_clean(b, lab, size, d.min_box_px) for b, lab in zip(boxes, labels)]
     dataset = _Detections(images, [c[0] for c in cleaned], [c[1] for c in cleaned])
     model = build_detector(d, size, len(train.classes))
-    tcfg = TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
-                       warmup_steps=min(d.warmup_steps, d.steps // 5), max_grad_norm=5.0,
-                       mixed_precision=cfg.mixed_precision, seed=cfg.data.seed,
-                       checkpoint_every=max(0, d.steps // 2), log_every=10, num_workers=0, lr_decay=cfg.lr_decay)
+    tcfg = stage_train_config(cfg, steps=d.steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
+                              warmup_steps=min(d.warmup_steps, d.steps // 5), max_grad_norm=5.0,
+                              checkpoint_every=max(0, d.steps // 2), log_every=10, num_workers=0)
     result = train_loop(model, detection_loss, dataset, tcfg, out_dir, collate_fn=collate_detections,
                         resume=resume, progress=progress)
     model.to("cpu").eval()

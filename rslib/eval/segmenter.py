@@ -38,8 +38,8 @@ from rslib.config import Preset, SegmenterConfig, resolve_path
 from rslib.data.conditions import LOVEDA_CLASSES, sketch
 from rslib.eval.data import EvalSet, preset_split
 from rslib.eval.metrics import confusion_matrix
-from rslib.train.loop import TrainConfig, train_loop
-from rslib.train.text_encoder import begin, finished, mark_finished, stage_stamp, training_info
+from rslib.train.loop import train_loop
+from rslib.train.text_encoder import begin, finished, mark_finished, stage_stamp, stage_train_config, training_info
 from rslib.utils import pick_device
 
 NUM_CLASSES = len(LOVEDA_CLASSES)
@@ -196,9 +196,9 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
         images, targets = torch.cat([images, ex]), torch.cat([targets, extra[1].long()])
     model = build_segmenter(cfg)
     s = cfg.seg
-    tcfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=1e-4,
-                       warmup_steps=min(20, s.steps // 10), mixed_precision=cfg.mixed_precision, seed=cfg.data.seed,
-                       checkpoint_every=max(0, s.steps // 2), log_every=10, num_workers=0, lr_decay=cfg.lr_decay)
+    tcfg = stage_train_config(cfg, steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=1e-4,
+                              warmup_steps=min(20, s.steps // 10), checkpoint_every=max(0, s.steps // 2),
+                              log_every=10, num_workers=0)
     result = train_loop(model, segmentation_loss_fn(s.crop_size), _Pairs(images, targets), tcfg, out_dir,
                         resume=resume, progress=progress)
     train_seconds = result.seconds

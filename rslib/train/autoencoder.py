@@ -22,8 +22,8 @@ from torch import nn
 
 from rslib.config import Preset, resolve_path
 from rslib.models.base import build_vae, require_local_dir
-from rslib.train.loop import TrainConfig, train_loop
-from rslib.train.text_encoder import begin, finished, mark_finished, stage_dataset, stage_stamp
+from rslib.train.loop import train_loop
+from rslib.train.text_encoder import begin, finished, mark_finished, stage_dataset, stage_stamp, stage_train_config
 from rslib.data.datasets import collate
 
 
@@ -129,9 +129,9 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
     dataset = stage_dataset(cfg, "train")
     vae = build_vae(cfg)
     v = cfg.vae
-    tcfg = TrainConfig(steps=v.steps, batch_size=v.batch_size, lr=v.lr, warmup_steps=min(v.warmup_steps, v.steps // 5),
-                       mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, num_workers=cfg.num_workers,
-                       checkpoint_every=v.checkpoint_every, lr_decay=cfg.lr_decay)
+    tcfg = stage_train_config(cfg, steps=v.steps, batch_size=v.batch_size, lr=v.lr,
+                              warmup_steps=min(v.warmup_steps, v.steps // 5), num_workers=cfg.num_workers,
+                              checkpoint_every=v.checkpoint_every)
     result = train_loop(vae, vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size), dataset, tcfg, out_dir,
                         collate_fn=collate, resume=resume, progress=progress)
     factor = latent_scaling_factor(vae, dataset, seed=cfg.data.seed)

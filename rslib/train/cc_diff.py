@@ -55,7 +55,7 @@ from rslib.models.references import (
 from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
-from rslib.train.text_encoder import training_settings
+from rslib.train.text_encoder import stage_stamp, stage_train_config
 from rslib.utils import atomic_write_dir, pick_device
 
 TRAINING_DIR = "training"
@@ -459,10 +459,10 @@ def cc_train_config(cfg: Preset, mode: str | None = None) -> TrainConfig:
     """The loop settings of CC-Diff training for a preset (DDP looks for unused parameters in the ablations,
     whose bridge or box MLP gets no gradient)."""
     c = cfg.cc
-    return TrainConfig(steps=c.steps, batch_size=c.batch_size, grad_accum=c.grad_accum, lr=c.lr,
-                       warmup_steps=min(c.warmup_steps, c.steps), mixed_precision=cfg.mixed_precision,
-                       seed=cfg.data.seed, ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10,
-                       num_workers=0, find_unused_parameters=(mode or c.mode) != "cc_diff", lr_decay=cfg.lr_decay)
+    return stage_train_config(cfg, steps=c.steps, batch_size=c.batch_size, grad_accum=c.grad_accum, lr=c.lr,
+                              warmup_steps=min(c.warmup_steps, c.steps), ema_decay=None,
+                              checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
+                              find_unused_parameters=(mode or c.mode) != "cc_diff")
 
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
@@ -491,9 +491,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     clip_path = resolve_clip_dir(cfg, clip_dir) if needs_refs else None
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, mode))
     tcfg = cc_train_config(cfg, mode)
-    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
-                                   "clip": str(clip_path), "lr_decay": cfg.lr_decay,
-                                   "cc": training_settings(replace(cfg.cc, mode=mode))}))
+    stamp = stage_stamp(cfg, "cc", replace(cfg.cc, mode=mode), stage_one=str(s1), clip=str(clip_path))
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

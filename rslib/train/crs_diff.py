@@ -48,7 +48,7 @@ from rslib.models.crs_diff import (
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
 from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
-from rslib.train.text_encoder import training_settings
+from rslib.train.text_encoder import stage_stamp, stage_train_config
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -279,9 +279,8 @@ def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
     """The loop settings of stage two for a preset."""
     c = cfg.crs
     n = c.steps if steps is None else steps
-    return TrainConfig(steps=n, batch_size=c.batch_size, lr=c.lr, warmup_steps=min(c.warmup_steps, n),
-                       mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, ema_decay=None,
-                       checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0, lr_decay=cfg.lr_decay)
+    return stage_train_config(cfg, steps=n, batch_size=c.batch_size, lr=c.lr, warmup_steps=min(c.warmup_steps, n),
+                              ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0)
 
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
@@ -310,10 +309,8 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     s1 = resolve_stage_one(cfg, stage_one_dir)
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, fusion, use_metadata, use_content))
     tcfg = crs_train_config(cfg, steps)
-    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(s1),
-                                   "lr_decay": cfg.lr_decay,
-                                   "crs": training_settings(replace(c, fusion=fusion, use_metadata=use_metadata,
-                                                                    use_content=use_content, steps=tcfg.steps))}))
+    stamp = stage_stamp(cfg, "crs", replace(c, fusion=fusion, use_metadata=use_metadata, use_content=use_content,
+                                            steps=tcfg.steps), stage_one=str(s1))
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

@@ -38,6 +38,7 @@ from rslib.models.base import build_noise_scheduler, build_sampler, build_unet, 
 from rslib.models.text import clip_tokenizer, tokenize
 from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, read_history,
                               save_pipeline_folder, train_loop)
+from rslib.train.text_encoder import stage_train_config
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -187,10 +188,9 @@ class StageOneLoss:
 def stage_one_train_config(cfg: Preset) -> TrainConfig:
     """The loop settings of stage one for a preset (lr, steps, batch, EMA from ``cfg.unet``)."""
     u = cfg.unet
-    return TrainConfig(
-        steps=u.steps, batch_size=u.batch_size, lr=u.lr, warmup_steps=min(u.warmup_steps, u.steps),
-        mixed_precision=cfg.mixed_precision, ema_decay=u.ema_decay, seed=cfg.data.seed,
-        checkpoint_every=min(1000, max(50, u.steps // 5)), log_every=10, num_workers=0, lr_decay=cfg.lr_decay,
+    return stage_train_config(
+        cfg, steps=u.steps, batch_size=u.batch_size, lr=u.lr, warmup_steps=min(u.warmup_steps, u.steps),
+        ema_decay=u.ema_decay, checkpoint_every=min(1000, max(50, u.steps // 5)), log_every=10, num_workers=0,
     )
 
 

@@ -46,12 +46,6 @@ def stage_dataset(cfg: Preset, split: str = "train") -> RSDataset:
                      with_conditions=False, in_memory=cfg.num_workers == 0)
 
 
-def stage_stamp(cfg: Preset, part: str) -> dict[str, Any]:
-    """What a stage's result depends on: the preset name, the data settings, the LR schedule and the part's config."""
-    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "lr_decay": cfg.lr_decay,
-                                  part: asdict(getattr(cfg, part))}))
-
-
 # settings that only change how a trained model is sampled or evaluated, not the model: left out of the stamps
 SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "eval_images")
 
@@ -59,6 +53,20 @@ SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "eval_images
 def training_settings(part_cfg: Any) -> dict[str, Any]:
     """A stage config (dataclass) as a dict without its sampling-only fields (:data:`SAMPLING_ONLY`)."""
     return {k: v for k, v in asdict(part_cfg).items() if k not in SAMPLING_ONLY}
+
+
+def stage_stamp(cfg: Preset, part: str, part_cfg: Any = None, **inputs: Any) -> dict[str, Any]:
+    """What a stage's result depends on: the preset name, the data settings, the LR schedule, the ``inputs`` it was
+    trained from (e.g. ``stage_one=<folder>``) and the training settings of ``part_cfg`` (default ``cfg.<part>``)."""
+    settings = training_settings(getattr(cfg, part) if part_cfg is None else part_cfg)
+    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "lr_decay": cfg.lr_decay,
+                                  **inputs, part: settings}))
+
+
+def stage_train_config(cfg: Preset, **settings: Any) -> TrainConfig:
+    """A stage's loop settings: ``settings`` plus what every stage takes from the preset (precision, seed, LR
+    schedule)."""
+    return TrainConfig(mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, lr_decay=cfg.lr_decay, **settings)
 
 
 def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
@@ -174,9 +182,9 @@ def train_text_encoder(cfg: Preset, out_dir: str | Path | None = None, *, force:
     model = build_rs_clip(cfg)
     tokenizer = clip_tokenizer(cfg.clip.max_length)
     c = cfg.clip
-    tcfg = TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                       warmup_steps=min(c.warmup_steps, max(c.steps // 5, 0)), mixed_precision=cfg.mixed_precision,
-                       seed=cfg.data.seed, num_workers=cfg.num_workers, checkpoint_every=c.checkpoint_every, lr_decay=cfg.lr_decay)
+    tcfg = stage_train_config(cfg, steps=c.steps, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                              warmup_steps=min(c.warmup_steps, max(c.steps // 5, 0)), num_workers=cfg.num_workers,
+                              checkpoint_every=c.checkpoint_every)
     result = train_loop(model, clip_loss_fn(tokenizer, c.max_length, c.augment), dataset, tcfg, out_dir,
                         collate_fn=collate, resume=resume, progress=progress)
     model.to("cpu").eval()
