@@ -148,24 +148,25 @@ def test_dihedral_boxes_follow_the_image():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A segmenter and a detector trained for a few smoke steps."""
+    """A segmenter and a detector trained for a few smoke steps (the segmenter for 60: at 30 its loss
+    fall depends on the machine's floating-point path, 0.73x here and 0.86x elsewhere)."""
     root = tmp_path_factory.mktemp("eval_models")
-    cfg = get_preset("smoke", **{"seg.steps": 30, "seg.lr": 5e-3, "det.steps": 30, "det.batch_size": 8,
+    cfg = get_preset("smoke", **{"seg.steps": 60, "seg.lr": 5e-3, "det.steps": 30, "det.batch_size": 8,
                                  "det.lr": 3e-3})
     seg = S.train_segmenter(cfg, root / "segmenter", progress=False)
     det = D.train_detector(cfg, root / "detector", progress=False)
     return cfg, seg, det
 
 
-def _falls(folder) -> tuple[float, float]:
+def _falls(folder, steps: int) -> tuple[float, float]:
     losses = [h["loss"] for h in training_info(folder)["history"]]
-    assert len(losses) == 30
+    assert len(losses) == steps
     return float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
 
 
 def test_segmenter_learns_and_round_trips(trained):
     cfg, folder, _ = trained
-    first, last = _falls(folder)
+    first, last = _falls(folder, 60)
     assert last < 0.8 * first
     model = S.load_segmenter(folder)
     saved, ckpt = load_file(str(folder / S.WEIGHTS_FILE)), load_file(str(folder / "checkpoint/model.safetensors"))
@@ -182,7 +183,7 @@ def test_segmenter_learns_and_round_trips(trained):
 
 def test_detector_learns_and_round_trips(trained):
     cfg, _, folder = trained
-    first, last = _falls(folder)
+    first, last = _falls(folder, 30)
     assert last < 0.9 * first
     model = D.load_detector(folder)
     saved, ckpt = load_file(str(folder / D.WEIGHTS_FILE)), load_file(str(folder / "checkpoint/model.safetensors"))
