@@ -209,6 +209,33 @@ class _Oracle(nn.Module):
         return out
 
 
+def test_box_activation_of_the_detector():
+    """relu reproduces torchvision's FCOS regression head exactly; softplus keeps outputs positive and every
+    output trainable (relu gives no gradient where the pre-activation is negative); a bad name is refused."""
+    from dataclasses import replace
+
+    from torchvision.models.detection.fcos import FCOSRegressionHead
+
+    det = get_preset("smoke").det
+    torch.manual_seed(0)
+    feats = [torch.randn(2, det.fpn_channels, 8, 8), torch.randn(2, det.fpn_channels, 4, 4)]
+    ours = D.build_detector(replace(det, box_activation="relu"), 32).head.regression_head
+    groups = ours.conv[1].num_groups
+    theirs = FCOSRegressionHead(det.fpn_channels, 1, det.head_convs, norm_layer=lambda c: nn.GroupNorm(groups, c))
+    theirs.load_state_dict(ours.state_dict())
+    for a, b in zip(ours(feats), theirs(feats)):
+        assert torch.equal(a, b)
+    head = D.build_detector(det, 32).head.regression_head  # softplus by default
+    with torch.no_grad():
+        head.bbox_reg.bias.fill_(-5.0)  # pre-activations negative everywhere: relu would be dead
+    reg, _ = head(feats)
+    assert reg.shape == (2, 80, 4) and (reg > 0).all()
+    reg.sum().backward()
+    assert head.bbox_reg.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="box_activation"):
+        D.build_detector(replace(det, box_activation="tanh"), 32)
+
+
 def test_detection_map_perfect_and_empty():
     data = preset_split(get_preset("smoke"), "test", maps=())
     targets, size = data.targets(), data.size

@@ -92,14 +92,37 @@ class TinyBackbone(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
+BOX_ACTIVATIONS = {"relu": nn.functional.relu, "softplus": nn.functional.softplus}
+
+
+class _RegressionHead(FCOSRegressionHead):
+    """FCOSRegressionHead with a chosen activation of the box distances (torchvision's is relu: an output that
+    turns negative everywhere gets no gradient again, and every box keeps zero size)."""
+
+    def __init__(self, channels: int, num_convs: int, norm_layer: Any, activation: str):
+        super().__init__(channels, 1, num_convs, norm_layer=norm_layer)
+        if activation not in BOX_ACTIVATIONS:
+            raise ValueError(f"det.box_activation must be one of {sorted(BOX_ACTIVATIONS)}, got {activation!r}")
+        self.activation = BOX_ACTIVATIONS[activation]
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per level features (N, C, H, W) -> box distances (N, sum HW, 4) and centerness logits (N, sum HW, 1)."""
+        regression, ctrness = [], []
+        for features in x:
+            h = self.conv(features)
+            regression.append(self.activation(self.bbox_reg(h)).permute(0, 2, 3, 1).flatten(1, 2))  # one anchor
+            ctrness.append(self.bbox_ctrness(h).permute(0, 2, 3, 1).flatten(1, 2))
+        return torch.cat(regression, dim=1), torch.cat(ctrness, dim=1)
+
+
 class _Head(FCOSHead):
     """FCOSHead whose GroupNorm fits any channel count (torchvision's fixes 32 groups)."""
 
-    def __init__(self, channels: int, num_classes: int, num_convs: int, norm_layer: Any):
+    def __init__(self, channels: int, num_classes: int, num_convs: int, norm_layer: Any, box_activation: str):
         nn.Module.__init__(self)
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(channels, 1, num_classes, num_convs, norm_layer=norm_layer)
-        self.regression_head = FCOSRegressionHead(channels, 1, num_convs, norm_layer=norm_layer)
+        self.regression_head = _RegressionHead(channels, num_convs, norm_layer, box_activation)
 
 
 def build_detector(det: DetectorConfig, image_size: int, num_classes: int = len(OBJECT_CLASSES)) -> FCOS:
@@ -107,7 +130,7 @@ def build_detector(det: DetectorConfig, image_size: int, num_classes: int = len(
     backbone = TinyBackbone(det.channels, det.strides, det.fpn_channels)
     f = det.fpn_channels
     norm = partial(nn.GroupNorm, _groups(f))
-    head = _Head(f, num_classes, det.head_convs, norm)
+    head = _Head(f, num_classes, det.head_convs, norm, det.box_activation)
     side = int(det.input_size or image_size)
     anchors = AnchorGenerator(tuple((int(s),) for s in det.strides), ((1.0,),) * len(det.strides))
     return FCOS(backbone, num_classes, min_size=side, max_size=side, image_mean=[0.5, 0.5, 0.5],
@@ -260,7 +283,7 @@ def load_detector(path: str | os.PathLike) -> FCOS:
         raise FileNotFoundError(f"no trained detector at {path} (needs {CONFIG_FILE} and {WEIGHTS_FILE}): run "
                                 f"rslib.eval.detector.train_detector(cfg) first")
     info = json.loads((path / CONFIG_FILE).read_text())
-    d = info["det"]
+    d = {"box_activation": "relu", **info["det"]}  # folders from before the setting existed used relu
     det = DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     model = build_detector(det, info["image_size"], len(info["classes"]))
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
