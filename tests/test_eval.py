@@ -209,6 +209,19 @@ class _Oracle(nn.Module):
         return out
 
 
+def test_evaluation_models_do_not_depend_on_earlier_randomness(tmp_path):
+    """Two trainings with the same settings give the same weights, whatever the process drew before."""
+    cfg = get_preset("smoke", **{"seg.steps": 2, "det.steps": 2})
+    weights = []
+    for i, junk in enumerate((0, 5)):
+        torch.rand(junk)  # an earlier cell used the global generator, or did not
+        seg = S.train_segmenter(cfg, tmp_path / f"seg{i}", progress=False)
+        det = D.train_detector(cfg, tmp_path / f"det{i}", progress=False)
+        weights.append((load_file(str(seg / S.WEIGHTS_FILE)), load_file(str(det / D.WEIGHTS_FILE))))
+    for a, b in zip(*weights):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_box_activation_of_the_detector():
     """relu reproduces torchvision's FCOS regression head exactly; softplus keeps outputs positive and every
     output trainable (relu gives no gradient where the pre-activation is negative); a bad name is refused."""

@@ -257,6 +257,7 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
         labels += [t["labels"] for t in ex_targets]
     cleaned = [_clean(b, lab, size, d.min_box_px) for b, lab in zip(boxes, labels)]
     dataset = _Detections(images, [c[0] for c in cleaned], [c[1] for c in cleaned])
+    torch.manual_seed(cfg.data.seed)  # the fresh detector's initial weights
     model = build_detector(d, size, len(train.classes))
     tcfg = stage_train_config(cfg, steps=d.steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                               warmup_steps=min(d.warmup_steps, d.steps // 5), max_grad_norm=5.0,

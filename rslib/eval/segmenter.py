@@ -194,6 +194,7 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     if extra is not None:
         ex = extra[0] if extra[0].dtype == torch.uint8 else ((extra[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         images, targets = torch.cat([images, ex]), torch.cat([targets, extra[1].long()])
+    torch.manual_seed(cfg.data.seed)  # the fresh segmenter's initial weights
     model = build_segmenter(cfg)
     s = cfg.seg
     tcfg = stage_train_config(cfg, steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=1e-4,

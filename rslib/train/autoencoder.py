@@ -127,6 +127,7 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
     resume = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
     dataset = stage_dataset(cfg, "train")
+    torch.manual_seed(cfg.data.seed)  # the fresh autoencoder's initial weights
     vae = build_vae(cfg)
     v = cfg.vae
     tcfg = stage_train_config(cfg, steps=v.steps, batch_size=v.batch_size, lr=v.lr,

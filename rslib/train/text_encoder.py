@@ -179,6 +179,7 @@ def train_text_encoder(cfg: Preset, out_dir: str | Path | None = None, *, force:
     resume = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
     dataset = stage_dataset(cfg, "train")
+    torch.manual_seed(cfg.data.seed)  # the fresh RS-CLIP's initial weights
     model = build_rs_clip(cfg)
     tokenizer = clip_tokenizer(cfg.clip.max_length)
     c = cfg.clip
