@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torchvision.models.detection.fcos import FCOSRegressionHead
 
 from rslib.config import get_preset
 from rslib.data.synthrs import make_scene
@@ -166,7 +168,7 @@ def _falls(folder, steps: int) -> tuple[float, float]:
 
 def test_segmenter_learns_and_round_trips(trained):
     cfg, folder, _ = trained
-    first, last = _falls(folder, 60)
+    first, last = _falls(folder, cfg.seg.steps)
     assert last < 0.8 * first
     model = S.load_segmenter(folder)
     saved, ckpt = load_file(str(folder / S.WEIGHTS_FILE)), load_file(str(folder / "checkpoint/model.safetensors"))
@@ -183,7 +185,7 @@ def test_segmenter_learns_and_round_trips(trained):
 
 def test_detector_learns_and_round_trips(trained):
     cfg, _, folder = trained
-    first, last = _falls(folder, 30)
+    first, last = _falls(folder, cfg.det.steps)
     assert last < 0.9 * first
     model = D.load_detector(folder)
     saved, ckpt = load_file(str(folder / D.WEIGHTS_FILE)), load_file(str(folder / "checkpoint/model.safetensors"))
@@ -225,10 +227,6 @@ def test_evaluation_models_do_not_depend_on_earlier_randomness(tmp_path):
 def test_box_activation_of_the_detector():
     """relu reproduces torchvision's FCOS regression head exactly; softplus keeps outputs positive and every
     output trainable (relu gives no gradient where the pre-activation is negative); a bad name is refused."""
-    from dataclasses import replace
-
-    from torchvision.models.detection.fcos import FCOSRegressionHead
-
     det = get_preset("smoke").det
     torch.manual_seed(0)
     feats = [torch.randn(2, det.fpn_channels, 8, 8), torch.randn(2, det.fpn_channels, 4, 4)]
