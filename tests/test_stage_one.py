@@ -151,6 +151,23 @@ def test_loss_sends_empty_captions_at_the_configured_rate():
     assert rates[0] == 0.0 and rates[2] == 1.0 and 0.3 < rates[1] < 0.7
 
 
+def test_loss_weighting_scales_each_sample_by_its_clamped_inverse_snr():
+    """Above 1, x0_weight_max multiplies each sample's noise MSE by clamp(1/SNR(t), 1, x0_weight_max)."""
+    from rslib.models.base import build_unet
+
+    cfg = _cfg()
+    tok = clip_tokenizer()
+    torch.manual_seed(0)
+    model = StageOneModel(build_unet(cfg, 16), _RecordingText(16))
+    n, h = 16, 8
+    batch = {"mean": torch.randn(n, 4, h, h), "std": torch.ones(n, 4, h, h) * 0.1, "captions": [["a river."]] * n}
+    losses = {w: StageOneLoss(tok, 0.5, 0.0, x0_weight_max=w)(model, batch, torch.Generator().manual_seed(3))
+              for w in (1.0, 5.0)}
+    # same generator, same draws: only the weights differ (1 <= weight <= 5, above 1 at the noisy steps)
+    assert losses[5.0] > losses[1.0]
+    assert losses[5.0] <= 5.0 * losses[1.0]
+
+
 def test_missing_sd_folder_at_paper_preset(inputs, tmp_path):
     cfg = get_preset("paper", **{"unet.pretrained": str(tmp_path / "no-such-sd")})
     with pytest.raises(FileNotFoundError, match="unet.pretrained"):

@@ -93,11 +93,11 @@ class AdapterTimesteps:
         self.noise_scheduler, self.sampling, self.x0_weight_max = noise_scheduler, sampling, float(x0_weight_max)
 
     def sample(self, b: int, generator: torch.Generator) -> torch.Tensor:
-        """(B,) training timesteps drawn with ``generator`` (CPU)."""
-        n = self.noise_scheduler.config.num_train_timesteps
+        """(B,) training timesteps drawn with ``generator``, on its device."""
+        n, dev = self.noise_scheduler.config.num_train_timesteps, generator.device
         if self.sampling == "uniform":
-            return torch.randint(0, n, (b,), generator=generator)
-        u = torch.rand(b, generator=generator)
+            return torch.randint(0, n, (b,), generator=generator, device=dev)
+        u = torch.rand(b, generator=generator, device=dev)
         return ((1 - u ** 3) * n).long().clamp(0, n - 1)
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:

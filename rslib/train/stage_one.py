@@ -34,7 +34,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
-from rslib.models.base import build_noise_scheduler, build_sampler, build_unet, require_local_dir
+from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler, build_unet, require_local_dir
 from rslib.models.text import clip_tokenizer, tokenize
 from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, read_history,
                               save_pipeline_folder, train_loop)
@@ -154,14 +154,19 @@ class StageOneModel(nn.Module):
 
 
 class StageOneLoss:
-    """``loss_fn(model, batch, generator)``: noise-prediction MSE on VAE latents with caption dropout."""
+    """``loss_fn(model, batch, generator)``: noise-prediction MSE on VAE latents with caption dropout.
+
+    ``timestep_sampling`` and ``x0_weight_max`` are those of :class:`AdapterTimesteps` (defaults: uniform steps,
+    plain noise MSE, as Stable Diffusion trains)."""
 
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, caption_dropout: float,
-                 noise_scheduler: DDPMScheduler | None = None):
+                 noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
+                 x0_weight_max: float = 1.0):
         self.tokenizer = tokenizer
         self.scaling_factor = float(scaling_factor)
         self.caption_dropout = float(caption_dropout)
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
+        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max)
 
     def __call__(self, model: StageOneModel, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -174,11 +179,10 @@ class StageOneLoss:
         with torch.no_grad():
             context = model.text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(dev)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                          device=generator.device).to(dev)
+        t = self.steps.sample(b, generator).to(dev)  # (B,)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.unet(noisy, t, encoder_hidden_states=context).sample  # (B, C, h, w)
-        return nn.functional.mse_loss(pred.float(), noise.float())
+        return self.steps.loss(pred, noise, t)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +230,8 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
         raise ValueError(f"the UNet attends to {unet.config.cross_attention_dim}-d context but the text encoder at "
                          f"{te_dir} gives {text_encoder.config.hidden_size}-d states")
     model = StageOneModel(unet, text_encoder)
-    loss_fn = StageOneLoss(tokenizer, vae.config.scaling_factor, cfg.unet.caption_dropout)
+    loss_fn = StageOneLoss(tokenizer, vae.config.scaling_factor, cfg.unet.caption_dropout,
+                           timestep_sampling=cfg.unet.timestep_sampling, x0_weight_max=cfg.unet.x0_weight_max)
     tcfg = stage_one_train_config(cfg)
     work = out_dir / TRAINING_DIR
     if force and work.exists():
