@@ -38,6 +38,17 @@ def test_notebooks_are_committed_without_outputs_and_have_a_parameters_cell():
         assert "class " not in "".join(c.source for c in code), f"{path.name} defines a class: move it to rslib"
 
 
+def test_papermill_sees_every_parameter():
+    """papermill must parse each line of the parameters cell, or ``-p name value`` would be refused as unknown."""
+    import papermill
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        names = [line.split("=", 1)[0].strip() for line in cell.source.splitlines()
+                 if re.match(r"^[A-Za-z_]\w*\s*=", line)]
+        assert list(papermill.inspect_notebook(str(path))) == names, path.name
+
+
 def test_presets_resolve_and_unknown_names_fail_clearly(monkeypatch):
     for name in PRESET_NAMES:
         assert get_preset(name).name == name
