@@ -284,3 +284,29 @@ def test_crops_pooling_phrases_and_dinov2(tmp_path):
     enc = ImageTokenEncoder.from_dinov2(load_dinov2(tmp_path / "dino"), input_size=28)
     out = enc(torch.rand(3, 3, 40, 40) * 2 - 1)
     assert out.shape == (3, 5, 32) and enc.dim == 32  # CLS + 2 x 2 patches
+
+
+def test_object_loss_weight_weights_only_the_cells_boxes_cover():
+    """cc.object_loss_weight w: latent cells inside a kept box count w times, the others once; padding and
+    dropped instances change nothing; w = 1 is the plain loss."""
+    from rslib.models.base import AdapterTimesteps, build_noise_scheduler
+    from rslib.models.cc_diff import CCDiffContext
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])  # top-left quarter; a padded slot
+    obb = torch.stack([boxes[..., i] for i in (0, 1, 2, 1, 2, 3, 0, 3)], -1)
+    ctx = CCDiffContext(boxes=boxes, obb=obb, valid=torch.tensor([[True, False]]), latent_hw=(8, 8))
+    weights = CCDiffLoss(clip_tokenizer(), 1.0, object_loss_weight=4.0).object_weights(ctx, (8, 8))
+    assert weights.shape == (1, 1, 8, 8)
+    assert torch.allclose(weights[0, 0, :4, :4], torch.full((4, 4), 4.0))
+    assert torch.equal(weights[0, 0, 4:, :], torch.ones(4, 8)) and torch.equal(weights[0, 0, :, 4:], torch.ones(8, 4))
+    assert CCDiffLoss(clip_tokenizer(), 1.0).object_weights(ctx, (8, 8)) is None
+    with pytest.raises(ValueError, match="object_loss_weight"):
+        CCDiffLoss(clip_tokenizer(), 1.0, object_loss_weight=0.5)
+
+    steps = AdapterTimesteps(build_noise_scheduler())
+    pred, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([10])
+    err = (pred - noise).pow(2)
+    loss, plain = steps.loss(pred, noise, t, weights)
+    assert torch.allclose(plain, err.mean())
+    assert torch.allclose(loss, (err * weights).mean())
+    assert torch.allclose(steps.loss(pred, noise, t)[0], err.mean())

@@ -286,6 +286,25 @@ def test_loss_weights_turn_noisy_steps_into_clean_latent_errors():
         AdapterTimesteps(ns, "quadratic")
 
 
+def test_road_loss_weight_weights_the_cells_the_road_map_covers():
+    """crs.road_loss_weight w: a latent cell counts 1 + (w - 1) * (share of it the road map covers)."""
+    from rslib.train.crs_diff import CRSDiffLoss
+
+    cond = torch.zeros(2, 18, 16, 16, dtype=torch.uint8)
+    m = 3 * CONDITION_NAMES.index("road")
+    cond[0, m:m + 3, :, :4] = 255  # item 0: a road along the left quarter; item 1: no road
+    cond[1, 3 * CONDITION_NAMES.index("lines")] = 255  # other maps do not count
+    weights = CRSDiffLoss(clip_tokenizer(), 1.0, road_loss_weight=3.0).road_weights(cond, (4, 4))
+    assert weights.shape == (2, 1, 4, 4)
+    assert torch.equal(weights[0, 0, :, 0], torch.full((4,), 3.0))
+    assert torch.equal(weights[0, 0, :, 1:], torch.ones(4, 3)) and torch.equal(weights[1], torch.ones(1, 4, 4))
+    assert torch.allclose(CRSDiffLoss(clip_tokenizer(), 1.0, road_loss_weight=3.0).road_weights(cond, (8, 8))[0, 0, 0],
+                          torch.tensor([3.0, 3.0, 1, 1, 1, 1, 1, 1]))
+    assert CRSDiffLoss(clip_tokenizer(), 1.0).road_weights(cond, (4, 4)) is None
+    with pytest.raises(ValueError, match="road_loss_weight"):
+        CRSDiffLoss(clip_tokenizer(), 1.0, road_loss_weight=0.0)
+
+
 def test_map_guidance_unconditional_branch_sees_no_maps(parts, tmp_path):
     """map_guidance: CFG's unconditional branch gets zero maps (training's "drop all"); saved with the folder."""
     pipe = _pipe(parts, use_metadata=False, use_content=False, perturb=True)

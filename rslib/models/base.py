@@ -105,10 +105,14 @@ class AdapterTimesteps:
         a = self.noise_scheduler.alphas_cumprod.to(t.device)[t]
         return ((1 - a) / a).clamp(1.0, self.x0_weight_max)
 
-    def loss(self, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted loss, plain noise MSE) of predictions (B, C, h, w) at steps t (B,)."""
-        per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
-        return (self.weights(t) * per_sample).mean(), per_sample.mean().detach()
+    def loss(self, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             pixel_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, plain noise MSE) of predictions (B, C, h, w) at steps t (B,); ``pixel_weight``
+        (B, 1, h, w), if given, also weights each latent cell (e.g. more on the objects of a layout)."""
+        err = (pred.float() - noise.float()).pow(2)
+        plain = err.flatten(1).mean(1)  # (B,)
+        per_sample = plain if pixel_weight is None else (err * pixel_weight.float()).flatten(1).mean(1)
+        return (self.weights(t) * per_sample).mean(), plain.mean().detach()
 
 
 def build_sampler() -> DDIMScheduler:

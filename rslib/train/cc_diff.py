@@ -391,7 +391,10 @@ class CCDiffLoss:
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, references: ReferenceBank | None = None,
                  caption_dropout: float = 0.1, instance_dropout: float = 0.1,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
-                 x0_weight_max: float = 1.0):
+                 x0_weight_max: float = 1.0, object_loss_weight: float = 1.0):
+        if object_loss_weight < 1.0:
+            raise ValueError(f"object_loss_weight must be >= 1 (1 = every latent cell alike), not {object_loss_weight}")
+        self.object_loss_weight = float(object_loss_weight)
         self.tokenizer = tokenizer
         self.references = references
         self.scaling_factor = float(scaling_factor)
@@ -439,8 +442,15 @@ class CCDiffLoss:
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.net(noisy, t, text, ctx)
-        loss, noise_mse = self.steps.loss(pred, noise, t)
+        loss, noise_mse = self.steps.loss(pred, noise, t, self.object_weights(ctx, tuple(latents.shape[-2:])))
         return {"loss": loss, "noise_mse": noise_mse, "instances": valid.sum(1).float().mean()}
+
+    def object_weights(self, ctx: Any, hw: tuple[int, int]) -> torch.Tensor | None:
+        """(B, 1, h, w) loss weights 1 + (object_loss_weight - 1) * (area the kept instances cover), or None."""
+        if self.object_loss_weight == 1.0:
+            return None
+        covered = 1.0 - ctx.regions(hw)[1]  # (B, h, w): 0 where no (kept) instance lies
+        return (1.0 + (self.object_loss_weight - 1.0) * covered)[:, None]
 
 
 # ---------------------------------------------------------------------------
@@ -518,7 +528,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     model = CCTrainModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], adapter, bank.phrases)
     loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, cfg.cc.caption_dropout,
                          cfg.cc.instance_dropout, timestep_sampling=cfg.cc.timestep_sampling,
-                         x0_weight_max=cfg.cc.x0_weight_max)
+                         x0_weight_max=cfg.cc.x0_weight_max, object_loss_weight=cfg.cc.object_loss_weight)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:

@@ -28,15 +28,17 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions, split_dir
+from rslib.data.formats import CONDITION_NAMES
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import (
     ContentTokenizer,
@@ -233,7 +235,10 @@ class CRSDiffLoss:
 
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
-                 x0_weight_max: float = 1.0):
+                 x0_weight_max: float = 1.0, road_loss_weight: float = 1.0):
+        if road_loss_weight < 1.0:
+            raise ValueError(f"road_loss_weight must be >= 1 (1 = every latent cell alike), not {road_loss_weight}")
+        self.road_loss_weight = float(road_loss_weight)
         self.tokenizer = tokenizer
         self.scaling_factor = float(scaling_factor)
         self.dropout = dropout or ConditionDropout()
@@ -259,8 +264,17 @@ class CRSDiffLoss:
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
-        loss, noise_mse = self.steps.loss(pred, noise, t)
+        loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(batch["conditions"], latents.shape[-2:]))
         return {"loss": loss, "noise_mse": noise_mse, "maps_kept": keep["local"].float().mean()}
+
+    def road_weights(self, conditions: torch.Tensor, hw: Sequence[int]) -> torch.Tensor | None:
+        """(B, 1, h, w) loss weights 1 + (road_loss_weight - 1) * (share of the cell the road map covers), from
+        the item's road map (B, 18, H, W) uint8 whether or not the map was dropped, or None at weight 1."""
+        if self.road_loss_weight == 1.0:
+            return None
+        m = 3 * CONDITION_NAMES.index("road")
+        road = conditions[:, m:m + 1].float() / 255.0  # (B, 1, H, W) in [0, 1]
+        return 1.0 + (self.road_loss_weight - 1.0) * F.adaptive_avg_pool2d(road, tuple(hw))
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +345,8 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     crs = build_crs_model(cfg, parts["unet"], vae_factor, image_dim, fusion, use_metadata, use_content)
     model = CRSTrainModel(crs, parts["text_encoder"])
     loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor,
-                          timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max)
+                          timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
+                          road_loss_weight=c.road_loss_weight)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
