@@ -107,7 +107,9 @@ class CRSDiffConfig:
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
     timestep_sampling: str = "cubic"  # "uniform" | "cubic": favour noisy steps, where layout is decided
     x0_weight_max: float = 20.0  # a sample's MSE weight: clamp(1/SNR(t), 1, this); 1 = plain noise MSE (paper)
-    road_loss_weight: float = 1.0  # loss weight of the latent cells the road map covers (others: 1; 1 = paper)
+    # loss weight of the latent cells the road map covers (others: 1; 1 = paper). Roads are 2-3 px wide at the cpu
+    # preset, a few % of the loss: 1500 steps, 48 test items, road map alone: road IoU 0.070 -> 0.150 (weight 5: 0.101)
+    road_loss_weight: float = 20.0
     steps: int = 600
     batch_size: int = 32
     lr: float = 5e-4
@@ -331,7 +333,7 @@ _PRESETS: dict[str, Preset] = {
                         pretrained="weights/stable-diffusion-v1-5"),
         crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(192, 256, 384, 512), metadata_dim=320,
                           steps=100000, batch_size=4, lr=1e-5, warmup_steps=0, checkpoint_every=500,
-                          sample_steps=50, guidance_scale=7.5, eval_images=1000, x0_weight_max=1.0,
+                          sample_steps=50, guidance_scale=7.5, eval_images=1000, x0_weight_max=1.0, road_loss_weight=1.0,
                           map_guidance=False),
         cc=CCDiffConfig(resampler_dim=1280, resampler_depth=4, resampler_heads=20, resampler_dim_head=64,
                         num_fg_queries=16, num_bg_queries=8, num_bridge_queries=8, ff_mult=4, fusion_heads=8,
