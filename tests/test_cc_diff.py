@@ -165,6 +165,19 @@ def test_bridge_is_identity_at_init():
     assert torch.equal(bg1, bg2)  # at init the background does not yet read the foreground
 
 
+def test_gate_values_read_every_gate():
+    """cc.gate_values: tanh(alpha) of the bridge's two gates (CC-Diff) or of each GLIGEN-style layer's two."""
+    unet = tiny_unet()
+    ours, gligen = tiny_adapter(unet), tiny_adapter(unet, mode="gligen")
+    assert cc.gate_values(ours) == {"resampler.bridge.alpha_attn": 0.0, "resampler.bridge.alpha_dense": 0.0}
+    with torch.no_grad():
+        ours.resampler.bridge.alpha_dense.fill_(0.5)
+    assert cc.gate_values(ours)["resampler.bridge.alpha_dense"] == pytest.approx(math.tanh(0.5))
+    names = cc.gate_values(gligen)
+    assert len(names) == 2 * len(gligen.fusion) and all(n.endswith(("alpha_attn", "alpha_dense")) for n in names)
+    assert not any("__" in n for n in names)
+
+
 def test_direction_of_conditioning():
     dual = _dual()
     with torch.no_grad():

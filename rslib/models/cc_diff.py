@@ -717,3 +717,13 @@ def trainable_parameter_count(adapter: CCDiffAdapter) -> dict[str, int]:
     out = {name: sum(p.numel() for p in mod.parameters()) for name, mod in adapter.named_children()}
     out["total"] = sum(out.values())
     return out
+
+
+def gate_values(adapter: CCDiffAdapter) -> dict[str, float]:
+    """tanh(alpha) of every gate (the context bridge's, or the GLIGEN-style layers'), by parameter name.
+
+    0 (the value at initialisation) means the gated branch adds nothing: a bridge whose gates stay near 0 leaves
+    the background tokens as the no-bridge ablation computes them.
+    """
+    return {name.removeprefix("fusion.").replace("__", "."): float(torch.tanh(p.detach()))
+            for name, p in adapter.named_parameters() if name.rsplit(".", 1)[-1].startswith("alpha_")}
