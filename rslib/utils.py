@@ -1,23 +1,14 @@
-"""Small helpers shared by every module: seeding, device choice, atomic folders."""
+"""Small helpers shared by every module: device choice, atomic folders."""
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) with one integer."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def pick_device(name: str = "auto") -> torch.device:
