@@ -287,7 +287,7 @@ _PRESETS: dict[str, Preset] = {
         # 24.7 dB; 1000 steps: 27.5 dB on held-out images)
         vae=VAEConfig(crop_size=32, steps=1000),
         unet=UNetConfig(steps=2000),
-        # 1500 steps (500 s here): maps followed better than after 600 (32 test items, scale 1: road-only road IoU
+        # 1500 steps (500-900 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road IoU
         # 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41)
         crs=CRSDiffConfig(lr=1e-3, steps=1500),
         cc=CCDiffConfig(),
