@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -264,17 +264,17 @@ class CRSDiffLoss:
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
-        loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(batch["conditions"], latents.shape[-2:]))
+        loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(batch["conditions"], tuple(latents.shape[-2:])))
         return {"loss": loss, "noise_mse": noise_mse, "maps_kept": keep["local"].float().mean()}
 
-    def road_weights(self, conditions: torch.Tensor, hw: Sequence[int]) -> torch.Tensor | None:
+    def road_weights(self, conditions: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor | None:
         """(B, 1, h, w) loss weights 1 + (road_loss_weight - 1) * (share of the cell the road map covers), from
         the item's road map (B, 18, H, W) uint8 whether or not the map was dropped, or None at weight 1."""
         if self.road_loss_weight == 1.0:
             return None
         m = 3 * CONDITION_NAMES.index("road")
         road = conditions[:, m:m + 1].float() / 255.0  # (B, 1, H, W) in [0, 1]
-        return 1.0 + (self.road_loss_weight - 1.0) * F.adaptive_avg_pool2d(road, tuple(hw))
+        return 1.0 + (self.road_loss_weight - 1.0) * F.adaptive_avg_pool2d(road, hw)
 
 
 # ---------------------------------------------------------------------------
