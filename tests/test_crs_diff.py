@@ -321,3 +321,31 @@ def test_map_guidance_unconditional_branch_sees_no_maps(parts, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert loaded.config.map_guidance is True
     assert torch.equal(_run(loaded, conditions=c), guided)  # None = the saved default
+
+
+def test_evaluation_rows_include_the_autoencoder_ceiling(parts):
+    """evaluate_settings scores the real images, then the real images through the pipeline's autoencoder (what
+    any latent model can at best draw), then each setting; the last row is the last setting."""
+    from transformers import CLIPModel
+
+    from rslib.eval import control
+    from rslib.eval.segmenter import build_segmenter
+    from rslib.models.text import rs_clip_config
+    from rslib.train.autoencoder import reconstruct
+
+    cfg = parts["cfg"]
+    torch.manual_seed(0)
+    clip = CLIPModel(rs_clip_config(cfg)).eval()
+    segmenter = build_segmenter(cfg).eval()
+    n = 6
+    g = torch.Generator().manual_seed(0)
+    test = {"pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
+            "captions": [["an aerial image of a port."]] * n,
+            "conditions": (_conditions(n) * 255).to(torch.uint8)}
+    settings = {"road": control.SETTINGS["road"], "all six maps": control.SETTINGS["all six maps"]}
+    rows, images = control.evaluate_settings(_pipe(parts), test, clip, clip_tokenizer(cfg.clip.max_length),
+                                             segmenter, n, 0, settings=settings, steps=2)
+    assert [r["setting"] for r in rows] == ["real test images", control.AUTOENCODER_ROW, "road", "all six maps"]
+    assert torch.equal(images[control.AUTOENCODER_ROW], reconstruct(parts["vae"], test["pixel_values"]))
+    assert rows[0]["fid_rsclip"] == 0.0 and rows[1]["fid_rsclip"] > 0.0  # an untrained autoencoder loses a lot
+    assert set(rows[1]) == set(rows[0]) and set(rows[-1]) - set(rows[0]) == {"seconds"}

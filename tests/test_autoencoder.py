@@ -1,0 +1,45 @@
+"""The autoencoder's loss and its training stage at the smoke preset."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from rslib.config import get_preset
+from rslib.models.base import build_vae
+from rslib.train.autoencoder import random_crops, train_autoencoder, vae_loss_fn
+from rslib.train.stage_one import load_autoencoder
+
+
+def test_vae_loss_is_l1_plus_weighted_mse_and_kl():
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    vae = build_vae(cfg)
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1}
+    p = vae_loss_fn(kl_weight=1e-3, mse_weight=2.0)(vae, batch, torch.Generator().manual_seed(0))
+    assert p["l1"] > 0 and p["mse"] > 0 and p["kl"] > 0
+    assert torch.allclose(p["loss"], p["l1"] + 2.0 * p["mse"] + 1e-3 * p["kl"])
+    assert torch.isclose(p["psnr"], 10 * torch.log10(4.0 / p["mse"]))
+
+
+def test_random_crops_are_seeded_windows_of_the_images():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    a = random_crops(x, 4, torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 4, 4)
+    assert torch.equal(a, random_crops(x, 4, torch.Generator().manual_seed(0)))
+    for img, crop in zip(x, a):  # each crop is a contiguous window of its own image
+        y, xx = divmod(int(crop[0, 0, 0] - img[0, 0, 0]), 8)
+        assert torch.equal(crop, img[:, y:y + 4, xx:xx + 4])
+    assert random_crops(x, 0, torch.Generator()) is x  # 0 = whole images
+
+
+def test_train_autoencoder_sets_the_scaling_factor_and_reuses_a_finished_folder(tmp_path):
+    cfg = get_preset("smoke")
+    out = train_autoencoder(cfg, tmp_path / "ae", progress=False)
+    factor = load_autoencoder(out).config.scaling_factor
+    assert factor > 0 and factor != 1.0  # measured on the training latents, not the diffusers default
+    mtime = (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert train_autoencoder(cfg, tmp_path / "ae", progress=False) == out
+    assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
