@@ -284,10 +284,11 @@ _PRESETS: dict[str, Preset] = {
         # tower cheap (4 x 4 patches at 64 px): 82% zero-shot scene accuracy after 300 steps.
         clip=ClipConfig(max_length=32, patch=16, steps=300),
         # the autoencoder bounds what every latent model can draw. Held-out PSNR / road IoU / mIoU of its
-        # reconstructions (segmenter trained on real images; real images: 0.48 / 0.69): 4 latent channels,
-        # 1000 steps 26.9 dB / 0.17 / 0.46 (2-3 px roads decoded as dark green streaks); 2000 steps 28.7 / 0.25 /
-        # 0.53; 8 channels, 2000 steps 29.7 / 0.34 / 0.57 (about 550 s on 2 cores)
-        vae=VAEConfig(latent_channels=8, crop_size=32, steps=2000),
+        # reconstructions (segmenter trained on real images; real images: 0.48 / 0.69): 1000 steps 26.9 dB / 0.17 /
+        # 0.46 (2-3 px roads decoded as dark streaks of the ground's colour); 2000 steps 28.7 / 0.25 / 0.53. Eight
+        # latent channels reconstruct better (29.7 / 0.34 / 0.57) but stage one then draws patchwork (scene agreement
+        # 48% vs 72%, FID 0.170 vs 0.072)
+        vae=VAEConfig(crop_size=32, steps=2000),
         unet=UNetConfig(steps=2000),
         # 1500 steps (500-900 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road IoU
         # 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41)
