@@ -22,6 +22,7 @@ from rslib.train.stage_one import (
     drop_captions,
     is_finished,
     stage_one_history,
+    stage_one_info,
     train_stage_one,
 )
 
@@ -105,6 +106,28 @@ def test_finished_folder_is_reused(resumed, inputs):
     before = (out / UNET_FILE).stat().st_mtime_ns
     assert train_stage_one(cfg, *inputs, out, progress=False) == out
     assert (out / UNET_FILE).stat().st_mtime_ns == before
+
+
+def test_retraining_an_input_in_place_makes_stage_one_train_again(inputs, tmp_path):
+    """Reuse needs the same training of the text encoder and autoencoder, not only the same folders."""
+    import shutil
+
+    from rslib.train.text_encoder import input_stamp
+
+    te, ae = inputs
+    ae_copy = shutil.copytree(ae, tmp_path / "autoencoder")
+    cfg = _cfg(steps=2, batch_size=4)
+    out = train_stage_one(cfg, te, ae_copy, tmp_path / "s1", progress=False)
+    first = (out / UNET_FILE).stat().st_mtime_ns
+    assert train_stage_one(cfg, te, ae_copy, out, progress=False) == out
+    assert (out / UNET_FILE).stat().st_mtime_ns == first  # nothing changed: reused
+    before = input_stamp(ae_copy)
+    (ae_copy / "training.json").write_text('{"stamp": {}, "seconds": 1.0}')  # the autoencoder trained again
+    assert input_stamp(ae_copy)["digest"] != before["digest"] and input_stamp(ae_copy)["path"] == str(ae_copy)
+    assert not is_finished(out, stage_one_info(out)["stamp"] | {"autoencoder": input_stamp(ae_copy)})
+    train_stage_one(cfg, te, ae_copy, out, progress=False)
+    assert (out / UNET_FILE).stat().st_mtime_ns != first
+    assert stage_one_info(out)["stamp"]["autoencoder"] == input_stamp(ae_copy)
 
 
 def test_caption_dropout_rate():

@@ -55,7 +55,7 @@ from rslib.models.references import (
 from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
-from rslib.train.text_encoder import stage_stamp, stage_train_config
+from rslib.train.text_encoder import input_stamp, stage_stamp, stage_train_config
 from rslib.utils import atomic_write_dir, pick_device
 
 TRAINING_DIR = "training"
@@ -288,8 +288,8 @@ def references_stamp(cfg: Preset, stage_one: Path, clip_dir: Path) -> dict[str, 
     c = cfg.cc
     keys = ("image_encoder", "dino_path", "dino_size", "bank_per_class", "crop_margin", "fg_ref_grid",
             "bg_ref_grid", "retrieval_pool", "ref_dtype", "max_instances")
-    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(stage_one),
-                                  "clip": str(clip_dir), "cc": {k: getattr(c, k) for k in keys}}))
+    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
+                                  "clip": input_stamp(clip_dir), "cc": {k: getattr(c, k) for k in keys}}))
 
 
 def cached_references(cfg: Preset, ds: RSDataset, stage_one: Path, clip_dir: Path, parts: dict[str, Any],
@@ -318,7 +318,7 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
     the variants of notebook 04 encode the split once."""
     from safetensors.torch import load_file, save_file
 
-    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": str(stage_one),
+    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
                                    "max_instances": cfg.cc.max_instances, "classes": ds.classes}))
     stamp_file = cache_dir / "stamp.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
@@ -501,7 +501,8 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     clip_path = resolve_clip_dir(cfg, clip_dir) if needs_refs else None
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, mode))
     tcfg = cc_train_config(cfg, mode)
-    stamp = stage_stamp(cfg, "cc", replace(cfg.cc, mode=mode), stage_one=str(s1), clip=str(clip_path))
+    stamp = stage_stamp(cfg, "cc", replace(cfg.cc, mode=mode), stage_one=input_stamp(s1),
+                        clip=input_stamp(clip_path) if clip_path else None)
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

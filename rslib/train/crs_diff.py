@@ -50,7 +50,7 @@ from rslib.models.crs_diff import (
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
 from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
-from rslib.train.text_encoder import stage_stamp, stage_train_config
+from rslib.train.text_encoder import input_stamp, stage_stamp, stage_train_config
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -324,7 +324,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, fusion, use_metadata, use_content))
     tcfg = crs_train_config(cfg, steps)
     stamp = stage_stamp(cfg, "crs", replace(c, fusion=fusion, use_metadata=use_metadata, use_content=use_content,
-                                            steps=tcfg.steps), stage_one=str(s1))
+                                            steps=tcfg.steps), stage_one=input_stamp(s1))
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR

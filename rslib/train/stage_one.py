@@ -38,7 +38,7 @@ from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sam
 from rslib.models.text import clip_tokenizer, tokenize
 from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, read_history,
                               save_pipeline_folder, train_loop)
-from rslib.train.text_encoder import stage_train_config
+from rslib.train.text_encoder import input_stamp, stage_stamp, stage_train_config
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -198,10 +198,12 @@ def stage_one_train_config(cfg: Preset) -> TrainConfig:
     )
 
 
-def is_finished(out_dir: str | os.PathLike) -> bool:
-    """True when ``out_dir`` holds a complete stage-one pipeline folder."""
+def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
+    """True when ``out_dir`` holds a complete stage-one pipeline folder (trained with ``stamp``, if given)."""
     out_dir = Path(out_dir)
-    return (out_dir / "model_index.json").is_file() and (out_dir / INFO_NAME).is_file()
+    if not ((out_dir / "model_index.json").is_file() and (out_dir / INFO_NAME).is_file()):
+        return False
+    return stamp is None or json.loads((out_dir / INFO_NAME).read_text()).get("stamp") == stamp
 
 
 def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = None,
@@ -209,16 +211,26 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
                     force: bool = False, *, stop_after: int | None = None, progress: bool = True) -> Path:
     """Train (or fine-tune) the stage-one UNet and save a complete Stable Diffusion pipeline folder; returns it.
 
-    An existing finished folder is reused unless ``force``; an interrupted run resumes from its checkpoint.
-    ``stop_after=k`` stops after step k with a checkpoint only (no pipeline is written).
+    A finished folder trained with the same settings from the same text encoder and autoencoder (the same
+    training of them, see ``input_stamp``) is reused unless ``force``; an interrupted run with the same settings
+    resumes from its checkpoint. ``stop_after=k`` stops after step k with a checkpoint only (no pipeline is
+    written).
     """
     out_dir = Path(out_dir) if out_dir else cfg.run_dir("stage_one")
-    if is_finished(out_dir) and not force:
-        return out_dir
     t0 = time.perf_counter()
     if cfg.unet.pretrained:  # fail early and clearly when the SD folder is missing
         require_local_dir(cfg.unet.pretrained, "Stable Diffusion weights", "unet.pretrained")
     te_dir, ae_dir = resolve_inputs(cfg, text_encoder_dir, autoencoder_dir)
+    stamp = stage_stamp(cfg, "unet", text_encoder=input_stamp(te_dir), autoencoder=input_stamp(ae_dir))
+    if is_finished(out_dir, stamp) and not force:
+        return out_dir
+    work = out_dir / TRAINING_DIR
+    work_stamp = work / "stamp.json"
+    if force or (work_stamp.is_file() and json.loads(work_stamp.read_text()) != stamp):
+        shutil.rmtree(work, ignore_errors=True)  # other settings or inputs: start afresh
+    (out_dir / INFO_NAME).unlink(missing_ok=True)  # not finished until this training writes it again
+    work.mkdir(parents=True, exist_ok=True)
+    work_stamp.write_text(json.dumps(stamp, indent=1))
     text_encoder, tokenizer = load_text_tower(te_dir)
     vae = load_autoencoder(ae_dir)
     data = latent_dataset(cfg, vae)
@@ -233,9 +245,6 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
     loss_fn = StageOneLoss(tokenizer, vae.config.scaling_factor, cfg.unet.caption_dropout,
                            timestep_sampling=cfg.unet.timestep_sampling, x0_weight_max=cfg.unet.x0_weight_max)
     tcfg = stage_one_train_config(cfg)
-    work = out_dir / TRAINING_DIR
-    if force and work.exists():
-        shutil.rmtree(work)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
@@ -246,7 +255,7 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
     elif tcfg.steps > 0:
         model.load_state_dict(load_file(str(result.checkpoint_dir / WEIGHTS_NAME)), strict=False)
     info = {
-        "preset": cfg.name, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
+        "stamp": stamp, "preset": cfg.name, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
         "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
         "final_loss": mean_tail(result.history), "n_train": len(data), "ema_decay": tcfg.ema_decay,
         "text_encoder_dir": str(te_dir), "autoencoder_dir": str(ae_dir), "train": asdict(tcfg),

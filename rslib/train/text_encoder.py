@@ -15,6 +15,7 @@ and ``training.json`` marks a finished run (with the settings it was trained wit
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -61,6 +62,23 @@ def stage_stamp(cfg: Preset, part: str, part_cfg: Any = None, **inputs: Any) -> 
     settings = training_settings(getattr(cfg, part) if part_cfg is None else part_cfg)
     return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "lr_decay": cfg.lr_decay,
                                   **inputs, part: settings}))
+
+
+# the files that identify one training of a stage folder (the finished record) or a pretrained folder (configs)
+IDENTITY_FILES = (DONE_NAME, "stage_one.json", "model_index.json", "config.json")
+
+
+def input_stamp(folder: str | Path) -> dict[str, str]:
+    """How a stage records a folder it was trained from: its path and a digest of its finished record (or, for a
+    pretrained folder, its config files). Training the input again, even into the same folder, changes the
+    digest, so the stages built on it no longer count as finished."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in IDENTITY_FILES:
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return {"path": str(folder), "digest": h.hexdigest()[:16]}
 
 
 def stage_train_config(cfg: Preset, **settings: Any) -> TrainConfig:
