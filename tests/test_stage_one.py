@@ -201,3 +201,23 @@ def test_missing_inputs_name_the_notebook(tmp_path):
     cfg = get_preset("smoke", runs_dir=str(tmp_path / "runs"))
     with pytest.raises(FileNotFoundError, match="notebook 01"):
         train_stage_one(cfg, out_dir=tmp_path / "out", progress=False)
+
+
+def test_fresh_work_dir_keeps_only_work_started_with_the_same_stamp(tmp_path):
+    """Every stage (stage one, CRS-Diff, CC-Diff) resumes only a checkpoint of its own settings and inputs."""
+    from rslib.train.text_encoder import fresh_work_dir
+
+    work = tmp_path / "training"
+    fresh_work_dir(work, {"steps": 4})
+    (work / "checkpoint").mkdir()
+    fresh_work_dir(work, {"steps": 4})
+    assert (work / "checkpoint").is_dir()  # same settings: the interrupted run resumes
+    fresh_work_dir(work, {"steps": 4}, force=True)
+    assert not (work / "checkpoint").exists()
+    (work / "checkpoint").mkdir()
+    fresh_work_dir(work, {"steps": 8})
+    assert not (work / "checkpoint").exists()  # other settings: start afresh
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint").mkdir()  # a work folder that recorded no stamp
+    fresh_work_dir(tmp_path / "old", {"steps": 8})
+    assert not (tmp_path / "old" / "checkpoint").exists()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -49,8 +48,9 @@ from rslib.models.crs_diff import (
 )
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
-from rslib.train.loop import TrainConfig, mean_tail, read_history, save_pipeline_folder, train_loop
-from rslib.train.text_encoder import input_stamp, stage_stamp, stage_train_config
+from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
+                              train_loop)
+from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -299,10 +299,7 @@ def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
     """True when ``out_dir`` holds a finished CRS-Diff folder (trained with ``stamp``'s settings, if given)."""
-    out_dir = Path(out_dir)
-    if not ((out_dir / "model_index.json").is_file() and (out_dir / INFO_NAME).is_file()):
-        return False
-    return stamp is None or json.loads((out_dir / INFO_NAME).read_text()).get("stamp") == stamp
+    return pipeline_folder_finished(out_dir, INFO_NAME, stamp)
 
 
 def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
@@ -328,9 +325,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR
-    old = out_dir / INFO_NAME
-    if force or (old.is_file() and json.loads(old.read_text()).get("stamp") != stamp):
-        shutil.rmtree(work, ignore_errors=True)  # other settings: start afresh
+    fresh_work_dir(work, stamp, force)
     t0 = time.perf_counter()
     parts = load_stage_one_parts(s1)
     image_encoder = load_image_encoder(resolve_clip_dir(cfg, clip_dir)) if use_content else None

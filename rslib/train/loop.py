@@ -503,6 +503,15 @@ def save_pipeline_folder(pipe: Any, out_dir: str | Path, parts: Sequence[str], i
     return out_dir
 
 
+def pipeline_folder_finished(out_dir: str | Path, info_name: str, stamp: dict[str, Any] | None = None) -> bool:
+    """True when ``out_dir`` holds a folder :func:`save_pipeline_folder` completed (with ``stamp`` recorded in its
+    info file, if given)."""
+    out_dir = Path(out_dir)
+    if not ((out_dir / "model_index.json").is_file() and (out_dir / info_name).is_file()):
+        return False
+    return stamp is None or json.loads((out_dir / info_name).read_text()).get("stamp") == stamp
+
+
 def read_history(training_dir: str | Path, how_to_train: str) -> list[dict[str, float]]:
     """The per-step history a training run logged in ``training_dir``, or an error saying how to make it."""
     path = Path(training_dir) / HISTORY_NAME

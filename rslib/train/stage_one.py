@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -36,9 +35,9 @@ from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler, build_unet, require_local_dir
 from rslib.models.text import clip_tokenizer, tokenize
-from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, read_history,
+from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, pipeline_folder_finished, read_history,
                               save_pipeline_folder, train_loop)
-from rslib.train.text_encoder import input_stamp, stage_stamp, stage_train_config
+from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
 from rslib.utils import pick_device
 
 TRAINING_DIR = "training"
@@ -200,10 +199,7 @@ def stage_one_train_config(cfg: Preset) -> TrainConfig:
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
     """True when ``out_dir`` holds a complete stage-one pipeline folder (trained with ``stamp``, if given)."""
-    out_dir = Path(out_dir)
-    if not ((out_dir / "model_index.json").is_file() and (out_dir / INFO_NAME).is_file()):
-        return False
-    return stamp is None or json.loads((out_dir / INFO_NAME).read_text()).get("stamp") == stamp
+    return pipeline_folder_finished(out_dir, INFO_NAME, stamp)
 
 
 def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = None,
@@ -225,12 +221,8 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
     if is_finished(out_dir, stamp) and not force:
         return out_dir
     work = out_dir / TRAINING_DIR
-    work_stamp = work / "stamp.json"
-    if force or (work_stamp.is_file() and json.loads(work_stamp.read_text()) != stamp):
-        shutil.rmtree(work, ignore_errors=True)  # other settings or inputs: start afresh
+    fresh_work_dir(work, stamp, force)
     (out_dir / INFO_NAME).unlink(missing_ok=True)  # not finished until this training writes it again
-    work.mkdir(parents=True, exist_ok=True)
-    work_stamp.write_text(json.dumps(stamp, indent=1))
     text_encoder, tokenizer = load_text_tower(te_dir)
     vae = load_autoencoder(ae_dir)
     data = latent_dataset(cfg, vae)

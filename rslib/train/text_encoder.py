@@ -81,6 +81,17 @@ def input_stamp(folder: str | Path) -> dict[str, str]:
     return {"path": str(folder), "digest": h.hexdigest()[:16]}
 
 
+def fresh_work_dir(work: Path, stamp: dict[str, Any], force: bool = False) -> None:
+    """Keep a stage's work folder (checkpoint, history) only if it was started with ``stamp``; otherwise (or when
+    ``force``) empty it, so an interrupted run never resumes from a checkpoint of other settings or inputs. The
+    folder then records ``stamp``."""
+    marker = work / "stamp.json"
+    if force or not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(stamp, indent=1))
+
+
 def stage_train_config(cfg: Preset, **settings: Any) -> TrainConfig:
     """A stage's loop settings: ``settings`` plus what every stage takes from the preset (precision, seed, LR
     schedule)."""
