@@ -90,6 +90,7 @@ class UNetConfig:
     ema_decay: float | None = 0.999
     sample_steps: int = 25
     guidance_scale: float = 4.0
+    eval_images: int = 0  # generated test images for notebook 02's measures (0: the whole test split)
     pretrained: str = ""  # local Stable Diffusion 1.x diffusers folder (paper preset)
 
 
@@ -284,16 +285,21 @@ _PRESETS: dict[str, Preset] = {
         # tower cheap (4 x 4 patches at 64 px): 82% zero-shot scene accuracy after 300 steps.
         clip=ClipConfig(max_length=32, patch=16, steps=300),
         # the autoencoder bounds what every latent model can draw. Held-out PSNR / road IoU / mIoU of its
-        # reconstructions (segmenter trained on real images; real images: 0.48 / 0.69): 1000 steps 26.9 dB / 0.17 /
-        # 0.46 (2-3 px roads decoded as dark streaks of the ground's colour); 2000 steps 28.7 / 0.25 / 0.53. Eight
+        # reconstructions (segmenter trained on real images; real images: 0.48 / 0.69), 4 latent channels:
+        # batch 32, 1000 steps 26.9 dB / 0.17 / 0.46 (2-3 px roads decoded as dark streaks of the ground's colour);
+        # batch 32, 2000 steps 28.7 / 0.25 / 0.53 (556 s); batch 16, 2000 steps 28.2 / 0.22 / 0.51 (309 s). Eight
         # latent channels reconstruct better (29.7 / 0.34 / 0.57) but stage one then draws patchwork (scene agreement
         # 48% vs 72%, FID 0.170 vs 0.072)
         vae=VAEConfig(crop_size=32, steps=2000),
+        # scene agreement on 200 test prompts: 2000 steps of batch 32 (530 s) 72%; 1500 of batch 16 (240-260 s)
+        # 48% (lr 3e-4) and 52% (lr 1e-3); 1000 of batch 32, lr 6e-4 (264 s) 48%
         unet=UNetConfig(steps=2000),
-        # 1500 steps (500-900 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road IoU
-        # 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41)
+        # 1500 steps (600 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road
+        # IoU 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41); 1000 steps of
+        # batch 16 (265 s) on a weaker stage one: roads no longer visible in the generations
         crs=CRSDiffConfig(lr=1e-3, steps=1500),
-        cc=CCDiffConfig(),
+        # batch 16 halves CC-Diff's step time (95 s -> 50 s for 250 steps) with YOLOScore and CLIPScore local as high
+        cc=CCDiffConfig(batch_size=16),
         # 32-px crops: 5.6x cheaper per step than whole images; 900 steps reach mIoU 0.66 / road IoU 0.57 on
         # the real test split in 260 s (whole images, 500 steps: 0.60 / 0.54 in 650 s)
         seg=SegmenterConfig(crop_size=32, steps=900),

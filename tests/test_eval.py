@@ -317,3 +317,20 @@ def test_layouts_of_replaces_slivers_and_drops_empty_boxes():
     assert lay[0]["obb"] == good.obb
     assert lay[1]["obb"] == [0.0, 0.2, 0.1, 0.2, 0.1, 0.3, 0.0, 0.3]  # the sliver's axis-aligned box
     assert all(polygon_area(o["obb"]) > 0 for o in lay)
+
+
+def test_low_data_preset_scales_only_the_trainability_models_steps():
+    """The data-engine experiments train on a twentieth of the training split, for a fraction of the steps of the
+    scoring detector and segmenter; nothing else in the preset changes, and a bad fraction is refused."""
+    from rslib.eval import engine
+
+    cfg = get_preset("cpu")
+    low = engine.low_data_preset(cfg, 0.5)
+    assert (low.det.steps, low.seg.steps) == (round(cfg.det.steps / 2), round(cfg.seg.steps / 2))
+    assert replace(low, det=cfg.det, seg=cfg.seg) == cfg
+    assert replace(low.det, steps=cfg.det.steps) == cfg.det and replace(low.seg, steps=cfg.seg.steps) == cfg.seg
+    assert engine.low_data_preset(cfg, 1.0) == cfg
+    assert engine.default_real(cfg) == cfg.data.n_train // 20 and engine.default_real(get_preset("smoke")) == 8
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="steps_fraction"):
+            engine.low_data_preset(cfg, bad)

@@ -68,10 +68,11 @@ def generate_setting(pipe: Any, test: Mapping[str, Any], setting: tuple[tuple[st
 
 
 def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: Any, segmenter: torch.nn.Module,
-                      n: int, seed: int, settings: Mapping[str, tuple] | None = None,
+                      n: int, seed: int, settings: Mapping[str, tuple] | None = None, autoencoder_row: bool = True,
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """One row of measures per setting, after the real images' row and (when ``pipe`` has a VAE) the row of the
-    real images passed through it; returns (rows, generated images by name). The last row is the last setting."""
+    """One row of measures per setting, after the real images' row and (when ``pipe`` has a VAE and
+    ``autoencoder_row``) the row of the real images passed through it; returns (rows, generated images by name).
+    The last row is the last setting."""
     settings = SETTINGS if settings is None else settings
     target = targets(test, n)
     real = test["pixel_values"][:n]
@@ -79,7 +80,7 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
     rows = [{"setting": "real test images", **fidelity(real, target, segmenter),
              "fid_rsclip": 0.0, "clip_score": metrics.clip_score(clip, tokenizer, real, prompts)}]
     images = {}
-    if getattr(pipe, "vae", None) is not None:
+    if autoencoder_row and getattr(pipe, "vae", None) is not None:
         from rslib.train.autoencoder import reconstruct
 
         rec = reconstruct(pipe.vae, real.to(pipe.device)).cpu()
