@@ -42,13 +42,13 @@ def detector_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed:
     """mAP, mAP50, mAP75 (%) on the real test split of detectors trained on n_real real images, without and with
     n_gen CC-Diff images generated from the layouts of the first n_gen training images (both trained
     ``steps_fraction`` of ``det.steps``)."""
+    low = low_data_preset(cfg, steps_fraction)  # checked before the generation
     train = preset_split(cfg, "train", maps=())
     lays = layouts_of(train, n_gen, cfg.cc.max_instances)
     caps = [r.captions[0] if r.captions else "" for r in train.records[:n_gen]]
     gen = sample_cc_diff(pipe, caps, lays, seed, guidance_scale=cfg.cc.guidance_scale, steps=cfg.cc.sample_steps)
-    cfg = low_data_preset(cfg, steps_fraction)
-    runs = {"real only": train_detector(cfg, cfg.run_dir("engine") / "detector_real", real_limit=n_real),
-            "real + CC-Diff": train_detector(cfg, cfg.run_dir("engine") / "detector_real_ccdiff", real_limit=n_real,
+    runs = {"real only": train_detector(low, cfg.run_dir("engine") / "detector_real", real_limit=n_real),
+            "real + CC-Diff": train_detector(low, cfg.run_dir("engine") / "detector_real_ccdiff", real_limit=n_real,
                                              extra=(gen, targets_of(lays, train.classes)))}
     rows = []
     for name, path in runs.items():
@@ -63,6 +63,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     """Road IoU and mIoU on the real test split of segmenters trained on n_real real images, without and with
     n_gen CRS-Diff images generated from the first n_gen training items' maps (labelled with their segmentation;
     both trained ``steps_fraction`` of ``seg.steps``)."""
+    low = low_data_preset(cfg, steps_fraction)  # checked before the generation
     from rslib.pipelines.crs_diff import sample_crs_diff
     from rslib.train.crs_diff import load_split_tensors, split_dataset
     from rslib.data.datasets import segmentation_to_classes
@@ -73,9 +74,8 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     gen = sample_crs_diff(pipe, [c[0] for c in items["captions"]], seed, conditions=items["conditions"],
                           maps=CONDITION_NAMES, guidance_scale=cfg.crs.guidance_scale, steps=cfg.crs.sample_steps)
     labels = segmentation_to_classes(items["conditions"].float() / 255.0)
-    cfg = low_data_preset(cfg, steps_fraction)
-    runs = {"real only": train_segmenter(cfg, cfg.run_dir("engine") / "segmenter_real", real_limit=n_real),
-            "real + CRS-Diff": train_segmenter(cfg, cfg.run_dir("engine") / "segmenter_real_crsdiff",
+    runs = {"real only": train_segmenter(low, cfg.run_dir("engine") / "segmenter_real", real_limit=n_real),
+            "real + CRS-Diff": train_segmenter(low, cfg.run_dir("engine") / "segmenter_real_crsdiff",
                                                real_limit=n_real, extra=(gen, labels))}
     rows = []
     for name, path in runs.items():
