@@ -43,3 +43,16 @@ def test_train_autoencoder_sets_the_scaling_factor_and_reuses_a_finished_folder(
     mtime = (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert train_autoencoder(cfg, tmp_path / "ae", progress=False) == out
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_stage_precision_overrides_the_presets_and_counts_as_a_new_training(tmp_path):
+    from rslib.train.text_encoder import stage_stamp, stage_train_config
+
+    cfg = get_preset("smoke")
+    assert stage_train_config(cfg, steps=1, batch_size=1).mixed_precision == cfg.mixed_precision
+    assert stage_train_config(cfg, "bf16", steps=1, batch_size=1).mixed_precision == "bf16"
+    bf16 = get_preset("smoke", **{"vae.mixed_precision": "bf16"})
+    assert stage_stamp(bf16, "vae") != stage_stamp(cfg, "vae")  # a finished fp32 folder is not reused
+    out = train_autoencoder(bf16, tmp_path / "ae", progress=False)  # CPU bf16 autocast trains and saves fp32 weights
+    vae = load_autoencoder(out)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in vae.parameters())

@@ -117,6 +117,17 @@ def test_cloud_fraction_grows_with_cloud_cover():
         assert torch.equal(frac, Fi.cloud_fraction(images.float() / 127.5 - 1.0))
 
 
+def test_cloud_spearman_by_brightness_sees_grey_clouds_only_at_low_thresholds():
+    covers = [0, 20, 40, 60, 80] * 2
+    images = torch.stack([torch.from_numpy(make_scene(seed, 64, scene="forest", cloud_cover=c).image).permute(2, 0, 1)
+                          for seed in (1, 2) for c in covers[:5]]).float() / 127.5 - 1.0
+    white = Fi.cloud_spearman_by_brightness(images, covers, brightness=(190, 228))
+    assert white[0] > 0.9 and white[1] > 0.9, white
+    grey = Fi.cloud_spearman_by_brightness(images * 0.7, covers, brightness=(190, 228))  # clouds at <= 217 of 255
+    assert grey[0] > 0.9, grey
+    assert not grey[1] > 0.5, grey  # NaN (nothing seen) or low: the calibrated threshold misses grey clouds
+
+
 def test_season_greenness_follows_the_season():
     summer = make_scene(3, 64, scene="forest", month=7, day=15, latitude=50.0, cloud_cover=0).image
     winter = make_scene(3, 64, scene="forest", month=1, day=15, latitude=50.0, cloud_cover=0).image

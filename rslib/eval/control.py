@@ -112,7 +112,9 @@ def metadata_adherence(pipe: Any, test: Mapping[str, Any], records: Sequence[Any
     Each of the first n test items is generated with all its maps and its own metadata, except that the cloud
     cover is set to an evenly spread value in 0..100 (first run) or the month runs through the year at latitude
     50 N without clouds (second run). SynthRS draws clouds over the asked fraction and greens vegetation in the
-    northern summer, so a model that reads its metadata reproduces both relations.
+    northern summer, so a model that reads its metadata reproduces both relations. ``cloud_by_brightness``
+    repeats the cloud Spearman at several detector brightness thresholds, for the generated images (asked
+    cover) and for the same real test images (their own cover): the calibrated threshold suits white clouds only.
     """
     from rslib.eval import fidelity
     from rslib.pipelines.crs_diff import sample_crs_diff
@@ -129,7 +131,12 @@ def metadata_adherence(pipe: Any, test: Mapping[str, Any], records: Sequence[Any
                             metadata=_with_field(records, n, "month", months, latitude=50.0, cloud_cover=0), **kw)
     green = fidelity.season_greenness(gen_m)
     summer = [-torch.cos(torch.tensor(2 * torch.pi * (m - 1) / 12)).item() for m in months]  # 1 in July, -1 in January
+    thresholds = (150, 170, 190, 210, 228, 240)
+    real_cover = [float(r.metadata["cloud_cover"]) for r in records[:n]]
+    by_brightness = {"brightness": list(thresholds),
+                     "generated": fidelity.cloud_spearman_by_brightness(gen_c, cloud, thresholds),
+                     "real": fidelity.cloud_spearman_by_brightness(test["pixel_values"][:n], real_cover, thresholds)}
     return {"cloud_asked": cloud, "cloud_seen": [float(x) for x in seen],
-            "cloud_spearman": fidelity.spearman(cloud, seen),
+            "cloud_spearman": fidelity.spearman(cloud, seen), "cloud_by_brightness": by_brightness,
             "months": months, "greenness": [float(x) for x in green],
             "season_spearman": fidelity.spearman(summer, green), "images_cloud": gen_c, "images_month": gen_m}

@@ -111,6 +111,18 @@ def calibrate_cloud(images: torch.Tensor, cloud_cover: Sequence[float] | torch.T
     return {"brightness": best[0], "chroma": best[1], "spearman": best[2], "mae": best[3]}
 
 
+def cloud_spearman_by_brightness(images: torch.Tensor, cloud_cover: Sequence[float] | torch.Tensor,
+                                 brightness: Sequence[float] = (150, 170, 190, 210, 228, 240),
+                                 chroma: float = CLOUD_CHROMA) -> list[float]:
+    """Spearman of :func:`cloud_fraction` with ``cloud_cover`` at each brightness threshold (chroma fixed).
+
+    A diagnostic for the adherence score: real SynthRS clouds are near white, so the calibrated threshold
+    (CLOUD_BRIGHTNESS) is high; a generator whose clouds come out grey keeps a high Spearman only at lower
+    thresholds, where real images show how much bright ground (snow, sand, concrete) starts to count as cloud.
+    """
+    return [spearman(cloud_cover, cloud_fraction(images, float(b), chroma)) for b in brightness]
+
+
 # ---------------------------------------------------------------------------
 # Season
 

@@ -130,7 +130,7 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
     torch.manual_seed(cfg.data.seed)  # the fresh autoencoder's initial weights
     vae = build_vae(cfg)
     v = cfg.vae
-    tcfg = stage_train_config(cfg, steps=v.steps, batch_size=v.batch_size, lr=v.lr,
+    tcfg = stage_train_config(cfg, v.mixed_precision, steps=v.steps, batch_size=v.batch_size, lr=v.lr,
                               warmup_steps=min(v.warmup_steps, v.steps // 5), num_workers=cfg.num_workers,
                               checkpoint_every=v.checkpoint_every)
     result = train_loop(vae, vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size), dataset, tcfg, out_dir,

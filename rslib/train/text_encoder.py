@@ -92,10 +92,11 @@ def fresh_work_dir(work: Path, stamp: dict[str, Any], force: bool = False) -> No
     marker.write_text(json.dumps(stamp, indent=1))
 
 
-def stage_train_config(cfg: Preset, **settings: Any) -> TrainConfig:
-    """A stage's loop settings: ``settings`` plus what every stage takes from the preset (precision, seed, LR
-    schedule)."""
-    return TrainConfig(mixed_precision=cfg.mixed_precision, seed=cfg.data.seed, lr_decay=cfg.lr_decay, **settings)
+def stage_train_config(cfg: Preset, mixed_precision: str = "", **settings: Any) -> TrainConfig:
+    """A stage's loop settings: ``settings`` plus what every stage takes from the preset (seed, LR schedule and,
+    unless the stage names its own ``mixed_precision``, the preset's precision)."""
+    return TrainConfig(mixed_precision=mixed_precision or cfg.mixed_precision, seed=cfg.data.seed,
+                       lr_decay=cfg.lr_decay, **settings)
 
 
 def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
