@@ -226,7 +226,7 @@ class Preset:
     seg: SegmenterConfig = field(default_factory=SegmenterConfig)
     det: DetectorConfig = field(default_factory=DetectorConfig)
     mixed_precision: str = "no"  # "no" on CPU (bf16 autocast slows the UNets down there; the convolution-only autoencoder
-    # and segmenter set their own), "bf16" on GPU
+    # and segmenter can set their own: vae.mixed_precision, seg.mixed_precision), "bf16" on GPU
     lr_decay: str = "cosine"  # LR after warm-up in every stage: "cosine" (to 0 at the last step) | "constant"
     runs_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | mps

@@ -131,11 +131,10 @@ def metadata_adherence(pipe: Any, test: Mapping[str, Any], records: Sequence[Any
                             metadata=_with_field(records, n, "month", months, latitude=50.0, cloud_cover=0), **kw)
     green = fidelity.season_greenness(gen_m)
     summer = [-torch.cos(torch.tensor(2 * torch.pi * (m - 1) / 12)).item() for m in months]  # 1 in July, -1 in January
-    thresholds = (150, 170, 190, 210, 228, 240)
     real_cover = [float(r.metadata["cloud_cover"]) for r in records[:n]]
-    by_brightness = {"brightness": list(thresholds),
-                     "generated": fidelity.cloud_spearman_by_brightness(gen_c, cloud, thresholds),
-                     "real": fidelity.cloud_spearman_by_brightness(test["pixel_values"][:n], real_cover, thresholds)}
+    by_brightness = {"brightness": list(fidelity.CLOUD_BRIGHTNESS_SWEEP),
+                     "generated": fidelity.cloud_spearman_by_brightness(gen_c, cloud),
+                     "real": fidelity.cloud_spearman_by_brightness(test["pixel_values"][:n], real_cover)}
     return {"cloud_asked": cloud, "cloud_seen": [float(x) for x in seen],
             "cloud_spearman": fidelity.spearman(cloud, seen), "cloud_by_brightness": by_brightness,
             "months": months, "greenness": [float(x) for x in green],

@@ -46,6 +46,8 @@ CONTEXT_RULES: dict[str, tuple[str, ...]] = {
 # Calibrated with calibrate_cloud on 4000 real SynthRS training images (64 px): Spearman 0.97 with the cover.
 CLOUD_BRIGHTNESS = 228.0
 CLOUD_CHROMA = 30.0
+# brightness thresholds of the adherence diagnostic (cloud_spearman_by_brightness), around the calibrated one
+CLOUD_BRIGHTNESS_SWEEP = (150, 170, 190, 210, 228, 240)
 
 
 def _uint8_scale(images: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,7 @@ def calibrate_cloud(images: torch.Tensor, cloud_cover: Sequence[float] | torch.T
 
 
 def cloud_spearman_by_brightness(images: torch.Tensor, cloud_cover: Sequence[float] | torch.Tensor,
-                                 brightness: Sequence[float] = (150, 170, 190, 210, 228, 240),
+                                 brightness: Sequence[float] = CLOUD_BRIGHTNESS_SWEEP,
                                  chroma: float = CLOUD_CHROMA) -> list[float]:
     """Spearman of :func:`cloud_fraction` with ``cloud_cover`` at each brightness threshold (chroma fixed).
 
