@@ -144,6 +144,40 @@ def test_instance_reference_changes_output_only_inside_its_ellipse():
     assert diff[s0 < 1e-7].max() < 1e-5  # and nowhere else
 
 
+@pytest.mark.parametrize("aware", [True, False])
+def test_background_attention_reads_the_foreground_only_in_cc_diff(aware):
+    """CC-Diff queries the background attention with the foreground just computed; the no-bridge ablation does not,
+    so there its background update is the same whatever the instances' references are."""
+    torch.manual_seed(0)
+    cgm = cc.ConditionalGenerationModule(channels=8, context_dim=D, heads=2, dim_head=4,
+                                         foreground_aware_background=aware)
+    for mod in (cgm.ea_obj, cgm.ea_bg):
+        torch.nn.init.normal_(mod.to_out.weight)
+    bg_out = []
+    cgm.ea_bg.register_forward_hook(lambda m, i, o: bg_out.append(o))
+    boxes = torch.tensor([[[0.05, 0.05, 0.4, 0.4], [0.55, 0.5, 0.95, 0.9]]])
+    ctx = cc.CCDiffContext(boxes=boxes, obb=cc.boxes_to_obb(boxes), valid=torch.ones(1, 2, dtype=torch.bool),
+                           latent_hw=(16, 16), phrase_pooled=torch.randn(1, 2, D), fg_tokens=torch.randn(1, 2, 3, D),
+                           box_tokens=torch.randn(1, 2, D), bg_tokens=torch.randn(1, 4, D), global_pooled=torch.randn(1, D))
+    h, ca0, ca_inst = torch.randn(1, 256, 8), torch.randn(1, 256, 8), torch.randn(1, 2, 256, 8)
+    cgm(h, ca0, ca_inst, ctx, (16, 16))
+    ctx2 = cc.CCDiffContext(**{**ctx.__dict__, "_cache": {}})
+    ctx2.fg_tokens = torch.randn(1, 2, 3, D)  # other references for both instances
+    cgm(h, ca0, ca_inst, ctx2, (16, 16))
+    inside = ctx.ellipses((16, 16))[0].amax(0) > 0.5
+    change = (bg_out[1] - bg_out[0])[0].abs().amax(-1)
+    if aware:
+        assert change[inside].min() > 1e-4
+    else:
+        assert torch.equal(bg_out[1], bg_out[0])
+
+
+def test_no_bridge_adapter_has_foreground_blind_background():
+    unet = tiny_unet()
+    assert all(m.foreground_aware_background for m in tiny_adapter(unet).fusion.values())
+    assert not any(m.foreground_aware_background for m in tiny_adapter(unet, use_bridge=False).fusion.values())
+
+
 # ---------------------------------------------------------------------------- 6 direction of conditioning
 
 

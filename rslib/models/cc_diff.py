@@ -37,6 +37,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 MODES = ("cc_diff", "gligen")
+# bump when a change to these modules changes what a trained adapter computes: training stamps record it, so
+# finished runs of the older modules are trained again (2: the no-bridge ablation's background ignores the foreground)
+ARCHITECTURE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------
@@ -388,12 +391,15 @@ class ConditionalGenerationModule(nn.Module):
 
     ``out = ca_global + bg + sum_i s_i * (ca_i + ea_i) + layout``, where ``ca_*`` are the frozen cross-attentions
     to the caption and to instance phrase i, ``ea_i`` attends to [phrase_i ; reference tokens_i ; box token_i],
-    ``s_i`` is instance i's soft ellipse, ``bg`` attends from the foreground-aware features to [caption ; bg
-    tokens], and ``layout`` is the layout self-attention.
+    ``s_i`` is instance i's soft ellipse, ``bg`` attends from the foreground-aware features ``ca_global + fg``
+    to [caption ; bg tokens], and ``layout`` is the layout self-attention. With ``foreground_aware_background``
+    off (the no-bridge ablation) ``bg`` is queried by ``ca_global`` alone, so the background ignores the foreground.
     """
 
-    def __init__(self, channels: int, context_dim: int, heads: int, dim_head: int, use_layout_attention: bool = True):
+    def __init__(self, channels: int, context_dim: int, heads: int, dim_head: int, use_layout_attention: bool = True,
+                 foreground_aware_background: bool = True):
         super().__init__()
+        self.foreground_aware_background = foreground_aware_background
         self.norm_obj = nn.LayerNorm(channels)
         self.ea_obj = CrossAttention(channels, context_dim, heads, dim_head, zero_out=True)
         self.norm_bg = nn.LayerNorm(channels)
@@ -415,7 +421,8 @@ class ConditionalGenerationModule(nn.Module):
         else:
             fg = torch.zeros_like(h)
         bg_keys = torch.cat([cc.global_pooled[:, None], cc.bg_tokens], dim=1).to(h.dtype)  # (B, 1 + Qbg, D)
-        out = ca_global + self.ea_bg(self.norm_bg(ca_global + fg), bg_keys) + fg
+        bg_query = ca_global + fg if self.foreground_aware_background else ca_global
+        out = ca_global + self.ea_bg(self.norm_bg(bg_query), bg_keys) + fg
         if self.layout is not None:
             out = out + self.layout(h, cc.layout_mask(hw))
         return out
@@ -554,7 +561,11 @@ def _key(name: str) -> str:
 
 class CCDiffAdapter(ModelMixin, ConfigMixin):
     """Every trainable part of CC-Diff (or of the GLIGEN-style baseline): box net, dual resampler with the context
-    bridge, and one fusion module per chosen cross-attention layer of the UNet."""
+    bridge, and one fusion module per chosen cross-attention layer of the UNet.
+
+    ``use_bridge=False`` is the no-bridge ablation, in which the background is independent of the foreground in
+    both places where CC-Diff couples them: the background tokens are resampled without the context bridge, and
+    each CGM queries its background attention without the foreground features."""
 
     @register_to_config
     def __init__(self, layer_channels: dict[str, int], context_dim: int, image_dim: int, mode: str = "cc_diff",
@@ -573,7 +584,7 @@ class CCDiffAdapter(ModelMixin, ConfigMixin):
                                            ff_mult, use_bridge)
             self.fusion = nn.ModuleDict({
                 _key(name): ConditionalGenerationModule(c, context_dim, fusion_heads, fusion_dim_head,
-                                                        use_layout_attention)
+                                                        use_layout_attention, foreground_aware_background=use_bridge)
                 for name, c in layer_channels.items()})
         else:  # GLIGEN: grounding token = MLP([phrase ; Fourier(box)])
             self.grounding = nn.Sequential(

@@ -41,7 +41,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, split_dir
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
-from rslib.models.cc_diff import CCDiffAdapter, CCDiffModel, trainable_parameter_count
+from rslib.models.cc_diff import ARCHITECTURE_VERSION, CCDiffAdapter, CCDiffModel, trainable_parameter_count
 from rslib.models.references import (
     ImageTokenEncoder,
     ReferenceBank,
@@ -499,7 +499,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, mode))
     tcfg = cc_train_config(cfg, mode)
     stamp = stage_stamp(cfg, "cc", replace(cfg.cc, mode=mode), stage_one=input_stamp(s1),
-                        clip=input_stamp(clip_path) if clip_path else None)
+                        clip=input_stamp(clip_path) if clip_path else None, architecture=ARCHITECTURE_VERSION)
     if not force and is_finished(out_dir, stamp):
         return out_dir
     work = out_dir / TRAINING_DIR
