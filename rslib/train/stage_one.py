@@ -51,17 +51,22 @@ PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 def resolve_inputs(cfg: Preset, text_encoder_dir: str | os.PathLike | None = None,
                    autoencoder_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """The RS-CLIP and autoencoder folders stage one reads, or a clear error naming what makes them."""
-    te = Path(text_encoder_dir) if text_encoder_dir else cfg.run_dir("text_encoder")
-    if not te.exists() and text_encoder_dir is None and cfg.clip.pretrained:
-        te = resolve_path(cfg.clip.pretrained)
+    """The RS-CLIP and autoencoder folders stage one reads, or a clear error naming what makes them.
+
+    A local pretrained folder (``clip.pretrained``, ``vae.pretrained``) wins over a folder trained earlier in
+    ``runs/``, as in CRS-Diff's and CC-Diff's training, so every stage reads the same text tower."""
+    if text_encoder_dir:
+        te = Path(text_encoder_dir)
+    else:
+        te = resolve_path(cfg.clip.pretrained) if cfg.clip.pretrained else cfg.run_dir("text_encoder")
     if not (te / "config.json").is_file():
         raise FileNotFoundError(
             f"no RS-CLIP text encoder at {te}: run notebook 01 (or rslib.train.text_encoder.train_text_encoder(cfg)) "
             f"first, or pass text_encoder_dir=<a transformers CLIP folder>")
-    ae = Path(autoencoder_dir) if autoencoder_dir else cfg.run_dir("autoencoder")
-    if not ae.exists() and autoencoder_dir is None and cfg.vae.pretrained:
-        ae = resolve_path(cfg.vae.pretrained)
+    if autoencoder_dir:
+        ae = Path(autoencoder_dir)
+    else:
+        ae = resolve_path(cfg.vae.pretrained) if cfg.vae.pretrained else cfg.run_dir("autoencoder")
     if not (ae / "config.json").is_file() and not (ae / "vae" / "config.json").is_file():
         raise FileNotFoundError(
             f"no autoencoder at {ae}: run notebook 01 (or rslib.train.autoencoder.train_autoencoder(cfg)) first, "

@@ -1,0 +1,181 @@
+"""The paper preset end to end on tiny stand-in weights: a local CLIP folder, a Stable Diffusion 1.x folder and a
+DINOv2 folder in the real formats (built from configs, nothing downloaded). Every stage trains 2 steps from them
+and its saved pipeline reloads and samples."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, Dinov2Config,
+                          Dinov2Model)
+
+from rslib.config import get_preset
+from rslib.data.datasets import split_dir
+from rslib.data.synthrs import ensure_synthrs
+from rslib.eval.data import load_folder
+from rslib.eval.layout import layouts_of, sample_cc_diff
+from rslib.models.text import clip_tokenizer
+from rslib.pipelines.cc_diff import load_cc_diff
+from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
+from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
+from rslib.train.autoencoder import train_autoencoder
+from rslib.train.cc_diff import cc_history, cc_info, train_cc_diff
+from rslib.train.crs_diff import crs_history, load_split_tensors, split_dataset, train_crs_diff
+from rslib.train.stage_one import stage_one_history, train_stage_one
+from rslib.train.text_encoder import train_text_encoder
+
+SIZE = 64  # image side; SD's autoencoder (f = 8) gives 8 x 8 latents
+TEXT_DIM = 32  # the CLIP text tower's width = the UNet's cross-attention width (768 for SD 1.x)
+DINO_PATCH = 14
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _sd_folder(path, clip: CLIPModel) -> None:
+    """A Stable Diffusion 1.x folder (SD's block types, scaling factor and scheduler) with tiny channels."""
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=4, attention_head_dim=2, cross_attention_dim=TEXT_DIM,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    with torch.no_grad():  # "pretrained" weights, far from a fresh initialisation
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        norm_num_groups=4, sample_size=SIZE, scaling_factor=0.18215)
+    text = CLIPTextModel(clip.config.text_config)  # SD 1.x's text encoder is CLIP ViT-L/14's text tower
+    text.load_state_dict(clip.text_model.state_dict())
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
+                              steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Tiny stand-ins of the local weights (clip/, sd/, dino/) and a tiny SynthRS (data/)."""
+    root = tmp_path_factory.mktemp("paper")
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=77).to_dict(),
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64).to_dict(),
+        projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    clip_tokenizer().save_pretrained(root / "clip")
+    _sd_folder(root / "sd", clip)
+    # position embeddings for a larger input than cc.dino_size, as dinov2-large's (518 px) read at 224 px
+    Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             patch_size=DINO_PATCH, image_size=4 * DINO_PATCH)).save_pretrained(root / "dino")
+    # the data: SynthRS written into tmp (data.root), never over the repository's data/synthrs/64px_seed0
+    ensure_synthrs(root / "data", {"train": 16, "val": 4, "test": 4}, SIZE, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cfg(root):
+    """The paper preset pointed at the stand-ins, with tiny module sizes and 2 training steps per stage."""
+    small = {
+        "runs_dir": str(root / "runs"), "device": "cpu", "mixed_precision": "no",
+        "data.root": str(root / "data"), "data.image_size": SIZE, "data.n_train": 16, "data.n_val": 4,
+        "data.n_test": 4,
+        "clip.pretrained": str(root / "clip"), "vae.pretrained": str(root / "sd"),
+        "unet.pretrained": str(root / "sd"), "unet.steps": 2, "unet.batch_size": 2, "unet.sample_steps": 2,
+        "crs.stem_channels": (4, 8, 8), "crs.inject_channels": (8, 8, 16, 16), "crs.metadata_dim": 16,
+        "crs.steps": 2, "crs.batch_size": 2, "crs.sample_steps": 2,
+        "cc.dino_path": str(root / "dino"), "cc.dino_size": 2 * DINO_PATCH, "cc.resampler_dim": 16,
+        "cc.resampler_heads": 2, "cc.resampler_dim_head": 8, "cc.fusion_heads": 2, "cc.fusion_dim_head": 8,
+        "cc.box_hidden": 16, "cc.steps": 2, "cc.batch_size": 2, "cc.sample_steps": 2,
+    }
+    return get_preset("paper", **small)
+
+
+@pytest.fixture(scope="module")
+def stage_one(cfg, root):
+    assert train_text_encoder(cfg) == root / "clip"  # the local CLIP folder, unchanged
+    assert train_autoencoder(cfg) == root / "sd" / "vae"  # SD's autoencoder
+    # a CLIP left in runs/ by an earlier training must not replace clip.pretrained (CRS-Diff and CC-Diff read that)
+    torch.manual_seed(1)
+    CLIPModel(CLIPModel.config_class.from_pretrained(root / "clip")).save_pretrained(cfg.run_dir("text_encoder"))
+    return train_stage_one(cfg, progress=False)
+
+
+def _finite_images(x: torch.Tensor | np.ndarray, shape: tuple[int, ...]) -> None:
+    x = torch.as_tensor(x)
+    assert tuple(x.shape) == shape and torch.isfinite(x).all()
+
+
+def test_preset_keeps_the_paper_settings(cfg):
+    assert cfg.name == "paper" and cfg.lr_decay == "constant" and cfg.unet.ema_decay is None
+    assert cfg.unet.x0_weight_max == cfg.crs.x0_weight_max == cfg.cc.x0_weight_max == 1.0
+    assert not cfg.crs.map_guidance and cfg.cc.timestep_sampling == "uniform" and cfg.cc.image_encoder == "dinov2"
+
+
+def test_stage_one_fine_tunes_the_sd_unet(cfg, root, stage_one):
+    assert stage_one == cfg.run_dir("stage_one") and len(stage_one_history(stage_one)) == 2
+    sd = load_file(str(root / "sd" / UNET_FILE))
+    tuned = load_file(str(stage_one / UNET_FILE))
+    assert sd.keys() == tuned.keys()
+    moved = max(float((sd[k] - tuned[k]).abs().max()) for k in sd)
+    assert 0 < moved < 1e-3  # lr 1e-5, 2 Adam steps: it trained, from SD's weights
+    torch.manual_seed(cfg.data.seed)
+    fresh = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "sd", subfolder="unet"))
+    assert max(float((v - tuned[k]).abs().max()) for k, v in fresh.state_dict().items()) > 0.1
+
+    pipe = StableDiffusionPipeline.from_pretrained(stage_one, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.scaling_factor == 0.18215 and pipe.unet.config.cross_attention_dim == TEXT_DIM
+    clip_text = CLIPModel.from_pretrained(root / "clip", local_files_only=True).text_model.state_dict()
+    assert all(torch.equal(v, clip_text[k]) for k, v in pipe.text_encoder.state_dict().items())  # CLIP's, frozen
+    image = pipe("an aerial image of a port.", num_inference_steps=2, guidance_scale=cfg.unet.guidance_scale,
+                 height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0), output_type="np").images
+    _finite_images(image, (1, SIZE, SIZE, 3))
+    images = sample_stage_one(load_stage_one(stage_one, "cpu"), ["a river."], cfg, seed=0)  # notebook 02's way
+    assert images.shape == (1, SIZE, SIZE, 3) and images.dtype == np.uint8
+
+
+def test_crs_diff_on_the_sd_unet(cfg, stage_one):
+    out = train_crs_diff(cfg, progress=False)
+    assert out == cfg.run_dir("crs_diff") and len(crs_history(out)) == 2
+    assert all(np.isfinite(h["loss"]) for h in crs_history(out))
+    pipe = load_crs_diff(out, "cpu")
+    assert pipe.config.map_guidance is False  # the paper's guidance: both CFG branches see the maps
+    tuned = load_file(str(stage_one / UNET_FILE))
+    assert all(torch.equal(v, tuned[k]) for k, v in pipe.unet.state_dict().items())  # stage one, frozen
+    assert torch.allclose(pipe.adapter.conv_in.weight, tuned["conv_in.weight"], atol=1e-3)  # its encoder copy
+    test = load_split_tensors(split_dataset(cfg, "test"))
+    images = sample_crs_diff(pipe, [test["captions"][0][0]], 0, conditions=test["conditions"][:1],
+                             metadata=(test["metadata"][:1], test["metadata_valid"][:1]),
+                             content_images=test["content"][:1], guidance_scale=cfg.crs.guidance_scale,
+                             steps=cfg.crs.sample_steps)
+    _finite_images(images, (1, 3, SIZE, SIZE))
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_cc_diff_with_dinov2_references(cfg, stage_one):
+    out = train_cc_diff(cfg, progress=False)
+    assert out == cfg.run_dir("cc_diff") and len(cc_history(out)) == 2
+    assert all(np.isfinite(h["loss"]) for h in cc_history(out))
+    info = cc_info(out)
+    assert info["image_dim"] == 24 and info["bank_entries"] > 0  # DINOv2 tokens, not the CLIP vision tower's
+    pipe = load_cc_diff(out, "cpu")
+    tuned = load_file(str(stage_one / UNET_FILE))
+    assert all(torch.equal(v, tuned[k]) for k, v in pipe.unet.state_dict().items())  # stage one, frozen
+    bank = pipe.references
+    assert bank.config.encoder == "dinov2" and bank.fg_tokens.shape[1:] == (1 + 2 * 2, 24)  # CLS + 2 x 2 patches
+    test = load_folder(split_dir(cfg, "test"), SIZE, maps=(), classes=pipe.classes)
+    layouts = layouts_of(test, len(test), cfg.cc.max_instances)
+    i = next(k for k, lay in enumerate(layouts) if lay)
+    images = sample_cc_diff(pipe, [test.captions[i]], [layouts[i]], 0, guidance_scale=cfg.cc.guidance_scale,
+                            steps=cfg.cc.sample_steps)
+    _finite_images(images, (1, 3, SIZE, SIZE))
