@@ -350,3 +350,9 @@ def test_tiny_model_overfits_eight_images():
     # the frozen UNet's share of the loss stays: the adapter removes about a third of it (0.62-0.66x)
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses[::10]
     assert all(p.grad is None for p in unet.parameters())  # the UNet stays frozen
+
+
+def test_a_fusion_block_without_cross_attention_is_an_error():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match=r"no cross-attention layer under \['up_blocks.5'\] \(cc.fusion_blocks\)"):
+        cc.CCDiffAdapter.from_unet(unet, ("mid_block", "up_blocks.5"), image_dim=DIMG)

@@ -354,3 +354,26 @@ def test_evaluation_rows_include_the_autoencoder_ceiling(parts):
                                                segmenter, n, 0, settings=settings, autoencoder_row=False, steps=2)
     assert [r["setting"] for r in rows2] == ["real test images", "road", "all six maps"]
     assert control.AUTOENCODER_ROW not in images2 and torch.equal(images2["road"], images["road"])
+
+
+def test_training_data_keeps_the_maps_in_memory_or_reads_them_per_item(parts, tmp_path, monkeypatch):
+    """Pre-encoding streams the split in chunks; the maps are kept (uint8) or, past MAPS_IN_MEMORY_BYTES (the gpu and
+    paper presets' data sets), read from disk per item: the items are the same either way."""
+    from rslib.data.datasets import RSDataset
+    from rslib.data.synthrs import ensure_synthrs
+    from rslib.train import crs_diff as train_crs
+
+    ensure_synthrs(tmp_path, {"train": 5}, 32, seed=0)
+    ds = RSDataset(tmp_path / "train", size=32, max_objects=1)
+    kept = train_crs.encode_training_data(ds, parts["vae"], parts["image_encoder"], batch_size=2)  # chunks 2, 2, 1
+    monkeypatch.setattr(train_crs, "MAPS_IN_MEMORY_BYTES", 0)
+    lazy = train_crs.encode_training_data(ds, parts["vae"], parts["image_encoder"], batch_size=2)
+    assert isinstance(kept.conditions, torch.Tensor) and kept.conditions.dtype == torch.uint8 and lazy.conditions is ds
+    whole = train_crs.load_split_tensors(ds)
+    assert torch.equal(kept.conditions, whole["conditions"])
+    with torch.no_grad():
+        torch.testing.assert_close(kept.mean, parts["vae"].encode(whole["pixel_values"]).latent_dist.mean)
+    for i in range(len(ds)):
+        a, b = kept[i], lazy[i]
+        assert a["captions"] == b["captions"]
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "captions")

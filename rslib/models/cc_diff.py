@@ -599,9 +599,10 @@ class CCDiffAdapter(ModelMixin, ConfigMixin):
         """An adapter with one fusion module per ``attn2`` under ``blocks`` (channels read from the UNet)."""
         mods = dict(unet.named_modules())
         names = fusion_layer_names(unet, blocks)
-        if not names:
-            raise ValueError(f"no cross-attention layer under {list(blocks)}; UNet attention blocks: "
-                             f"{sorted({n.split('.attentions')[0] for n in unet.attn_processors})}")
+        missing = [b for b in blocks if not fusion_layer_names(unet, [b])]
+        if not names or missing:
+            raise ValueError(f"no cross-attention layer under {missing or list(blocks)} (cc.fusion_blocks); UNet "
+                             f"attention blocks: {sorted({n.split('.attentions')[0] for n in unet.attn_processors})}")
         channels = {n: int(mods[n].to_q.in_features) for n in names}
         return cls(layer_channels=channels, context_dim=int(unet.config.cross_attention_dim), image_dim=image_dim,
                    **kwargs)

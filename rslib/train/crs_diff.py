@@ -117,16 +117,29 @@ def load_stage_one_parts(path: str | os.PathLike) -> dict[str, Any]:
 # Pre-encoded training data
 
 
+# The training split's condition maps stay in memory (uint8) up to this size. Beyond it, e.g. the gpu preset's
+# data (20000 x 18 x 256 x 256 bytes = 24 GB) or the paper's (10000 images at 512 px: 47 GB), each step reads its
+# items' maps from disk instead.
+MAPS_IN_MEMORY_BYTES = 4 * 2**30
+
+
+def maps_as_uint8(conditions: torch.Tensor) -> torch.Tensor:
+    """Condition maps in [0, 1] (..., 18, S, S) -> uint8, the form training stores and batches them in."""
+    return (conditions * 255).round().to(torch.uint8)
+
+
 class CRSTrainingData(torch.utils.data.Dataset):
     """Pre-encoded stage-two samples.
 
     Item: ``mean``/``std`` (C, h, w) VAE posterior, ``conditions`` (18, S, S) uint8, ``content`` (D,) CLIP
     embedding, ``has_content`` bool, ``metadata`` (7,) in [0, 1], ``metadata_valid`` (7,) bool, ``captions``.
+    ``conditions`` is either the (N, 18, S, S) uint8 stack or the split itself (an :class:`RSDataset`), whose
+    maps are then read item by item.
     """
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, conditions: torch.Tensor, content: torch.Tensor,
-                 has_content: torch.Tensor, metadata: torch.Tensor, metadata_valid: torch.Tensor,
-                 captions: list[list[str]]):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, conditions: torch.Tensor | RSDataset,
+                 content: torch.Tensor, has_content: torch.Tensor, metadata: torch.Tensor,
+                 metadata_valid: torch.Tensor, captions: list[list[str]]):
         n = len(mean)
         if not all(len(x) == n for x in (std, conditions, content, has_content, metadata, metadata_valid, captions)):
             raise ValueError("all pre-encoded tensors need the same length")
@@ -137,8 +150,14 @@ class CRSTrainingData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.mean)
 
+    def maps(self, i: int) -> torch.Tensor:
+        """Item i's condition maps (18, S, S) uint8."""
+        if isinstance(self.conditions, torch.Tensor):
+            return self.conditions[i]
+        return maps_as_uint8(self.conditions[i]["conditions"])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"mean": self.mean[i], "std": self.std[i], "conditions": self.conditions[i],
+        return {"mean": self.mean[i], "std": self.std[i], "conditions": self.maps(i),
                 "content": self.content[i], "has_content": self.has_content[i], "metadata": self.metadata[i],
                 "metadata_valid": self.metadata_valid[i], "captions": self.captions[i]}
 
@@ -149,14 +168,14 @@ def split_dataset(cfg: Preset, split: str) -> RSDataset:
     return RSDataset(folder, size=cfg.data.image_size, max_objects=1)
 
 
-def load_split_tensors(ds: RSDataset) -> dict[str, Any]:
+def load_split_tensors(ds: torch.utils.data.Dataset) -> dict[str, Any]:
     """Every item of a split stacked: images, conditions (uint8), content images, metadata, captions."""
     items = [ds[i] for i in range(len(ds))]
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (N, 3, S, S) in [-1, 1]
-        "conditions": torch.stack([(it["conditions"] * 255).round().to(torch.uint8) for it in items]),  # (N, 18, S, S)
+        "conditions": torch.stack([maps_as_uint8(it["conditions"]) for it in items]),  # (N, 18, S, S)
         "content": torch.stack([it["content"] for it in items]),  # (N, 3, S, S)
-        "has_content": torch.tensor([bool(it["has_content"]) for it in items]),
+        "has_content": torch.stack([torch.as_tensor(bool(it["has_content"])) for it in items]),
         "metadata": torch.stack([it["metadata"] for it in items]),  # (N, 7)
         "metadata_valid": torch.stack([it["metadata_valid"] for it in items]),
         "captions": [it["captions"] for it in items],
@@ -164,24 +183,38 @@ def load_split_tensors(ds: RSDataset) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def encode_training_data(tensors: dict[str, Any], vae: AutoencoderKL,
-                         image_encoder: CLIPVisionModelWithProjection | None, batch_size: int = 64,
-                         device: str | torch.device = "cpu") -> CRSTrainingData:
-    """Pre-encode a split: VAE posterior (mean, std) and CLIP content embeddings, computed once."""
+def encode_training_data(ds: RSDataset, vae: AutoencoderKL, image_encoder: CLIPVisionModelWithProjection | None,
+                         batch_size: int = 64, device: str | torch.device = "cpu",
+                         maps_in_memory: bool | None = None) -> CRSTrainingData:
+    """Pre-encode a split once, ``batch_size`` items at a time (never the whole split's images in memory): VAE
+    posterior (mean, std), CLIP content embeddings, metadata, captions, and the condition maps as uint8 when
+    ``maps_in_memory`` (default: when they fit in :data:`MAPS_IN_MEMORY_BYTES`), else read from ``ds`` per item."""
+    n, size = len(ds), ds.size
+    if maps_in_memory is None:
+        maps_in_memory = n * 3 * len(CONDITION_NAMES) * size * size <= MAPS_IN_MEMORY_BYTES
     vae = vae.to(device)
-    means, stds = [], []
-    images = tensors["pixel_values"]
-    for i in range(0, len(images), batch_size):
-        dist = vae.encode(images[i:i + batch_size].to(device)).latent_dist
-        means.append(dist.mean.float().cpu())  # (b, C, h, w)
-        stds.append(dist.std.float().cpu())
     if image_encoder is not None:
-        content = content_embeddings(image_encoder.to(device), tensors["content"], batch_size).cpu()  # (N, D)
-    else:
-        content = torch.zeros(len(images), 1)
-    return CRSTrainingData(torch.cat(means), torch.cat(stds), tensors["conditions"], content,
-                           tensors["has_content"], tensors["metadata"], tensors["metadata_valid"],
-                           tensors["captions"])
+        image_encoder = image_encoder.to(device)
+    parts: dict[str, list[Any]] = {k: [] for k in ("mean", "std", "conditions", "content", "has_content", "metadata",
+                                                   "metadata_valid", "captions")}
+    for start in range(0, n, batch_size):
+        chunk = load_split_tensors(torch.utils.data.Subset(ds, range(start, min(start + batch_size, n))))
+        dist = vae.encode(chunk["pixel_values"].to(device)).latent_dist
+        parts["mean"].append(dist.mean.float().cpu())  # (b, C, h, w)
+        parts["std"].append(dist.std.float().cpu())
+        if image_encoder is not None:
+            parts["content"].append(content_embeddings(image_encoder, chunk["content"], batch_size).cpu())  # (b, D)
+        else:
+            parts["content"].append(torch.zeros(len(chunk["captions"]), 1))
+        if maps_in_memory:
+            parts["conditions"].append(chunk["conditions"])
+        for k in ("has_content", "metadata", "metadata_valid"):
+            parts[k].append(chunk[k])
+        parts["captions"].extend(chunk["captions"])
+    return CRSTrainingData(*(torch.cat(parts[k]) for k in ("mean", "std")),
+                           torch.cat(parts["conditions"]) if maps_in_memory else ds,
+                           *(torch.cat(parts[k]) for k in ("content", "has_content", "metadata", "metadata_valid")),
+                           parts["captions"])
 
 
 # ---------------------------------------------------------------------------
@@ -330,8 +363,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     parts = load_stage_one_parts(s1)
     image_encoder = load_image_encoder(resolve_clip_dir(cfg, clip_dir)) if use_content else None
     device = pick_device(cfg.device)
-    data = encode_training_data(load_split_tensors(split_dataset(cfg, "train")), parts["vae"], image_encoder,
-                                device=device)
+    data = encode_training_data(split_dataset(cfg, "train"), parts["vae"], image_encoder, device=device)
     encode_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.data.seed)  # the fresh trainable parts' initial weights

@@ -131,11 +131,17 @@ class LatentCaptions(torch.utils.data.Dataset):
 
 
 def latent_dataset(cfg: Preset, vae: AutoencoderKL, split: str = "train") -> LatentCaptions:
-    """Encode one split of the preset's data set with the frozen VAE (SynthRS is generated if missing)."""
+    """Encode one split of the preset's data set with the frozen VAE (SynthRS is generated if missing), a chunk of
+    images at a time, so that only the latents of the whole split are held in memory."""
     ds = RSDataset(split_dir(cfg, split), size=cfg.data.image_size, max_objects=1, with_conditions=False)
-    images = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])  # (N, 3, S, S) in [-1, 1]
-    mean, std = encode_latents(vae, images, device=pick_device(cfg.device))
-    return LatentCaptions(mean, std, [r.captions for r in ds.records])
+    device, chunk = pick_device(cfg.device), 256
+    means, stds = [], []
+    for start in range(0, len(ds), chunk):
+        images = torch.stack([ds[i]["pixel_values"] for i in range(start, min(start + chunk, len(ds)))])  # in [-1, 1]
+        mean, std = encode_latents(vae, images, device=device)
+        means.append(mean)
+        stds.append(std)
+    return LatentCaptions(torch.cat(means), torch.cat(stds), [r.captions for r in ds.records])
 
 
 # ---------------------------------------------------------------------------
