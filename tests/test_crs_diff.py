@@ -377,3 +377,33 @@ def test_training_data_keeps_the_maps_in_memory_or_reads_them_per_item(parts, tm
         a, b = kept[i], lazy[i]
         assert a["captions"] == b["captions"]
         assert all(torch.equal(a[k], b[k]) for k in a if k != "captions")
+
+
+def test_training_data_cache_is_reused_and_keyed_by_stage_one(parts, tmp_path, monkeypatch):
+    """CRS-Diff and its ablation variants encode the training split once: a second call reads the cache (same
+    items); retraining stage one (a new stage_one.json) invalidates it."""
+    from rslib.data.datasets import RSDataset
+    from rslib.data.synthrs import ensure_synthrs
+    from rslib.train import crs_diff as train_crs
+
+    ensure_synthrs(tmp_path / "data", {"train": 3}, 32, seed=0)
+    ds = RSDataset(tmp_path / "data" / "train", size=32, max_objects=1)
+    cfg = get_preset("smoke", runs_dir=str(tmp_path / "runs"))
+    s1, clip_dir = tmp_path / "stage_one", tmp_path / "clip"
+    for folder in (s1, clip_dir):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (s1 / "stage_one.json").write_text('{"run": 1}')
+    args = (cfg, ds, s1, parts["vae"], parts["image_encoder"], clip_dir)
+    first = train_crs.cached_training_data(*args)
+    calls = []
+    real_encode = train_crs.encode_training_data
+    monkeypatch.setattr(train_crs, "encode_training_data", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    again = train_crs.cached_training_data(*args)
+    assert not calls
+    for i in range(len(ds)):
+        a, b = first[i], again[i]
+        assert a["captions"] == b["captions"] and all(torch.equal(a[k], b[k]) for k in a if k != "captions")
+    (s1 / "stage_one.json").write_text('{"run": 2}')
+    train_crs.cached_training_data(*args)
+    assert calls == [1]

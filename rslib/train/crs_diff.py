@@ -51,9 +51,10 @@ from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
 from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
                               train_loop)
 from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
-from rslib.utils import pick_device
+from rslib.utils import atomic_write_dir, pick_device
 
 TRAINING_DIR = "training"
+LATENTS_CACHE = "crs_diff_latents"  # under runs/<preset>/: the encoded training split, shared by every variant
 INFO_NAME = "crs_diff.json"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter", "metadata_encoder",
          "content_tokenizer", "image_encoder")
@@ -217,6 +218,37 @@ def encode_training_data(ds: RSDataset, vae: AutoencoderKL, image_encoder: CLIPV
                            parts["captions"])
 
 
+def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: AutoencoderKL,
+                         image_encoder: CLIPVisionModelWithProjection | None, clip_dir: Path | None,
+                         device: str | torch.device = "cpu") -> CRSTrainingData:
+    """:func:`encode_training_data` through a cache in ``runs/<preset>/crs_diff_latents`` (keyed by the data, the
+    stage-one folder and the RS-CLIP folder), so CRS-Diff and its ablation variants encode the split once."""
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = cfg.run_dir(LATENTS_CACHE)
+    maps_in_memory = len(ds) * 3 * len(CONDITION_NAMES) * ds.size ** 2 <= MAPS_IN_MEMORY_BYTES
+    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
+                                   "clip": input_stamp(clip_dir) if image_encoder is not None else None,
+                                   "maps_in_memory": maps_in_memory}))
+    stamp_file = cache_dir / "stamp.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        t = load_file(str(cache_dir / "data.safetensors"))
+        if len(t["mean"]) == len(ds):
+            return CRSTrainingData(t["mean"], t["std"], t["conditions"] if maps_in_memory else ds, t["content"],
+                                   t["has_content"].bool(), t["metadata"], t["metadata_valid"].bool(),
+                                   [r.captions for r in ds.records])
+    data = encode_training_data(ds, vae, image_encoder, device=device, maps_in_memory=maps_in_memory)
+    with atomic_write_dir(cache_dir) as tmp:
+        tensors = {"mean": data.mean, "std": data.std, "content": data.content,
+                   "has_content": data.has_content.to(torch.uint8), "metadata": data.metadata,
+                   "metadata_valid": data.metadata_valid.to(torch.uint8)}
+        if maps_in_memory:
+            tensors["conditions"] = data.conditions
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "data.safetensors"))
+        (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))
+    return data
+
+
 # ---------------------------------------------------------------------------
 # Model and objective
 
@@ -361,9 +393,10 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     fresh_work_dir(work, stamp, force)
     t0 = time.perf_counter()
     parts = load_stage_one_parts(s1)
-    image_encoder = load_image_encoder(resolve_clip_dir(cfg, clip_dir)) if use_content else None
+    clip_path = resolve_clip_dir(cfg, clip_dir) if use_content else None
+    image_encoder = load_image_encoder(clip_path) if use_content else None
     device = pick_device(cfg.device)
-    data = encode_training_data(split_dataset(cfg, "train"), parts["vae"], image_encoder, device=device)
+    data = cached_training_data(cfg, split_dataset(cfg, "train"), s1, parts["vae"], image_encoder, clip_path, device)
     encode_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.data.seed)  # the fresh trainable parts' initial weights
@@ -414,7 +447,7 @@ def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out_dir) / INFO_NAME).read_text())
 
 
-__all__ = ["CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model", "crs_history", "crs_info",
+__all__ = ["CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model", "cached_training_data", "crs_history", "crs_info",
            "crs_train_config", "encode_training_data", "image_encoder_from_clip", "load_image_encoder",
            "load_split_tensors", "load_stage_one_parts", "resolve_clip_dir", "resolve_stage_one", "split_dataset",
            "train_crs_diff", "variant_name"]
