@@ -64,3 +64,27 @@ def atomic_write_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_tensor_cache(cache_dir: str | os.PathLike, stamp: dict) -> dict[str, torch.Tensor] | None:
+    """The tensors :func:`write_tensor_cache` saved in ``cache_dir`` if they were saved with ``stamp``, else None."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cache_dir = Path(cache_dir)
+    stamp_file, data_file = cache_dir / "stamp.json", cache_dir / "tensors.safetensors"
+    if not (stamp_file.is_file() and data_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+        return None
+    return load_file(str(data_file))
+
+
+def write_tensor_cache(cache_dir: str | os.PathLike, stamp: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Save ``tensors`` with ``stamp`` in ``cache_dir``, atomically (a reader never sees half a cache)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    with atomic_write_dir(cache_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))

@@ -56,7 +56,7 @@ from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
                               train_loop)
 from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
-from rslib.utils import atomic_write_dir, pick_device
+from rslib.utils import atomic_write_dir, pick_device, read_tensor_cache, write_tensor_cache
 
 TRAINING_DIR = "training"
 INFO_NAME = "cc_diff.json"
@@ -316,22 +316,15 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
                          device: str | torch.device = "cpu") -> CCTrainingData:
     """:func:`encode_training_data` through a cache in ``cache_dir`` (keyed by data, stage one and layout size), so
     the variants of notebook 04 encode the split once."""
-    from safetensors.torch import load_file, save_file
-
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
                                    "max_instances": cfg.cc.max_instances, "classes": ds.classes}))
-    stamp_file = cache_dir / "stamp.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        t = load_file(str(cache_dir / "latents.safetensors"))
-        if len(t["mean"]) == len(ds):
-            return CCTrainingData(t["mean"], t["std"], t["boxes"], t["obb"], t["labels"], t["valid"].bool(),
-                                  [r.captions for r in ds.records])
+    t = read_tensor_cache(cache_dir, stamp)
+    if t is not None and len(t["mean"]) == len(ds):
+        return CCTrainingData(t["mean"], t["std"], t["boxes"], t["obb"], t["labels"], t["valid"].bool(),
+                              [r.captions for r in ds.records])
     data = encode_training_data(ds, vae, device)
-    with atomic_write_dir(cache_dir) as tmp:
-        tensors = {"mean": data.mean, "std": data.std, "boxes": data.boxes, "obb": data.obb, "labels": data.labels,
-                   "valid": data.valid.to(torch.uint8)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "latents.safetensors"))
-        (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))
+    write_tensor_cache(cache_dir, stamp, {"mean": data.mean, "std": data.std, "boxes": data.boxes, "obb": data.obb,
+                                          "labels": data.labels, "valid": data.valid.to(torch.uint8)})
     return data
 
 

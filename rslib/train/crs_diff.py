@@ -50,8 +50,9 @@ from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
 from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
                               train_loop)
+from rslib.train.stage_one import encode_latents
 from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
-from rslib.utils import atomic_write_dir, pick_device
+from rslib.utils import pick_device, read_tensor_cache, write_tensor_cache
 
 TRAINING_DIR = "training"
 LATENTS_CACHE = "crs_diff_latents"  # under runs/<preset>/: the encoded training split, shared by every variant
@@ -124,6 +125,11 @@ def load_stage_one_parts(path: str | os.PathLike) -> dict[str, Any]:
 MAPS_IN_MEMORY_BYTES = 4 * 2**30
 
 
+def maps_fit_in_memory(ds: RSDataset) -> bool:
+    """True when the split's condition maps (uint8) take at most :data:`MAPS_IN_MEMORY_BYTES`."""
+    return len(ds) * 3 * len(CONDITION_NAMES) * ds.size ** 2 <= MAPS_IN_MEMORY_BYTES
+
+
 def maps_as_uint8(conditions: torch.Tensor) -> torch.Tensor:
     """Condition maps in [0, 1] (..., 18, S, S) -> uint8, the form training stores and batches them in."""
     return (conditions * 255).round().to(torch.uint8)
@@ -176,7 +182,7 @@ def load_split_tensors(ds: torch.utils.data.Dataset) -> dict[str, Any]:
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (N, 3, S, S) in [-1, 1]
         "conditions": torch.stack([maps_as_uint8(it["conditions"]) for it in items]),  # (N, 18, S, S)
         "content": torch.stack([it["content"] for it in items]),  # (N, 3, S, S)
-        "has_content": torch.stack([torch.as_tensor(bool(it["has_content"])) for it in items]),
+        "has_content": torch.tensor([bool(it["has_content"]) for it in items]),
         "metadata": torch.stack([it["metadata"] for it in items]),  # (N, 7)
         "metadata_valid": torch.stack([it["metadata_valid"] for it in items]),
         "captions": [it["captions"] for it in items],
@@ -190,19 +196,17 @@ def encode_training_data(ds: RSDataset, vae: AutoencoderKL, image_encoder: CLIPV
     """Pre-encode a split once, ``batch_size`` items at a time (never the whole split's images in memory): VAE
     posterior (mean, std), CLIP content embeddings, metadata, captions, and the condition maps as uint8 when
     ``maps_in_memory`` (default: when they fit in :data:`MAPS_IN_MEMORY_BYTES`), else read from ``ds`` per item."""
-    n, size = len(ds), ds.size
-    if maps_in_memory is None:
-        maps_in_memory = n * 3 * len(CONDITION_NAMES) * size * size <= MAPS_IN_MEMORY_BYTES
-    vae = vae.to(device)
+    n = len(ds)
+    maps_in_memory = maps_fit_in_memory(ds) if maps_in_memory is None else maps_in_memory
     if image_encoder is not None:
         image_encoder = image_encoder.to(device)
     parts: dict[str, list[Any]] = {k: [] for k in ("mean", "std", "conditions", "content", "has_content", "metadata",
                                                    "metadata_valid", "captions")}
     for start in range(0, n, batch_size):
         chunk = load_split_tensors(torch.utils.data.Subset(ds, range(start, min(start + batch_size, n))))
-        dist = vae.encode(chunk["pixel_values"].to(device)).latent_dist
-        parts["mean"].append(dist.mean.float().cpu())  # (b, C, h, w)
-        parts["std"].append(dist.std.float().cpu())
+        mean, std = encode_latents(vae, chunk["pixel_values"], batch_size, device)  # (b, C, h, w)
+        parts["mean"].append(mean)
+        parts["std"].append(std)
         if image_encoder is not None:
             parts["content"].append(content_embeddings(image_encoder, chunk["content"], batch_size).cpu())  # (b, D)
         else:
@@ -223,29 +227,22 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
                          device: str | torch.device = "cpu") -> CRSTrainingData:
     """:func:`encode_training_data` through a cache in ``runs/<preset>/crs_diff_latents`` (keyed by the data, the
     stage-one folder and the RS-CLIP folder), so CRS-Diff and its ablation variants encode the split once."""
-    from safetensors.torch import load_file, save_file
-
-    cache_dir = cfg.run_dir(LATENTS_CACHE)
-    maps_in_memory = len(ds) * 3 * len(CONDITION_NAMES) * ds.size ** 2 <= MAPS_IN_MEMORY_BYTES
+    maps_in_memory = maps_fit_in_memory(ds)
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
                                    "clip": input_stamp(clip_dir) if image_encoder is not None else None,
                                    "maps_in_memory": maps_in_memory}))
-    stamp_file = cache_dir / "stamp.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        t = load_file(str(cache_dir / "data.safetensors"))
-        if len(t["mean"]) == len(ds):
-            return CRSTrainingData(t["mean"], t["std"], t["conditions"] if maps_in_memory else ds, t["content"],
-                                   t["has_content"].bool(), t["metadata"], t["metadata_valid"].bool(),
-                                   [r.captions for r in ds.records])
+    t = read_tensor_cache(cfg.run_dir(LATENTS_CACHE), stamp)
+    if t is not None and len(t["mean"]) == len(ds):
+        return CRSTrainingData(t["mean"], t["std"], t["conditions"] if maps_in_memory else ds, t["content"],
+                               t["has_content"].bool(), t["metadata"], t["metadata_valid"].bool(),
+                               [r.captions for r in ds.records])
     data = encode_training_data(ds, vae, image_encoder, device=device, maps_in_memory=maps_in_memory)
-    with atomic_write_dir(cache_dir) as tmp:
-        tensors = {"mean": data.mean, "std": data.std, "content": data.content,
-                   "has_content": data.has_content.to(torch.uint8), "metadata": data.metadata,
-                   "metadata_valid": data.metadata_valid.to(torch.uint8)}
-        if maps_in_memory:
-            tensors["conditions"] = data.conditions
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "data.safetensors"))
-        (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))
+    tensors = {"mean": data.mean, "std": data.std, "content": data.content,
+               "has_content": data.has_content.to(torch.uint8), "metadata": data.metadata,
+               "metadata_valid": data.metadata_valid.to(torch.uint8)}
+    if maps_in_memory:
+        tensors["conditions"] = data.conditions
+    write_tensor_cache(cfg.run_dir(LATENTS_CACHE), stamp, tensors)
     return data
 
 
@@ -447,7 +444,7 @@ def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out_dir) / INFO_NAME).read_text())
 
 
-__all__ = ["CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model", "cached_training_data", "crs_history", "crs_info",
-           "crs_train_config", "encode_training_data", "image_encoder_from_clip", "load_image_encoder",
-           "load_split_tensors", "load_stage_one_parts", "resolve_clip_dir", "resolve_stage_one", "split_dataset",
-           "train_crs_diff", "variant_name"]
+__all__ = ["CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model", "cached_training_data",
+           "crs_history", "crs_info", "crs_train_config", "encode_training_data", "image_encoder_from_clip",
+           "load_image_encoder", "load_split_tensors", "load_stage_one_parts", "maps_fit_in_memory",
+           "resolve_clip_dir", "resolve_stage_one", "split_dataset", "train_crs_diff", "variant_name"]
