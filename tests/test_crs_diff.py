@@ -286,6 +286,24 @@ def test_loss_weights_turn_noisy_steps_into_clean_latent_errors():
         AdapterTimesteps(ns, "quadratic")
 
 
+def test_offset_noise_shifts_each_channel_by_one_value():
+    """noise_offset o adds o * N(0, 1) per sample and channel; 0 draws exactly torch.randn's values."""
+    from rslib.models.base import AdapterTimesteps, build_noise_scheduler
+
+    ns = build_noise_scheduler()
+    plain = AdapterTimesteps(ns).noise((2, 4, 8, 8), torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    offset = AdapterTimesteps(ns, noise_offset=0.5).noise((2000, 4, 8, 8), g)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn((2000, 4, 8, 8), generator=g)
+    shift = offset - base  # the same Gaussian draws first, then one offset per (sample, channel)
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-5)
+    assert abs(float(shift[:, :, 0, 0].std()) - 0.5) < 0.03
+    with pytest.raises(ValueError, match="noise_offset"):
+        AdapterTimesteps(ns, noise_offset=-0.1)
+
+
 def test_road_loss_weight_weights_the_cells_the_road_map_covers():
     """crs.road_loss_weight w: a latent cell counts 1 + (w - 1) * (share of it the road map covers)."""
     from rslib.train.crs_diff import CRSDiffLoss

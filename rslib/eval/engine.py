@@ -70,7 +70,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     from rslib.data.formats import CONDITION_NAMES
 
     ds = split_dataset(cfg, "train")
-    items = load_split_tensors(_Head(ds, n_gen))
+    items = load_split_tensors(ds, n_gen)
     gen = sample_crs_diff(pipe, [c[0] for c in items["captions"]], seed, conditions=items["conditions"],
                           maps=CONDITION_NAMES, guidance_scale=cfg.crs.guidance_scale, steps=cfg.crs.sample_steps)
     labels = segmentation_to_classes(items["conditions"].float() / 255.0)
@@ -84,17 +84,3 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
                      "road_iou": test["road_iou"], "miou": test["miou"]})
     return rows
 
-
-class _Head:
-    """The first n items of a data set (a light view for load_split_tensors)."""
-
-    def __init__(self, ds: Any, n: int):
-        self.ds, self.n = ds, min(n, len(ds))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        if i >= self.n:
-            raise IndexError(i)
-        return self.ds[i]

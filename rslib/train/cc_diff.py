@@ -384,7 +384,8 @@ class CCDiffLoss:
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, references: ReferenceBank | None = None,
                  caption_dropout: float = 0.1, instance_dropout: float = 0.1,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
-                 x0_weight_max: float = 1.0, object_loss_weight: float = 1.0):
+                 x0_weight_max: float = 1.0, object_loss_weight: float = 1.0,
+                 noise_offset: float = 0.0):
         if object_loss_weight < 1.0:
             raise ValueError(f"object_loss_weight must be >= 1 (1 = every latent cell alike), not {object_loss_weight}")
         self.object_loss_weight = float(object_loss_weight)
@@ -394,7 +395,7 @@ class CCDiffLoss:
         self.caption_dropout = float(caption_dropout)
         self.instance_dropout = float(instance_dropout)
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
-        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max)
+        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max, noise_offset)
 
     def __call__(self, model: CCTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -431,7 +432,7 @@ class CCDiffLoss:
         ctx = adapter.encode(batch["obb"][:, :n], valid, model.phrase_hidden[lab].to(text.dtype),
                              model.phrase_pooled[lab].to(text.dtype), pooled, tuple(mean.shape[-2:]),
                              boxes=batch["boxes"][:, :n], **refs)
-        noise = torch.randn(latents.shape, generator=g).to(dev)
+        noise = self.steps.noise(tuple(latents.shape), g).to(dev)
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.net(noisy, t, text, ctx)
@@ -517,7 +518,8 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     model = CCTrainModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], adapter, bank.phrases)
     loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, cfg.cc.caption_dropout,
                          cfg.cc.instance_dropout, timestep_sampling=cfg.cc.timestep_sampling,
-                         x0_weight_max=cfg.cc.x0_weight_max, object_loss_weight=cfg.cc.object_loss_weight)
+                         x0_weight_max=cfg.cc.x0_weight_max, object_loss_weight=cfg.cc.object_loss_weight,
+                         noise_offset=cfg.unet.noise_offset)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:

@@ -175,9 +175,10 @@ def split_dataset(cfg: Preset, split: str) -> RSDataset:
     return RSDataset(folder, size=cfg.data.image_size, max_objects=1)
 
 
-def load_split_tensors(ds: torch.utils.data.Dataset) -> dict[str, Any]:
-    """Every item of a split stacked: images, conditions (uint8), content images, metadata, captions."""
-    items = [ds[i] for i in range(len(ds))]
+def load_split_tensors(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, Any]:
+    """The first ``n`` items of a split (all by default) stacked: images, conditions (uint8), content images,
+    metadata, captions."""
+    items = [ds[i] for i in range(len(ds) if n is None else min(n, len(ds)))]
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (N, 3, S, S) in [-1, 1]
         "conditions": torch.stack([maps_as_uint8(it["conditions"]) for it in items]),  # (N, 18, S, S)
@@ -297,7 +298,8 @@ class CRSDiffLoss:
 
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
-                 x0_weight_max: float = 1.0, road_loss_weight: float = 1.0):
+                 x0_weight_max: float = 1.0, road_loss_weight: float = 1.0,
+                 noise_offset: float = 0.0):
         if road_loss_weight < 1.0:
             raise ValueError(f"road_loss_weight must be >= 1 (1 = every latent cell alike), not {road_loss_weight}")
         self.road_loss_weight = float(road_loss_weight)
@@ -305,7 +307,7 @@ class CRSDiffLoss:
         self.scaling_factor = float(scaling_factor)
         self.dropout = dropout or ConditionDropout()
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
-        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max)
+        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max, noise_offset)
 
     def __call__(self, model: CRSTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -322,7 +324,7 @@ class CRSDiffLoss:
             text = model.text_encoder(input_ids=ids).last_hidden_state  # (B, L, D)
         content_keep = keep["global"][:, 0].to(dev) & batch["has_content"].bool()
         meta_keep = keep["global"][:, 1:2].to(dev) & batch["metadata_valid"].bool()  # (B, 7)
-        noise = torch.randn(latents.shape, generator=g).to(dev)
+        noise = self.steps.noise(tuple(latents.shape), g).to(dev)
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
@@ -403,7 +405,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     model = CRSTrainModel(crs, parts["text_encoder"])
     loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor,
                           timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
-                          road_loss_weight=c.road_loss_weight)
+                          road_loss_weight=c.road_loss_weight, noise_offset=cfg.unet.noise_offset)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:

@@ -166,17 +166,17 @@ class StageOneModel(nn.Module):
 class StageOneLoss:
     """``loss_fn(model, batch, generator)``: noise-prediction MSE on VAE latents with caption dropout.
 
-    ``timestep_sampling`` and ``x0_weight_max`` are those of :class:`AdapterTimesteps` (defaults: uniform steps,
-    plain noise MSE, as Stable Diffusion trains)."""
+    ``timestep_sampling``, ``x0_weight_max`` and ``noise_offset`` are those of :class:`AdapterTimesteps`
+    (defaults: uniform steps, plain noise MSE, Gaussian noise, as Stable Diffusion trains)."""
 
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, caption_dropout: float,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
-                 x0_weight_max: float = 1.0):
+                 x0_weight_max: float = 1.0, noise_offset: float = 0.0):
         self.tokenizer = tokenizer
         self.scaling_factor = float(scaling_factor)
         self.caption_dropout = float(caption_dropout)
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
-        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max)
+        self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max, noise_offset)
 
     def __call__(self, model: StageOneModel, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -188,7 +188,7 @@ class StageOneLoss:
         ids = tokenize(self.tokenizer, captions).to(dev)  # (B, 77)
         with torch.no_grad():
             context = model.text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(dev)
+        noise = self.steps.noise(tuple(latents.shape), generator).to(dev)
         t = self.steps.sample(b, generator).to(dev)  # (B,)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.unet(noisy, t, encoder_hidden_states=context).sample  # (B, C, h, w)
@@ -246,7 +246,8 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
                          f"{te_dir} gives {text_encoder.config.hidden_size}-d states")
     model = StageOneModel(unet, text_encoder)
     loss_fn = StageOneLoss(tokenizer, vae.config.scaling_factor, cfg.unet.caption_dropout,
-                           timestep_sampling=cfg.unet.timestep_sampling, x0_weight_max=cfg.unet.x0_weight_max)
+                           timestep_sampling=cfg.unet.timestep_sampling, x0_weight_max=cfg.unet.x0_weight_max,
+                           noise_offset=cfg.unet.noise_offset)
     tcfg = stage_one_train_config(cfg)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
