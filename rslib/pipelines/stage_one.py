@@ -51,3 +51,9 @@ def sample_stage_one(pipe: StableDiffusionPipeline, prompts: Sequence[str], cfg:
                    negative_prompt=[negative_prompt] * len(chunk) if negative_prompt is not None else None)
         out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))  # (b, S, S, 3)
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def as_pixel_values(images: np.ndarray) -> torch.Tensor:
+    """Samples (N, S, S, 3) uint8, as :func:`sample_stage_one` returns them, as float (N, 3, S, S) in [-1, 1]:
+    the form of the data sets' ``pixel_values`` that the measures take."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
