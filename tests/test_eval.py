@@ -345,3 +345,10 @@ def test_low_data_preset_scales_only_the_trainability_models_steps():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="steps_fraction"):
             engine.low_data_preset(cfg, bad)
+    # the model with generated images trains the same number of epochs: 200 real + 100 generated = 1.5x the steps
+    longer = engine.low_data_preset(cfg, 0.5, engine._epochs_of(200, 100))
+    assert (longer.det.steps, longer.seg.steps) == (round(cfg.det.steps * 0.75), round(cfg.seg.steps * 0.75))
+    with pytest.raises(ValueError, match="epochs_of"):
+        engine.low_data_preset(cfg, 0.5, 0.5)
+    with pytest.raises(ValueError, match="n_real=0"):
+        engine._epochs_of(0, 10)
