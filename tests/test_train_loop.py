@@ -238,3 +238,33 @@ def test_worker_processes_give_the_same_run(tmp_path):
     plain = train_loop(_mlp(), _mse, _data(), cfg, tmp_path / "a", progress=False)
     workers = train_loop(_mlp(), _mse, _data(), replace(cfg, num_workers=1), tmp_path / "b", progress=False)
     assert workers.history == plain.history
+
+
+def _conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 1, 3, padding=1))
+
+
+def _conv_data(n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, 8, 8, generator=g)
+    return list(zip(x, x[:, :1] * x[:, 1:]))
+
+
+def test_channels_last_trains_the_same_and_hands_back_the_default_layout(tmp_path):
+    """channels_last changes only the memory layout of the convolution weights during the run: the loss history
+    and the weights match the default layout's to float rounding, the checkpoint resumes in either layout, and the
+    model comes back in the default layout (what safetensors and the pipelines expect)."""
+    cfg = _cfg(steps=12, checkpoint_every=6)
+    plain = train_loop(_conv_net(), _mse, _conv_data(), cfg, tmp_path / "plain", progress=False)
+    net = _conv_net()
+    last = train_loop(net, _mse, _conv_data(), replace(cfg, channels_last=True), tmp_path / "last", progress=False)
+    assert [h["loss"] for h in last.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-4)
+    a, b = load_file(tmp_path / "plain/checkpoint/model.safetensors"), load_file(tmp_path / "last/checkpoint/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert all(p.is_contiguous() for p in net.parameters())
+    # stopped in one layout, resumed in the other: the same run
+    train_loop(_conv_net(), _mse, _conv_data(), replace(cfg, channels_last=True), tmp_path / "mixed", stop_after=6,
+               progress=False)
+    mixed = train_loop(_conv_net(), _mse, _conv_data(), cfg, tmp_path / "mixed", progress=False)
+    assert [h["loss"] for h in mixed.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-4)

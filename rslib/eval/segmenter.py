@@ -199,7 +199,7 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     s = cfg.seg
     tcfg = stage_train_config(cfg, s.mixed_precision, steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=1e-4,
                               warmup_steps=min(20, s.steps // 10), checkpoint_every=max(0, s.steps // 2),
-                              log_every=10, num_workers=0)
+                              log_every=10, num_workers=0, channels_last=True)
     result = train_loop(model, segmentation_loss_fn(s.crop_size), _Pairs(images, targets), tcfg, out_dir,
                         resume=resume, progress=progress)
     train_seconds = result.seconds

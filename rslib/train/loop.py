@@ -72,6 +72,9 @@ class TrainConfig:
     ema_decay: float | None = None
     num_workers: int = 0
     find_unused_parameters: bool = False  # for DDP when some trainable part may be skipped in a step
+    # convolution weights in channels-last layout on CPU: a step of the cpu preset's stage-one UNet is 7% faster on
+    # 2 cores, CRS-Diff's 13%, the segmenter's 10%; CC-Diff's (attention-bound) and the bf16 autoencoder's gain nothing
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -247,6 +250,12 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: 
     """Load weights, optimizer, scheduler and EMA state from a checkpoint folder; returns state.json."""
     load_trainable(model, folder / WEIGHTS_NAME)
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+    # moments saved from a run in another memory layout (channels_last on CPU, not on GPU) take their parameter's:
+    # the fused AdamW kernel walks a parameter and its moments in memory order
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, map_location="cpu", weights_only=True))
     if ema is not None:
         if not (folder / EMA_NAME).is_file():
@@ -363,6 +372,10 @@ def train_loop(
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True")
     model.to(accelerator.device)
+    # the model goes back to the default layout at the end, the one the saved files and the pipelines use
+    channels_last = cfg.channels_last and accelerator.device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     # the fused kernel does the same update in one pass over all parameters (about 7% of a small UNet's step on
     # 2 CPU cores); other devices keep the default implementation
     fused = True if accelerator.device.type in ("cpu", "cuda") else None
@@ -465,6 +478,8 @@ def train_loop(
     if end > start or not (out_dir / CHECKPOINT_DIR).exists():
         save(end)
     del batches, loader
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     if accelerator.device.type != "cpu":
         accelerator.free_memory()  # hand cached accelerator memory back before the next stage
     return TrainResult(out_dir=out_dir, history=history, seconds=time.perf_counter() - t0, steps=end)
