@@ -24,6 +24,11 @@ def test_side_by_side_keeps_ours_and_published_apart(tmp_path):
     row = table[table.method == "CC-Diff"].iloc[0]
     assert row["ours: fid"] == 40.0 and row["paper (DIOR-RSVG): fid"] == pytest.approx(70.68)
     assert pd.isna(table[table.method == "MIGC"].iloc[0]["ours: fid"])  # no invented numbers
+    # ours first, in our order, then the paper's other methods in its order
+    ours2 = ours_table([{"method": "z ours", "fid": 1.0}, {"method": "CC-Diff", "fid": 40.0}], preset="cpu")
+    rows = list(side_by_side(ours2, paper, ["fid"]).method)
+    others = [m for m in paper.method.drop_duplicates() if m != "CC-Diff"]
+    assert rows == ["z ours", "CC-Diff", *others]
     md, csv = write_table(table, tmp_path, "t", caption="caption")
     assert md.read_text().startswith("caption") and pd.read_csv(csv).shape == table.shape
 

@@ -33,11 +33,13 @@ def ours_table(rows: Sequence[dict[str, Any]], preset: str, data: str = "SynthRS
 
 def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, metrics: Sequence[str], key: str = "method",
                  paper_label: str = "paper") -> pd.DataFrame:
-    """One row per method: our metric columns, then the published ones in separate, labelled columns."""
+    """One row per method: our metric columns, then the published ones in separate, labelled columns. Our rows
+    come first, in our order, then the paper's other methods in its order."""
     left = ours.set_index(key)[[m for m in metrics if m in ours]].add_prefix("ours: ")
     right = paper.set_index(key)[[m for m in metrics if m in paper]].add_prefix(f"{paper_label}: ")
     right = right[~right.index.duplicated()]
-    return left.join(right, how="outer").reset_index()
+    order = list(left.index) + [m for m in right.index if m not in set(left.index)]
+    return left.join(right, how="outer").reindex(order).rename_axis(key).reset_index()
 
 
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
