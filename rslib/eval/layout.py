@@ -10,6 +10,9 @@ into images, which are scored against the layouts they came from:
 * **FID** with RS-CLIP image features against the real test images;
 * **context coherence** (SynthRS only): the share of objects whose box centre the segmenter puts on the land
   cover the class belongs on (ships on water, vehicles on roads or urban ground, airplanes on airport ground...).
+
+On a few dozen layouts two variants' scores can differ by chance: :func:`paired_bootstrap` redraws the layouts
+(the same draw for both variants) and gives an interval for the difference.
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from rslib.eval import metrics
 from rslib.eval.data import EvalSet
-from rslib.eval.detector import detection_map
-from rslib.eval.fidelity import on_context_fraction
+from rslib.eval.detector import detect, detection_map, score_detections
+from rslib.eval.fidelity import context_hits, on_context_fraction
 from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
 
@@ -139,3 +143,42 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
         rows.append({"method": name, **layout_scores(gen, real, prompts, layouts, data.classes, clip, tokenizer,
                                                      detector, segmenter), "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
+
+
+def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]],
+                     classes: Sequence[str], detector: torch.nn.Module, segmenter: torch.nn.Module,
+                     n_boot: int = 200, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How sure a difference between two variants is, from their images of the *same* layouts.
+
+    The layouts are drawn with replacement ``n_boot`` times and both variants are scored on each draw. Returns,
+    for ``map50`` (YOLOScore, %) and ``context`` (share of objects on fitting land cover): the difference a - b
+    on all layouts, the 2.5 and 97.5 percentiles of the redrawn differences, and the share of draws a wins.
+    """
+    if not len(images_a) == len(images_b) == len(layouts):
+        raise ValueError(f"need one image of each variant per layout, got {len(images_a)} and {len(images_b)} "
+                         f"images for {len(layouts)} layouts")
+    targets = targets_of(layouts, classes)
+    size, min_box = int(images_a.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
+    preds, hits = [], []  # per variant: detections per layout; (objects on fitting land cover, objects) per layout
+    for images in (images_a, images_b):
+        preds.append(detect(detector, images))
+        seg = predict_classes(segmenter, images)
+        per = [[h for v in context_hits(seg[i:i + 1], [t["boxes"]], [t["labels"]], classes).values() for h in v]
+               for i, t in enumerate(targets)]
+        hits.append(np.array([[sum(h), len(h)] for h in per], dtype=float))
+
+    def difference(idx: np.ndarray) -> dict[str, float]:
+        t = [targets[i] for i in idx]
+        m = [100 * score_detections([p[i] for i in idx], t, size, min_box, map50_only=True)["map50"] for p in preds]
+        c = [h[idx, 0].sum() / max(h[idx, 1].sum(), 1.0) for h in hits]
+        return {"map50": m[0] - m[1], "context": c[0] - c[1]}
+
+    rng = np.random.default_rng(seed)
+    draws = [difference(rng.integers(0, len(layouts), len(layouts))) for _ in range(n_boot)]
+    observed = difference(np.arange(len(layouts)))
+    out = {}
+    for k in ("map50", "context"):
+        d = np.array([x[k] for x in draws])
+        out[k] = {"difference": float(observed[k]), "low": float(np.percentile(d, 2.5)),
+                  "high": float(np.percentile(d, 97.5)), "a_wins": float((d > 0).mean())}
+    return out
