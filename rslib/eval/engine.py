@@ -58,13 +58,19 @@ def _epochs_of(n_real: int, n_gen: int) -> float:
     return (n_real + n_gen) / n_real
 
 
-def _runs(cfg: Preset, n_real: int, n_gen: int, steps_fraction: float, generator: str,
-          train: Callable[..., Path], stem: str, extra: tuple[Any, Any]) -> list[tuple[str, int, int, Path]]:
-    """The experiment's three models: (row name, generated images, steps, folder)."""
-    short = low_data_preset(cfg, steps_fraction)
-    long = low_data_preset(cfg, steps_fraction, _epochs_of(n_real, n_gen))
-    steps = (lambda p: p.det.steps) if stem == "detector" else (lambda p: p.seg.steps)
-    folder = cfg.run_dir("engine")
+def _presets(cfg: Preset, n_real: int, n_gen: int, steps_fraction: float) -> tuple[Preset, Preset]:
+    """The real-only model's preset and the longer one (the same epochs over real + generated images); both
+    checked before any image is generated."""
+    return low_data_preset(cfg, steps_fraction), low_data_preset(cfg, steps_fraction, _epochs_of(n_real, n_gen))
+
+
+def _runs(short: Preset, long: Preset, n_real: int, n_gen: int, generator: str, train: Callable[..., Path],
+          section: str, extra: tuple[Any, Any]) -> list[tuple[str, int, int, Path]]:
+    """The experiment's three models: (row name, generated images, steps, folder); ``section`` is "det" (the
+    detector) or "seg" (the segmenter)."""
+    folder = short.run_dir("engine")
+    stem = {"det": "detector", "seg": "segmenter"}[section]
+    steps = lambda p: getattr(p, section).steps  # noqa: E731
     return [
         ("real only", 0, steps(short), train(short, folder / f"{stem}_real", real_limit=n_real)),
         (f"real + {generator} (same epochs)", n_gen, steps(long),
@@ -79,15 +85,14 @@ def detector_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed:
     """mAP, mAP50, mAP75 (%) on the real test split of three detectors: trained on n_real real images
     (``steps_fraction`` of ``det.steps``), on them plus n_gen CC-Diff images generated from the layouts of the
     first n_gen training images (the same number of epochs), and on the real images for as many steps."""
-    _epochs_of(n_real, n_gen)
-    low_data_preset(cfg, steps_fraction)  # both checked before the generation
+    short, long = _presets(cfg, n_real, n_gen, steps_fraction)
     train = preset_split(cfg, "train", maps=())
     lays = layouts_of(train, n_gen, cfg.cc.max_instances)
     caps = [r.captions[0] if r.captions else "" for r in train.records[:n_gen]]
     gen = sample_cc_diff(pipe, caps, lays, seed, guidance_scale=cfg.cc.guidance_scale, steps=cfg.cc.sample_steps)
     rows = []
-    for name, n_extra, steps, path in _runs(cfg, n_real, n_gen, steps_fraction, "CC-Diff", train_detector,
-                                            "detector", (gen, targets_of(lays, train.classes))):
+    for name, n_extra, steps, path in _runs(short, long, n_real, n_gen, "CC-Diff", train_detector, "det",
+                                            (gen, targets_of(lays, train.classes))):
         test = detector_info(path)["test"]
         rows.append({"method": name, "real_images": n_real, "generated_images": n_extra, "steps": steps,
                      "map": 100 * test["map"], "map50": 100 * test["map50"], "map75": 100 * test["map75"]})
@@ -100,8 +105,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     (``steps_fraction`` of ``seg.steps``), on them plus n_gen CRS-Diff images generated from the first n_gen
     training items' maps (labelled with their segmentation; the same number of epochs), and on the real images
     for as many steps."""
-    _epochs_of(n_real, n_gen)
-    low_data_preset(cfg, steps_fraction)  # both checked before the generation
+    short, long = _presets(cfg, n_real, n_gen, steps_fraction)
     from rslib.pipelines.crs_diff import sample_crs_diff
     from rslib.train.crs_diff import load_split_tensors, split_dataset
     from rslib.data.datasets import segmentation_to_classes
@@ -113,8 +117,8 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
                           maps=CONDITION_NAMES, guidance_scale=cfg.crs.guidance_scale, steps=cfg.crs.sample_steps)
     labels = segmentation_to_classes(items["conditions"].float() / 255.0)
     rows = []
-    for name, n_extra, steps, path in _runs(cfg, n_real, n_gen, steps_fraction, "CRS-Diff", train_segmenter,
-                                            "segmenter", (gen, labels)):
+    for name, n_extra, steps, path in _runs(short, long, n_real, n_gen, "CRS-Diff", train_segmenter, "seg",
+                                            (gen, labels)):
         test = segmenter_info(path)["test"]
         rows.append({"method": name, "real_images": n_real, "generated_images": n_extra, "steps": steps,
                      "road_iou": test["road_iou"], "miou": test["miou"]})
