@@ -9,7 +9,7 @@ import torch
 
 from rslib.config import get_preset
 from rslib.models.base import build_vae
-from rslib.train.autoencoder import random_crops, train_autoencoder, vae_loss_fn
+from rslib.train.autoencoder import image_gradients, random_crops, train_autoencoder, vae_loss_fn
 from rslib.train.stage_one import load_autoencoder
 
 
@@ -22,6 +22,15 @@ def test_vae_loss_is_l1_plus_weighted_mse_and_kl():
     assert p["l1"] > 0 and p["mse"] > 0 and p["kl"] > 0
     assert torch.allclose(p["loss"], p["l1"] + 2.0 * p["mse"] + 1e-3 * p["kl"])
     assert torch.isclose(p["psnr"], 10 * torch.log10(4.0 / p["mse"]))
+    e = vae_loss_fn(kl_weight=1e-3, mse_weight=2.0, edge_weight=3.0)(vae, batch, torch.Generator().manual_seed(0))
+    assert e["edge"] > 0 and torch.allclose(e["loss"], p["loss"] + 3.0 * e["edge"])
+
+
+def test_image_gradients_are_neighbour_differences():
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)  # rows differ by 4, columns by 1
+    dx, dy = image_gradients(x)
+    assert dx.shape == (1, 1, 3, 3) and dy.shape == (1, 1, 2, 4)
+    assert torch.equal(dx, torch.ones_like(dx)) and torch.equal(dy, torch.full_like(dy, 4.0))
 
 
 def test_random_crops_are_seeded_windows_of_the_images():

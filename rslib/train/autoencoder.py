@@ -3,7 +3,8 @@
 Stable Diffusion runs in the latent space of a KL-regularised autoencoder (CRS-Diff uses SD's own). At the small
 presets we train one (``build_vae(cfg)``) on the SynthRS training images with
 
-    L = |x - D(z)|_1 + w_mse |x - D(z)|_2^2 + w_kl KL(q(z|x) || N(0, I)),   z ~ q(z|x) = N(mu(x), sigma(x)^2)
+    L = |x - D(z)|_1 + w_mse |x - D(z)|_2^2 + w_kl KL(q(z|x) || N(0, I)) + w_edge |grad x - grad D(z)|_1,
+    z ~ q(z|x) = N(mu(x), sigma(x)^2)
 
 (means over pixel values; the KL per latent value is divided by the number of pixel values, as Stable
 Diffusion's loss weighs it). Being fully convolutional, the model can train on random crops, which is several
@@ -37,8 +38,14 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
     return torch.stack([img[:, y:y + size, x:x + size] for img, y, x in zip(images, ys, xs)])
 
 
-def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0):
-    """``loss_fn(model, batch, generator)`` for train_loop: L1 (+ MSE) reconstruction + weighted KL."""
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical differences of neighbouring pixels: (B, C, H, W) -> (B, C, H, W-1), (B, C, H-1, W)."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0, edge_weight: float = 0.0):
+    """``loss_fn(model, batch, generator)`` for train_loop: L1 (+ MSE) reconstruction + weighted KL, plus
+    ``edge_weight`` times the L1 of the image gradients (the mean of the horizontal and vertical terms)."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = random_crops(batch["pixel_values"], crop_size, generator)  # (B, 3, s, s)
@@ -48,8 +55,9 @@ def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0):
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()
         kl = posterior.kl().mean() / x[0].numel()
-        loss = l1 + mse_weight * mse + kl_weight * kl
-        return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach(),
+        edge = sum((a - b).abs().mean() for a, b in zip(image_gradients(rec), image_gradients(x))) / 2
+        loss = l1 + mse_weight * mse + kl_weight * kl + edge_weight * edge
+        return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach(), "edge": edge.detach(),
                 "psnr": 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))}
 
     return loss_fn
@@ -133,8 +141,8 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
     tcfg = stage_train_config(cfg, v.mixed_precision, steps=v.steps, batch_size=v.batch_size, lr=v.lr,
                               warmup_steps=min(v.warmup_steps, v.steps // 5), num_workers=cfg.num_workers,
                               checkpoint_every=v.checkpoint_every)
-    result = train_loop(vae, vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size), dataset, tcfg, out_dir,
-                        collate_fn=collate, resume=resume, progress=progress)
+    loss_fn = vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size, v.edge_weight)
+    result = train_loop(vae, loss_fn, dataset, tcfg, out_dir, collate_fn=collate, resume=resume, progress=progress)
     factor = latent_scaling_factor(vae, dataset, seed=cfg.data.seed)
     vae.register_to_config(scaling_factor=factor)
     vae.to("cpu").eval()
