@@ -428,6 +428,22 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     return out_dir
 
 
+ABLATION_FRACTION = 1 / 6  # the fusion ablation's variants train this fraction of crs.steps (notebook 05, table (b))
+
+
+def fusion_ablation_steps(cfg: Preset) -> int:
+    """Training steps of each fusion-ablation variant by default."""
+    return max(1, round(cfg.crs.steps * ABLATION_FRACTION))
+
+
+def train_fusion_ablation(cfg: Preset, fusion: str, steps: int = 0, force: bool = False) -> Path:
+    """One variant of the fusion ablation ("aff" | "ff" | "sum"), all trained alike for ``steps`` (0:
+    :func:`fusion_ablation_steps`), saved in ``runs/<preset>/ablation/crs_diff_<fusion>_<steps>``."""
+    n = steps or fusion_ablation_steps(cfg)
+    return train_crs_diff(cfg, fusion=fusion, steps=n, force=force,
+                          out_dir=cfg.run_dir("ablation") / f"crs_diff_{fusion}_{n}")
+
+
 def _cpu(m: nn.Module | None) -> nn.Module | None:
     return m.cpu() if m is not None else None
 
@@ -447,7 +463,9 @@ def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out_dir) / INFO_NAME).read_text())
 
 
-__all__ = ["CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model", "cached_training_data",
-           "crs_history", "crs_info", "crs_train_config", "encode_training_data", "image_encoder_from_clip",
+__all__ = ["ABLATION_FRACTION", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
+           "cached_training_data", "crs_history", "crs_info", "crs_train_config", "encode_training_data", "fusion_ablation_steps",
+           "image_encoder_from_clip",
            "load_image_encoder", "load_split_tensors", "load_stage_one_parts", "maps_fit_in_memory",
-           "resolve_clip_dir", "resolve_stage_one", "split_dataset", "train_crs_diff", "variant_name"]
+           "resolve_clip_dir", "resolve_stage_one", "split_dataset", "train_crs_diff", "train_fusion_ablation",
+           "variant_name"]
