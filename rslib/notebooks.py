@@ -3,16 +3,12 @@
 ``python -m rslib.notebooks --preset cpu`` executes every notebook under
 ``notebooks/`` into ``runs/<preset>/notebooks/`` and records each one's wall
 time in ``runs/<preset>/timings.json`` (and ``figures/timings.md`` for the cpu
-preset, next to the figures the notebooks write). With ``--train-jobs N`` (the
-default at the cpu preset: 2), after notebook 00 has made the data, the models
-of notebooks 01-05 are trained N at a time (:mod:`rslib.train.schedule`), and
-the notebooks find them finished.
+preset, next to the figures the notebooks write).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,19 +28,8 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return paths
 
 
-AHEAD = "models trained ahead"  # the timings entry of rslib.train.schedule.train_ahead
-
-
-def default_train_jobs(preset: str) -> int:
-    """Trainings run side by side before the notebooks: 2 at the cpu preset on 2 or more cores, else 1 (none
-    ahead: each notebook trains its own models)."""
-    return 2 if preset == "cpu" and (os.cpu_count() or 1) >= 2 else 1
-
-
-def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters: dict | None = None,
-                  train_jobs: int = 1) -> dict[str, float]:
-    """Execute the notebooks at a preset; returns {notebook: seconds}. ``train_jobs`` > 1: train the models
-    that many at a time once the data exist (after notebook 00), before the notebooks that show them."""
+def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters: dict | None = None) -> dict[str, float]:
+    """Execute the notebooks at a preset; returns {notebook: seconds}."""
     import papermill
 
     cfg = get_preset(preset)
@@ -60,12 +45,6 @@ def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters
         timings[path.stem] = round(time.time() - t0, 1)
         print(f"   {timings[path.stem]:.0f} s", flush=True)
         timings_path.write_text(json.dumps(timings, indent=1))
-        if path.name.startswith("00") and train_jobs > 1:
-            from rslib.train.schedule import train_ahead
-
-            print(f"== training the models {train_jobs} at a time (logs in {cfg.run_dir('logs')})", flush=True)
-            timings[AHEAD] = train_ahead(cfg, jobs=train_jobs)["total"]
-            timings_path.write_text(json.dumps(timings, indent=1))
     if preset == "cpu":
         write_timings_table(timings, cfg.figures_dir() / "timings.md")
     return timings
@@ -75,10 +54,7 @@ def write_timings_table(timings: dict[str, float], path: Path) -> None:
     """A markdown table of notebook wall times."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["| notebook | wall time (s) |", "| --- | ---: |"]
-    order = sorted(k for k in timings if k != AHEAD)
-    if AHEAD in timings:  # it runs after notebook 00
-        order.insert(1 if order and order[0].startswith("00") else 0, AHEAD)
-    lines += [f"| {k} | {timings[k]:.0f} |" for k in order]
+    lines += [f"| {k} | {v:.0f} |" for k, v in sorted(timings.items())]
     lines.append(f"| **total** | **{sum(timings.values()):.0f}** |")
     path.write_text("Wall time of each notebook at the cpu preset (2 CPU cores).\n\n" + "\n".join(lines) + "\n")
 
@@ -102,17 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 00 02")
     p.add_argument("--strip", action="store_true", help="strip outputs from the source notebooks and exit")
-    p.add_argument("--train-jobs", type=int, default=None,
-                   help="train the models this many at a time before notebooks 01-05 (default: 2 at the cpu preset "
-                        "on 2+ cores, else 1: each notebook trains its own); only when all notebooks run")
     args = p.parse_args(argv)
     if args.strip:
         for path in notebooks():
             if strip_outputs(path):
                 print(f"stripped {path.name}")
         return 0
-    jobs = default_train_jobs(args.preset) if args.train_jobs is None else args.train_jobs
-    timings = run_notebooks(args.preset, args.only, train_jobs=1 if args.only else jobs)
+    timings = run_notebooks(args.preset, args.only)
     print("wall time per notebook:", json.dumps(timings), f"total {sum(timings.values()):.0f} s")
     return 0
 

@@ -64,40 +64,19 @@ def _presets(cfg: Preset, n_real: int, n_gen: int, steps_fraction: float) -> tup
     return low_data_preset(cfg, steps_fraction), low_data_preset(cfg, steps_fraction, _epochs_of(n_real, n_gen))
 
 
-def _real_only(short: Preset, long: Preset, n_real: int, train: Callable[..., Path], section: str) -> tuple[Path, Path]:
-    """The experiment's two real-only models (``section`` "det": the detector, "seg": the segmenter): trained
-    ``short`` and ``long`` steps on the first n_real real training images."""
-    folder, stem = short.run_dir("engine"), _STEMS[section]
-    return (train(short, folder / f"{stem}_real", real_limit=n_real),
-            train(long, folder / f"{stem}_real_long", real_limit=n_real))
-
-
-def train_real_only(cfg: Preset, section: str, n_real: int = 0, n_gen: int = 0,
-                    steps_fraction: float = STEPS_FRACTION) -> tuple[Path, Path]:
-    """The real-only models of one experiment ("det" or "seg"; n_real = 0: :func:`default_real`, n_gen = 0: as many
-    as real ones). They need no generated images, so the main job trains them ahead, beside the other models."""
-    if section not in _STEMS:
-        raise ValueError(f"section must be one of {', '.join(_STEMS)}, got {section!r}")
-    n_real = n_real or default_real(cfg)
-    short, long = _presets(cfg, n_real, n_gen or n_real, steps_fraction)
-    return _real_only(short, long, n_real, {"det": train_detector, "seg": train_segmenter}[section], section)
-
-
-_STEMS = {"det": "detector", "seg": "segmenter"}
-
-
 def _runs(short: Preset, long: Preset, n_real: int, n_gen: int, generator: str, train: Callable[..., Path],
           section: str, extra: tuple[Any, Any]) -> list[tuple[str, int, int, Path]]:
     """The experiment's three models: (row name, generated images, steps, folder); ``section`` is "det" (the
     detector) or "seg" (the segmenter)."""
-    real, real_long = _real_only(short, long, n_real, train, section)
-    with_generated = train(long, short.run_dir("engine") / f"{_STEMS[section]}_real_{generator.lower().replace('-', '')}",
-                           real_limit=n_real, extra=extra)
+    folder = short.run_dir("engine")
+    stem = {"det": "detector", "seg": "segmenter"}[section]
     steps = lambda p: getattr(p, section).steps  # noqa: E731
     return [
-        ("real only", 0, steps(short), real),
-        (f"real + {generator} (same epochs)", n_gen, steps(long), with_generated),
-        (f"real only (as many steps as + {generator})", 0, steps(long), real_long),
+        ("real only", 0, steps(short), train(short, folder / f"{stem}_real", real_limit=n_real)),
+        (f"real + {generator} (same epochs)", n_gen, steps(long),
+         train(long, folder / f"{stem}_real_{generator.lower().replace('-', '')}", real_limit=n_real, extra=extra)),
+        (f"real only (as many steps as + {generator})", 0, steps(long),
+         train(long, folder / f"{stem}_real_long", real_limit=n_real)),
     ]
 
 
