@@ -305,27 +305,29 @@ _PRESETS: dict[str, Preset] = {
         # An edge term (vae.edge_weight) keeps the roads: PSNR / road IoU / mIoU of 400 test reconstructions
         # 28.32 / 0.176 / 0.524 without, 28.55 / 0.222 / 0.519 at weight 1, 28.84 / 0.271 / 0.523 at 3 (same time).
         # At weight 3: 1800 steps 28.70 / 0.269 / 0.511; 1200 steps (204 s) 27.82 / 0.192 / 0.472
-        vae=VAEConfig(crop_size=32, steps=1800, mixed_precision="bf16", edge_weight=3.0),
+        vae=VAEConfig(crop_size=32, steps=2000, mixed_precision="bf16", edge_weight=3.0),
         # scene agreement on 200 test prompts: 2000 steps of batch 32 (530 s) 72%; 1500 of batch 16 (240-260 s)
         # 48% (lr 3e-4) and 52% (lr 1e-3); 1000 of batch 32, lr 6e-4 (264 s) 48%
         # guidance 2 (400 test captions, offset noise): scene agreement 86%, FID 0.066; 3: 90%, 0.085; 4: 88%, 0.102.
-        # 1400 steps instead of 2000 (270 s instead of 372 s): 400 test captions, scene agreement 80.5% (85.5%),
-        # FID 0.057 (0.064), CLIPScore 60.0 (61.6); DDIM 15 steps instead of 25: agreement 79.3% vs 81.7%. Stage one
+        # 1400 steps instead of 2000 (270-300 s instead of 372 s): 400 test captions, scene agreement 80.5% (85.5%),
+        # FID 0.057 (0.064), CLIPScore 60.0 (61.6), but CRS-Diff trained on it follows the maps far less (see crs);
+        # DDIM 15 steps instead of 25: agreement 79.3% vs 81.7%. Stage one
         # draws no roads from text (2-3 px at 64 px, less than a latent cell); weighting the road cells' loss 10x (as
         # crs.road_loss_weight) drew none either, and cost agreement (75.2%) and FID (0.068)
-        unet=UNetConfig(steps=1400, guidance_scale=2.0),
+        unet=UNetConfig(steps=2000, guidance_scale=2.0),
         # 1500 steps (600 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road
         # IoU 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41); 1000 steps of
-        # batch 16 (265 s) on a weaker stage one: roads no longer visible in the generations. On the 1400-step stage
-        # one, 48 test items: 1000 steps (300 s) road map alone road IoU 0.147, segmentation alone mIoU 0.381, all
-        # six maps road IoU / mIoU 0.104 / 0.326; 1500 steps (on the 2000-step stage one) 0.266, 0.484, 0.287 / 0.459
+        # batch 16 (265 s) on a weaker stage one: roads no longer visible in the generations. 48 test items, road map
+        # alone road IoU, segmentation alone mIoU, all six maps road IoU / mIoU: 1500 steps on this preset 0.266,
+        # 0.484, 0.287 / 0.459; with a 1400-step stage one and 1800-step autoencoder 0.222, 0.402, 0.162 / 0.366,
+        # and 1000 steps on those 0.147, 0.381, 0.104 / 0.326
         crs=CRSDiffConfig(lr=1e-3, steps=1500),
         # batch 16 halves CC-Diff's training time (95 s -> 54 s for 250 steps); on 48 held-out layouts, against batch
         # 32: YOLOScore mAP50 6.0 -> 5.7, CLIPScore local 26.7 -> 25.3, context coherence 0.32 -> 0.26. 750 steps of
         # batch 16 (125 s) against 250 (42 s): mAP50 5.0 -> 12.5, FID 0.118 -> 0.097, context coherence 0.34 -> 0.36.
-        # 500 steps (83 s each) against 750 (about 110 s each; the latter on the 2000-step stage one): CC-Diff mAP50
-        # 12.6 vs 15.9, CLIPScore local 25.1 vs 23.0, context coherence 0.33 vs 0.38
-        cc=CCDiffConfig(batch_size=16, steps=500),
+        # 500 steps (83 s each, on a 1400-step stage one) against 750 (about 110 s each): CC-Diff mAP50 12.6 vs
+        # 15.9, CLIPScore local 25.1 vs 23.0, context coherence 0.33 vs 0.38
+        cc=CCDiffConfig(batch_size=16, steps=750),
         # 32-px crops: 5.6x cheaper per step than whole images; 900 steps reach mIoU 0.66 / road IoU 0.57 on
         # the real test split in 260 s (whole images, 500 steps: 0.60 / 0.54 in 650 s)
         seg=SegmenterConfig(crop_size=32, steps=900),
