@@ -464,8 +464,7 @@ def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["ABLATION_FRACTION", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
-           "cached_training_data", "crs_history", "crs_info", "crs_train_config", "encode_training_data", "fusion_ablation_steps",
-           "image_encoder_from_clip",
-           "load_image_encoder", "load_split_tensors", "load_stage_one_parts", "maps_fit_in_memory",
-           "resolve_clip_dir", "resolve_stage_one", "split_dataset", "train_crs_diff", "train_fusion_ablation",
-           "variant_name"]
+           "cached_training_data", "crs_history", "crs_info", "crs_train_config", "encode_training_data",
+           "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder", "load_split_tensors",
+           "load_stage_one_parts", "maps_fit_in_memory", "resolve_clip_dir", "resolve_stage_one", "split_dataset",
+           "train_crs_diff", "train_fusion_ablation", "variant_name"]
