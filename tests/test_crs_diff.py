@@ -430,7 +430,7 @@ def test_training_data_cache_is_reused_and_keyed_by_stage_one(parts, tmp_path, m
 def test_fusion_ablation_variants_train_a_sixth_of_the_steps(tmp_path):
     from rslib.train.crs_diff import fusion_ablation_steps, train_fusion_ablation
 
-    assert fusion_ablation_steps(get_preset("cpu")) == round(get_preset("cpu").crs.steps / 6)
+    assert fusion_ablation_steps(get_preset("cpu")) == get_preset("cpu").crs.steps // 6
     assert fusion_ablation_steps(get_preset("smoke", **{"crs.steps": 2})) == 1  # never zero
     with pytest.raises(FileNotFoundError, match="run notebook 02"):  # the stage-one model it trains on is missing
         train_fusion_ablation(get_preset("smoke", runs_dir=str(tmp_path)), "ff", steps=1)

@@ -428,12 +428,12 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     return out_dir
 
 
-ABLATION_FRACTION = 1 / 6  # the fusion ablation's variants train this fraction of crs.steps (notebook 05, table (b))
+ABLATION_DIVISOR = 6  # the fusion ablation's variants train crs.steps // this (notebook 05, table (b))
 
 
 def fusion_ablation_steps(cfg: Preset) -> int:
-    """Training steps of each fusion-ablation variant by default."""
-    return max(1, round(cfg.crs.steps * ABLATION_FRACTION))
+    """Training steps of each fusion-ablation variant by default (at least 1)."""
+    return max(1, cfg.crs.steps // ABLATION_DIVISOR)
 
 
 def train_fusion_ablation(cfg: Preset, fusion: str, steps: int = 0, force: bool = False) -> Path:
@@ -463,7 +463,7 @@ def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out_dir) / INFO_NAME).read_text())
 
 
-__all__ = ["ABLATION_FRACTION", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
+__all__ = ["ABLATION_DIVISOR", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
            "cached_training_data", "crs_history", "crs_info", "crs_train_config", "encode_training_data",
            "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder", "load_split_tensors",
            "load_stage_one_parts", "maps_fit_in_memory", "resolve_clip_dir", "resolve_stage_one", "split_dataset",
