@@ -356,7 +356,7 @@ def test_low_data_preset_scales_only_the_trainability_models_steps():
 
 def test_paired_bootstrap_of_two_variants(trained):
     """The same images twice differ by exactly nothing; perfect detections against none differ by 100 mAP50
-    points in every draw; map50_only agrees with the full score; mismatched inputs are refused."""
+    points in every draw; the observed difference is torchmetrics' mAP50; mismatched inputs are refused."""
     from rslib.eval import layout
 
     cfg, seg_dir, _ = trained
@@ -377,9 +377,12 @@ def test_paired_bootstrap_of_two_variants(trained):
                                     n_boot=20)["map50"]
     assert apart["difference"] == pytest.approx(100.0) and apart["low"] == pytest.approx(100.0)
     assert apart["a_wins"] == 1.0
-    half = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} if i % 2 else e
-            for i, (t, e) in enumerate(zip(targets, empty))]  # normalised boxes, every other image found
-    full = D.score_detections(half, targets, data.size)["map50"]
-    assert 0.2 < full < 0.8 and D.score_detections(half, targets, data.size, map50_only=True) == {"map50": full}
+    half = [p if i % 2 else e for i, (p, e) in enumerate(zip(perfect, empty))]  # every other image found
+    normalised = [{**p, "boxes": p["boxes"] / data.size} for p in half]
+    full = D.score_detections(normalised, targets, data.size)["map50"]  # the COCO evaluation of torchmetrics
+    some = layout.paired_bootstrap(images, images, lays, data.classes, _Oracle(half + empty), segmenter,
+                                   n_boot=20)["map50"]
+    assert 0.2 < full < 0.8 and some["difference"] == pytest.approx(100 * full)
+    assert some["low"] < 100 * full < some["high"]
     with pytest.raises(ValueError, match="one image of each variant per layout"):
         layout.paired_bootstrap(images, images[:-1], lays, data.classes, _Oracle(perfect), segmenter)

@@ -25,7 +25,8 @@ import torch
 
 from rslib.eval import metrics
 from rslib.eval.data import EvalSet
-from rslib.eval.detector import detect, detection_map, score_detections
+from rslib.eval.coco_ap import average_precision, match_images
+from rslib.eval.detector import coco_inputs, detect, detection_map
 from rslib.eval.fidelity import context_hits, on_context_fraction
 from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
@@ -147,7 +148,7 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
 
 def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]],
                      classes: Sequence[str], detector: torch.nn.Module, segmenter: torch.nn.Module,
-                     n_boot: int = 200, seed: int = 0) -> dict[str, dict[str, float]]:
+                     n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
     """How sure a difference between two variants is, from their images of the *same* layouts.
 
     The layouts are drawn with replacement ``n_boot`` times and both variants are scored on each draw. Returns,
@@ -159,17 +160,17 @@ def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Se
                          f"images for {len(layouts)} layouts")
     targets = targets_of(layouts, classes)
     size, min_box = int(images_a.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
-    preds, hits = [], []  # per variant: detections per layout; (objects on fitting land cover, objects) per layout
+    matches, hits = [], []  # per variant: detections matched per layout; (objects on fitting land cover, objects)
     for images in (images_a, images_b):
-        preds.append(detect(detector, images))
+        p_list, t_list = coco_inputs(detect(detector, images), targets, size, min_box)
+        matches.append(match_images(p_list, t_list, len(classes)))
         seg = predict_classes(segmenter, images)
         per = [[h for v in context_hits(seg[i:i + 1], [t["boxes"]], [t["labels"]], classes).values() for h in v]
                for i, t in enumerate(targets)]
         hits.append(np.array([[sum(h), len(h)] for h in per], dtype=float))
 
     def difference(idx: np.ndarray) -> dict[str, float]:
-        t = [targets[i] for i in idx]
-        m = [100 * score_detections([p[i] for i in idx], t, size, min_box, map50_only=True)["map50"] for p in preds]
+        m = [100 * max(average_precision(v, idx), 0.0) for v in matches]  # mAP50: matching is per image
         c = [h[idx, 0].sum() / max(h[idx, 1].sum(), 1.0) for h in hits]
         return {"map50": m[0] - m[1], "context": c[0] - c[1]}
 
