@@ -37,6 +37,8 @@ def randomise_outputs(adapter: cc.CCDiffAdapter, seed: int = 1) -> None:
         for name, p in adapter.named_parameters():
             if "to_out" in name or "alpha" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    if adapter.mode == "cc_diff":  # the GLIGEN-style baseline has no resampler
+        _train_bridge_outputs(adapter.resampler.bridge)
 
 
 def layout_batch(b: int = 2, n: int = 3, seed: int = 0, n_valid: int | None = None) -> dict:
@@ -203,7 +205,10 @@ def test_gate_values_read_every_gate():
     """cc.gate_values: tanh(alpha) of the bridge's two gates (CC-Diff) or of each GLIGEN-style layer's two."""
     unet = tiny_unet()
     ours, gligen = tiny_adapter(unet), tiny_adapter(unet, mode="gligen")
-    assert cc.gate_values(ours) == {"resampler.bridge.alpha_attn": 0.0, "resampler.bridge.alpha_dense": 0.0}
+    opened = math.tanh(cc.ContextBridge.GATE_INIT)
+    assert cc.gate_values(ours) == pytest.approx({"resampler.bridge.alpha_attn": opened,
+                                                  "resampler.bridge.alpha_dense": opened})
+    assert set(cc.gate_values(gligen).values()) == {0.0}  # GLIGEN's gates start closed
     with torch.no_grad():
         ours.resampler.bridge.alpha_dense.fill_(0.5)
     assert cc.gate_values(ours)["resampler.bridge.alpha_dense"] == pytest.approx(math.tanh(0.5))
@@ -212,11 +217,31 @@ def test_gate_values_read_every_gate():
     assert not any("__" in n for n in names)
 
 
+def _train_bridge_outputs(bridge: cc.ContextBridge) -> None:
+    """Random values in the bridge's zero-initialised output layers (a 'trained' bridge)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in bridge.output_layers():
+            for p in layer.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_bridge_learns_from_the_first_step():
+    """The bridge's output layers start at zero behind open gates, so its first backward pass already reaches
+    them; ContextBridge.output_norms reports how far they have grown."""
+    dual = _dual()
+    assert dual.bridge.output_norms() == {"attention": 0.0, "feed-forward": 0.0}
+    x = layout_batch()
+    _, bg = dual(x["fg_refs"], x["bg_ref"], torch.randn(2, 3, D), x["valid"])
+    bg.square().sum().backward()
+    assert dual.bridge.to_out.weight.grad.abs().sum() > 0
+    _train_bridge_outputs(dual.bridge)
+    assert min(dual.bridge.output_norms().values()) > 0
+
+
 def test_direction_of_conditioning():
     dual = _dual()
-    with torch.no_grad():
-        dual.bridge.alpha_attn.fill_(0.5)
-        dual.bridge.alpha_dense.fill_(0.5)
+    _train_bridge_outputs(dual.bridge)
     x = layout_batch()
     fg_refs = x["fg_refs"].requires_grad_(True)
     bg_ref = x["bg_ref"].requires_grad_(True)

@@ -8,8 +8,8 @@ Parts (shapes at the paper scale: N <= 6 instances, Qf = 16, Qb = Qc = 8, D_img 
 
 * :class:`FourierBoxEmbed` and :class:`BoxEmbedNet`: an oriented box (8 normalised coordinates) -> one token.
 * :class:`PerceiverResampler`: image tokens (M, T, D_img) -> Q learned queries (M, Q, D).
-* :class:`ContextBridge`: Qc background queries attend to the (detached) foreground tokens and box tokens; gated
-  by tanh(alpha) with alpha = 0, so it is an identity at initialisation.
+* :class:`ContextBridge`: Qc background queries attend to the (detached) foreground tokens and box tokens; its
+  zero-initialised output layers make it an identity at initialisation, learned gates tanh(alpha) scale them.
 * :class:`DualResampler`: foreground instance tokens (B, N, Qf, D) from reference crops, then background tokens
   (B, Qb + Qc, D) from a retrieved reference scene, queried by its own Qb queries plus the Qc bridge outputs.
   The background depends on the foreground; the foreground never sees the background.
@@ -38,8 +38,9 @@ from torch import nn
 
 MODES = ("cc_diff", "gligen")
 # bump when a change to these modules changes what a trained adapter computes: training stamps record it, so
-# finished runs of the older modules are trained again (2: the no-bridge ablation's background ignores the foreground)
-ARCHITECTURE_VERSION = 2
+# finished runs of the older modules are trained again (2: the no-bridge ablation's background ignores the foreground;
+# 3: the context bridge starts with zero output layers and open gates instead of closed gates)
+ARCHITECTURE_VERSION = 3
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +289,15 @@ class PerceiverResampler(nn.Module):
 
 class ContextBridge(nn.Module):
     """Qc learned queries self-attend over [queries ; Linear(foreground tokens + box tokens)]; only the query
-    slots are kept, gated by tanh(alpha) with alpha = 0, so the bridge returns its queries unchanged at init."""
+    slots are kept. ``queries + g_a * attention``, then ``+ g_d * feed-forward``, with gates g = tanh(alpha).
+
+    The attention's and the feed-forward's last layers start at zero, so the bridge returns its queries unchanged
+    at init, and the gates start open (alpha = 1). Closed gates (alpha = 0, as GLIGEN starts) would also give an
+    identity, but then the layers behind a gate get no gradient until it opens, and a gate only opens when the
+    untrained layers behind it happen to help: behind the adapter's zero-initialised attention outputs the
+    bridge's gates were still at 1e-4 after 500 steps at the cpu preset, and the bridge did nothing."""
+
+    GATE_INIT = 1.0
 
     def __init__(self, dim: int, num_queries: int, context_dim: int, heads: int, dim_head: int, ff_mult: int = 4):
         super().__init__()
@@ -300,8 +309,21 @@ class ContextBridge(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
         self.ff = FeedForward(dim, ff_mult)
-        self.alpha_attn = nn.Parameter(torch.zeros(()))
-        self.alpha_dense = nn.Parameter(torch.zeros(()))
+        for last in self.output_layers():
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.alpha_attn = nn.Parameter(torch.full((), self.GATE_INIT))
+        self.alpha_dense = nn.Parameter(torch.full((), self.GATE_INIT))
+
+    def output_layers(self) -> tuple[nn.Linear, nn.Linear]:
+        """The last layers of the attention and of the feed-forward (zero at initialisation)."""
+        return self.to_out, [m for m in self.ff.modules() if isinstance(m, nn.Linear)][-1]
+
+    def output_norms(self) -> dict[str, float]:
+        """Frobenius norms of the two output layers' weights: how much the trained bridge writes into the
+        background queries (0 at initialisation)."""
+        attn, ff = self.output_layers()
+        return {"attention": float(attn.weight.detach().norm()), "feed-forward": float(ff.weight.detach().norm())}
 
     def forward(self, fg: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                 batch_size: int | None = None) -> torch.Tensor:
@@ -734,8 +756,9 @@ def trainable_parameter_count(adapter: CCDiffAdapter) -> dict[str, int]:
 def gate_values(adapter: CCDiffAdapter) -> dict[str, float]:
     """tanh(alpha) of every gate (the context bridge's, or the GLIGEN-style layers'), by parameter name.
 
-    0 (the value at initialisation) means the gated branch adds nothing: a bridge whose gates stay near 0 leaves
-    the background tokens as the no-bridge ablation computes them.
+    A GLIGEN-style gate starts at 0, where its branch adds nothing; the bridge's start at tanh(1) = 0.76, in front
+    of output layers that start at zero (see :meth:`ContextBridge.output_norms`).
     """
     return {name.removeprefix("fusion.").replace("__", "."): float(torch.tanh(p.detach()))
             for name, p in adapter.named_parameters() if name.rsplit(".", 1)[-1].startswith("alpha_")}
+
