@@ -313,7 +313,8 @@ _PRESETS: dict[str, Preset] = {
         # FID 0.057 (0.064), CLIPScore 60.0 (61.6), but CRS-Diff trained on it follows the maps far less (see crs);
         # DDIM 15 steps instead of 25: agreement 79.3% vs 81.7%. Stage one draws no roads from text (2-3 px at 64 px,
         # less than a latent cell); weighting the road cells' loss 10x (as crs.road_loss_weight) drew none either,
-        # and cost agreement (75.2%) and FID (0.068)
+        # and cost agreement (75.2%) and FID (0.068); nor did 4500 steps (1016 s, on the 1800-step autoencoder),
+        # which only drew cleaner rivers
         unet=UNetConfig(steps=2000, guidance_scale=2.0),
         # 1500 steps (600 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road
         # IoU 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41); 1000 steps of
