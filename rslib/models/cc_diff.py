@@ -761,4 +761,3 @@ def gate_values(adapter: CCDiffAdapter) -> dict[str, float]:
     """
     return {name.removeprefix("fusion.").replace("__", "."): float(torch.tanh(p.detach()))
             for name, p in adapter.named_parameters() if name.rsplit(".", 1)[-1].startswith("alpha_")}
-
