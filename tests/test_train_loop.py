@@ -268,3 +268,55 @@ def test_channels_last_trains_the_same_and_hands_back_the_default_layout(tmp_pat
                progress=False)
     mixed = train_loop(_conv_net(), _mse, _conv_data(), cfg, tmp_path / "mixed", progress=False)
     assert [h["loss"] for h in mixed.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-4)
+
+
+class _NormAttention(nn.Module):
+    """A conv, a group norm and self-attention: the kernels cpu_bf16_kernels reroutes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.norm, self.out = nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 1, 1)
+        self.skip = nn.Conv2d(2, 1, 3, padding=1)
+        self.seen: list[str] = []
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        self.seen.append(str(h.dtype))
+        b, c, hh, ww = h.shape
+        tokens = h.flatten(2).transpose(1, 2)
+        tokens = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+        return self.out(tokens.transpose(1, 2).reshape(b, c, hh, ww)) + self.skip(x)
+
+
+def test_cpu_bf16_kernels_keep_group_norms_in_float32_and_only_inside_the_block():
+    net, x = _NormAttention(), torch.randn(2, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+        with loop.cpu_bf16_kernels(net):
+            y = net(x)
+        net(x)
+    assert net.seen == ["torch.bfloat16", "torch.float32", "torch.bfloat16"]
+    assert y.dtype == torch.bfloat16  # the convolutions still run in bf16
+    assert not net.norm._forward_pre_hooks
+
+
+def test_bf16_training_on_cpu_learns_and_leaves_no_hooks(tmp_path):
+    """Under bf16 on CPU the loop trains with float32 group norms (the loss falls like float32's) and takes its
+    hooks off the model at the end, also when the loss function raises."""
+    cfg = _cfg(steps=30)
+    net = _NormAttention()
+    data = [(x, x[:1] - 0.5 * x[1:]) for x, _ in _conv_data()]
+    bf16 = train_loop(net, _mse, data, replace(cfg, mixed_precision="bf16"), tmp_path / "bf16", progress=False)
+    fp32 = train_loop(_NormAttention(), _mse, data, cfg, tmp_path / "fp32", progress=False)
+    assert "torch.float32" in net.seen and not net.norm._forward_pre_hooks
+    first, last = bf16.history[0]["loss"], sum(h["loss"] for h in bf16.history[-5:]) / 5
+    assert last < 0.7 * first
+    assert last == pytest.approx(sum(h["loss"] for h in fp32.history[-5:]) / 5, rel=0.1)
+
+    def broken(model, batch, generator):
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        train_loop(net, broken, data, replace(cfg, mixed_precision="bf16"), tmp_path / "broken", progress=False)
+    assert not net.norm._forward_pre_hooks
