@@ -97,8 +97,8 @@ class UNetConfig:
     # (real images: 204), 6% of the pixels white; given the clean latents' mean at the first step, 207 and 44%
     noise_offset: float = 0.1
     ema_decay: float | None = 0.999
-    # "" = the preset's; "bf16": autocast while training stage one and the adapters trained on this UNet (CRS-Diff,
-    # CC-Diff). On CPU the loop keeps group norms in float32 and attention on its matmul kernel (cpu_bf16_kernels)
+    # "" = the preset's; "bf16": autocast (on CPU the loop keeps group norms in float32 and attention on its matmul
+    # kernel: rslib.train.loop.cpu_bf16_kernels)
     mixed_precision: str = ""
     sample_steps: int = 25
     guidance_scale: float = 4.0
@@ -128,6 +128,7 @@ class CRSDiffConfig:
     lr: float = 5e-4
     warmup_steps: int = 20
     checkpoint_every: int = 200
+    mixed_precision: str = ""  # as unet.mixed_precision
     sample_steps: int = 20
     guidance_scale: float = 4.0
     control_scale: float = 1.0
@@ -173,6 +174,7 @@ class CCDiffConfig:
     lr: float = 5e-4
     warmup_steps: int = 20
     checkpoint_every: int = 100
+    mixed_precision: str = ""  # as unet.mixed_precision
     timestep_sampling: str = "cubic"  # as crs.timestep_sampling: "uniform" (paper) | "cubic"
     x0_weight_max: float = 20.0  # as crs.x0_weight_max; 1 = plain noise MSE (paper)
     # loss weight of the latent cells the boxes cover (others: 1; 1 = paper). At the cpu preset the objects are
@@ -236,8 +238,8 @@ class Preset:
     cc: CCDiffConfig = field(default_factory=CCDiffConfig)
     seg: SegmenterConfig = field(default_factory=SegmenterConfig)
     det: DetectorConfig = field(default_factory=DetectorConfig)
-    # "no" | "bf16" (autocast; "bf16" on GPU). The autoencoder, the UNet stages and the segmenter can set their own
-    # (vae.mixed_precision, unet.mixed_precision, seg.mixed_precision); the text encoder and the detector use this
+    # "no" | "bf16" (autocast; "bf16" on GPU). The autoencoder, stage one, CRS-Diff, CC-Diff and the segmenter can set
+    # their own (vae., unet., crs., cc., seg.mixed_precision); the text encoder and the detector use this
     mixed_precision: str = "no"
     lr_decay: str = "cosine"  # LR after warm-up in every stage: "cosine" (to 0 at the last step) | "constant"
     runs_dir: str = "runs"
@@ -319,9 +321,12 @@ _PRESETS: dict[str, Preset] = {
         # less than a latent cell); weighting the road cells' loss 10x (as crs.road_loss_weight) drew none either,
         # and cost agreement (75.2%) and FID (0.068); nor did 4500 steps (1016 s, on the 1800-step autoencoder),
         # which only drew cleaner rivers
-        # bf16 (with float32 group norms and matmul attention): 2 cores, ms a step, fp32 -> bf16: stage one 219 -> 194,
-        # CRS-Diff 325 -> 283, CC-Diff 195 -> 185 (plain CPU autocast made stage one slower: 214 -> 268)
-        unet=UNetConfig(steps=2000, guidance_scale=2.0, mixed_precision="bf16"),
+        # bf16 (unet., crs., cc.mixed_precision; float32 group norms and matmul attention) on 2 cores, ms a step, fp32
+        # -> bf16: stage one 219 -> 194, CRS-Diff 325 -> 283, CC-Diff 195 -> 185 (plain CPU autocast: stage one 214 ->
+        # 268). Stage one in bf16 held its quality (400 captions: agreement 86.0%, FID 0.056), but CRS-Diff in bf16
+        # on it followed the maps less than in float32 (48 items: road map alone road IoU 0.279 vs 0.304,
+        # segmentation alone mIoU 0.460 vs 0.475, all six maps 0.207 / 0.406 vs 0.244 / 0.431), so all train in fp32
+        unet=UNetConfig(steps=2000, guidance_scale=2.0),
         # 1500 steps (600 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road
         # IoU 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41); 1000 steps of
         # batch 16 (265 s) on a weaker stage one: roads no longer visible in the generations. 48 test items, road map
@@ -336,9 +341,11 @@ _PRESETS: dict[str, Preset] = {
         # 15.9, CLIPScore local 25.1 vs 23.0, context coherence 0.33 vs 0.38
         cc=CCDiffConfig(batch_size=16, steps=750),
         # 32-px crops: 5.6x cheaper per step than whole images; 900 steps reach mIoU 0.66 / road IoU 0.57 on
-        # the real test split in 260 s (whole images, 500 steps: 0.60 / 0.54 in 650 s). bf16: 99 -> 43 ms a step, test
-        # mIoU / road IoU 0.683 / 0.481 -> 0.686 / 0.482
-        seg=SegmenterConfig(crop_size=32, steps=900, mixed_precision="bf16"),
+        # the real test split in 260 s (whole images, 500 steps: 0.60 / 0.54 in 650 s). bf16 (seg.mixed_precision):
+        # 99 -> 43 ms a step at the same test mIoU / road IoU (0.686 / 0.482 vs 0.683 / 0.481), but it read the land
+        # cover around real objects differently (context coherence of the real test images 0.66 vs 0.72) and the
+        # 225-step data-engine segmenter came out worse (road IoU 0.171 vs 0.242): the measuring instrument stays fp32
+        seg=SegmenterConfig(crop_size=32, steps=900),
         det=DetectorConfig(),
     ),
     "gpu": Preset(

@@ -463,7 +463,7 @@ def cc_train_config(cfg: Preset, mode: str | None = None) -> TrainConfig:
     """The loop settings of CC-Diff training for a preset (DDP looks for unused parameters in the ablations,
     whose bridge or box MLP gets no gradient)."""
     c = cfg.cc
-    return stage_train_config(cfg, cfg.unet.mixed_precision, steps=c.steps, batch_size=c.batch_size,
+    return stage_train_config(cfg, c.mixed_precision, steps=c.steps, batch_size=c.batch_size,
                               grad_accum=c.grad_accum, lr=c.lr, warmup_steps=min(c.warmup_steps, c.steps),
                               ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
                               find_unused_parameters=(mode or c.mode) != "cc_diff")

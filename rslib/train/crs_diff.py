@@ -357,7 +357,7 @@ def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
     """The loop settings of stage two for a preset."""
     c = cfg.crs
     n = c.steps if steps is None else steps
-    return stage_train_config(cfg, cfg.unet.mixed_precision, steps=n, batch_size=c.batch_size, lr=c.lr,
+    return stage_train_config(cfg, c.mixed_precision, steps=n, batch_size=c.batch_size, lr=c.lr,
                               warmup_steps=min(c.warmup_steps, n), ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
                               channels_last=True)
 
