@@ -358,8 +358,8 @@ def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
     c = cfg.crs
     n = c.steps if steps is None else steps
     return stage_train_config(cfg, c.mixed_precision, steps=n, batch_size=c.batch_size, lr=c.lr,
-                              warmup_steps=min(c.warmup_steps, n), ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
-                              channels_last=True)
+                              warmup_steps=min(c.warmup_steps, n), ema_decay=None, checkpoint_every=c.checkpoint_every,
+                              log_every=10, num_workers=0, channels_last=True)
 
 
 def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:

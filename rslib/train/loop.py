@@ -327,7 +327,8 @@ def cpu_bf16_kernels(model: nn.Module) -> Iterator[None]:
     every ``nn.GroupNorm`` of ``model`` computes in float32 and
     ``scaled_dot_product_attention`` uses its matmul ("math") kernel, which
     autocast runs on bf16 matrix units; convolutions and linear layers stay
-    in bf16 (stage-one step 224 -> 172 ms).
+    in bf16 (a stage-one UNet forward and backward alone: 224 -> 172 ms; the
+    whole training step, text encoder and loss included: 219 -> 194 ms).
     """
     upcast = lambda module, args: tuple(a.float() if torch.is_tensor(a) else a for a in args)  # noqa: E731
     hooks = [m.register_forward_pre_hook(upcast) for m in model.modules() if isinstance(m, nn.GroupNorm)]

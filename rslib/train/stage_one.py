@@ -204,8 +204,8 @@ def stage_one_train_config(cfg: Preset) -> TrainConfig:
     u = cfg.unet
     return stage_train_config(
         cfg, u.mixed_precision, steps=u.steps, batch_size=u.batch_size, lr=u.lr,
-        warmup_steps=min(u.warmup_steps, u.steps), ema_decay=u.ema_decay, checkpoint_every=min(1000, max(50, u.steps // 5)), log_every=10, num_workers=0,
-        channels_last=True,
+        warmup_steps=min(u.warmup_steps, u.steps), ema_decay=u.ema_decay,
+        checkpoint_every=min(1000, max(50, u.steps // 5)), log_every=10, num_workers=0, channels_last=True,
     )
 
 
