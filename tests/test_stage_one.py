@@ -15,7 +15,7 @@ from transformers import CLIPModel
 from rslib.config import get_preset
 from rslib.models.base import build_vae
 from rslib.models.text import clip_tokenizer, rs_clip_config, tokenize
-from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
+from rslib.pipelines.stage_one import load_stage_one, renoise_stage_one, sample_stage_one
 from rslib.train.stage_one import (
     StageOneLoss,
     StageOneModel,
@@ -221,3 +221,31 @@ def test_fresh_work_dir_keeps_only_work_started_with_the_same_stamp(tmp_path):
     (tmp_path / "old" / "checkpoint").mkdir()  # a work folder that recorded no stamp
     fresh_work_dir(tmp_path / "old", {"steps": 8})
     assert not (tmp_path / "old" / "checkpoint").exists()
+
+
+def test_renoising_keeps_more_of_the_image_at_lower_strength(resumed):
+    cfg, out, _ = resumed
+    pipe = load_stage_one(out, "cpu")
+    torch.nn.init.zeros_(pipe.unet.conv_out.weight)  # predicts no noise: DDIM then only rescales what it is given
+    torch.nn.init.zeros_(pipe.unet.conv_out.bias)
+    c = pipe.vae.config.latent_channels  # an encoder as sure of its latents as a trained one (posterior std ~ 0)
+    pipe.vae.quant_conv.bias.data[c:] = -30.0
+    images = torch.rand(3, 3, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    with torch.no_grad():  # unit-variance scaled latents, as train_autoencoder sets them
+        pipe.vae.register_to_config(scaling_factor=1.0 / float(pipe.vae.encode(images).latent_dist.mode().std()))
+    prompts = ["an aerial image of a river."] * 3
+    with torch.no_grad():
+        recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    recon = ((recon + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    err = {}
+    for s in (0.1, 1.0):
+        a = renoise_stage_one(pipe, images, prompts, cfg, strength=s, seed=3, steps=10)
+        assert a.shape == (3, cfg.data.image_size, cfg.data.image_size, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, renoise_stage_one(pipe, images, prompts, cfg, strength=s, seed=3, steps=10))
+        err[s] = np.abs(a - recon).mean()
+    assert err[0.1] < 0.5 * err[1.0]  # a little noise barely moves the reconstruction; pure noise replaces it
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            renoise_stage_one(pipe, images, prompts, cfg, strength=bad, seed=3)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        renoise_stage_one(pipe, images, prompts[:2], cfg, strength=0.5, seed=3)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from rslib.config import Preset
 from rslib.utils import pick_device
@@ -50,6 +50,44 @@ def sample_stage_one(pipe: StableDiffusionPipeline, prompts: Sequence[str], cfg:
                    generator=gens, output_type="np",
                    negative_prompt=[negative_prompt] * len(chunk) if negative_prompt is not None else None)
         out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))  # (b, S, S, 3)
+    return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+@torch.no_grad()
+def renoise_stage_one(pipe: StableDiffusionPipeline, images: torch.Tensor, prompts: Sequence[str], cfg: Preset,
+                      strength: float, seed: int, guidance_scale: float | None = None, steps: int | None = None,
+                      batch_size: int = 64) -> np.ndarray:
+    """Real images noised to step ``strength * 1000`` and denoised back with their prompts (SDEdit, diffusers'
+    ``StableDiffusionImg2ImgPipeline`` on the same components); (N, S, S, 3) uint8.
+
+    ``images``: (N, 3, S, S) in [-1, 1], as the data sets give them. ``strength`` in (0, 1]: near 0 the result
+    is the autoencoder's reconstruction, at 1 a fresh sample; in between, the model keeps what the noise has not
+    yet hidden and draws the rest, which shows at which noise level each kind of detail is decided. Image i's
+    noise is seeded by ``seed + i``, as in :func:`sample_stage_one`; ``steps`` is the full schedule's length, of
+    which the last ``strength`` fraction runs.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (the fraction of the noise schedule to run), not {strength}")
+    prompts = list(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    guidance = cfg.unet.guidance_scale if guidance_scale is None else float(guidance_scale)
+    n_steps = steps or cfg.unet.sample_steps
+    if int(n_steps * strength) < 1:
+        raise ValueError(f"strength {strength} of a {n_steps}-step schedule runs no step: raise the strength to at "
+                         f"least {1 / n_steps:.3g} or the steps")
+    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
+    pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3) in [0, 1]
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        gens = [torch.Generator(device=gen_device).manual_seed(seed + i + k) for k in range(len(chunk))]
+        res = img2img(chunk, image=pixels[i:i + batch_size], strength=strength, num_inference_steps=n_steps,
+                      guidance_scale=guidance, generator=gens, output_type="np")
+        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
+    size = images.shape[-1]
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
