@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,16 +41,14 @@ def sample_stage_one(pipe: StableDiffusionPipeline, prompts: Sequence[str], cfg:
     size = cfg.data.image_size
     guidance = cfg.unet.guidance_scale if guidance_scale is None else float(guidance_scale)
     n_steps = steps or cfg.unet.sample_steps
-    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        gens = [torch.Generator(device=gen_device).manual_seed(seed + i + k) for k in range(len(chunk))]
-        res = pipe(chunk, height=size, width=size, num_inference_steps=n_steps, guidance_scale=guidance,
-                   generator=gens, output_type="np",
-                   negative_prompt=[negative_prompt] * len(chunk) if negative_prompt is not None else None)
-        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))  # (b, S, S, 3)
-    return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+
+    def run(i: int, j: int, generators: list[torch.Generator]) -> np.ndarray:
+        return pipe(prompts[i:j], height=size, width=size, num_inference_steps=n_steps, guidance_scale=guidance,
+                    generator=generators, output_type="np",
+                    negative_prompt=negative[i:j] if negative else None).images
+
+    return _seeded_batches(run, len(prompts), seed, batch_size, pipe.device, size)
 
 
 @torch.no_grad()
@@ -78,16 +76,25 @@ def renoise_stage_one(pipe: StableDiffusionPipeline, images: torch.Tensor, promp
     if int(n_steps * strength) < 1:
         raise ValueError(f"strength {strength} of a {n_steps}-step schedule runs no step: raise the strength to at "
                          f"least {1 / n_steps:.3g} or the steps")
-    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
     pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3) in [0, 1]
+
+    def run(i: int, j: int, generators: list[torch.Generator]) -> np.ndarray:
+        return img2img(prompts[i:j], image=pixels[i:j], strength=strength, num_inference_steps=n_steps,
+                       guidance_scale=guidance, generator=generators, output_type="np").images
+
+    return _seeded_batches(run, len(prompts), seed, batch_size, pipe.device, images.shape[-1])
+
+
+def _seeded_batches(run: Callable[[int, int, list[torch.Generator]], np.ndarray], n: int, seed: int,
+                    batch_size: int, device: torch.device, size: int) -> np.ndarray:
+    """``run(i, j, generators)`` over the batches [i, j) of n images, image k seeded by ``seed + k`` whatever the
+    batch size; its float images in [0, 1] as (n, S, S, 3) uint8."""
+    gen_device = "cpu" if device.type == "mps" else device
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        gens = [torch.Generator(device=gen_device).manual_seed(seed + i + k) for k in range(len(chunk))]
-        res = img2img(chunk, image=pixels[i:i + batch_size], strength=strength, num_inference_steps=n_steps,
-                      guidance_scale=guidance, generator=gens, output_type="np")
-        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
-    size = images.shape[-1]
+    for i in range(0, n, batch_size):
+        j = min(n, i + batch_size)
+        generators = [torch.Generator(device=gen_device).manual_seed(seed + k) for k in range(i, j)]
+        out.append((np.clip(run(i, j, generators), 0, 1) * 255).round().astype(np.uint8))  # (b, S, S, 3)
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
