@@ -321,7 +321,8 @@ _PRESETS: dict[str, Preset] = {
         # less than a latent cell); weighting the road cells' loss 10x (as crs.road_loss_weight) drew none either,
         # and cost agreement (75.2%) and FID (0.068); nor did 4500 steps (1016 s, on the 1800-step autoencoder),
         # which only drew cleaner rivers; nor did a top level twice as wide (block_out_channels (64, 64, 128), +18% a
-        # step: agreement 89.0%, FID 0.066, 400 captions) or latents scaled 2x (4x the SNR at every step: 80.0%,
+        # step: agreement 89.0%, FID 0.066, 400 captions), self-attention at the 16 x 16 level too (attention_levels
+        # (True, True, True), about 2.5x a step: 83.5%, 0.057) or latents scaled 2x (4x the SNR at every step: 80.0%,
         # 0.079), against 85.5% / 0.057 for this preset measured the same way. Notebook 02 section 8 shows where
         # the roads are lost: real images noised to t = 200 keep most of them, from t = 600-800 they come back as blobs
         # bf16 (unet., crs., cc.mixed_precision; float32 group norms and matmul attention) on 2 cores, ms a step, fp32
