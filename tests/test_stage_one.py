@@ -231,11 +231,11 @@ def test_renoising_keeps_more_of_the_image_at_lower_strength(resumed):
     c = pipe.vae.config.latent_channels  # an encoder as sure of its latents as a trained one (posterior std ~ 0)
     pipe.vae.quant_conv.bias.data[c:] = -30.0
     images = torch.rand(3, 3, cfg.data.image_size, cfg.data.image_size) * 2 - 1
-    with torch.no_grad():  # unit-variance scaled latents, as train_autoencoder sets them
-        pipe.vae.register_to_config(scaling_factor=1.0 / float(pipe.vae.encode(images).latent_dist.mode().std()))
     prompts = ["an aerial image of a river."] * 3
     with torch.no_grad():
-        recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        latents = pipe.vae.encode(images).latent_dist.mode()
+        recon = pipe.vae.decode(latents).sample.clamp(-1, 1)
+    pipe.vae.register_to_config(scaling_factor=1.0 / float(latents.std()))  # unit variance, as train_autoencoder sets
     recon = ((recon + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     err = {}
     for s in (0.1, 1.0):
