@@ -1,7 +1,8 @@
-"""Small helpers shared by every module: device choice, atomic folders."""
+"""Small helpers shared by every module: device choice, CPU bf16 support, atomic folders."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -21,6 +22,24 @@ def pick_device(name: str = "auto") -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_units() -> bool:
+    """True where this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles).
+
+    Elsewhere (AVX2-only x86 such as most laptops, and ARM here) PyTorch emulates bf16: on 2 AVX2 cores a
+    convolution's forward and backward under bf16 autocast took 17-20x as long as in float32, a matrix product 65x.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in checks:
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except (RuntimeError, AttributeError):
+            continue
+    return False
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rslib.train import TrainConfig, batch_indices, load_trainable, loop, step_seed, train_loop
+from rslib import utils
 from rslib.utils import atomic_write_dir
 
 
@@ -301,9 +302,10 @@ def test_cpu_bf16_kernels_keep_group_norms_in_float32_and_only_inside_the_block(
     assert not net.norm._forward_pre_hooks
 
 
-def test_bf16_training_on_cpu_learns_and_leaves_no_hooks(tmp_path):
+def test_bf16_training_on_cpu_learns_and_leaves_no_hooks(tmp_path, monkeypatch):
     """Under bf16 on CPU the loop trains with float32 group norms (the loss falls like float32's) and takes its
     hooks off the model at the end, also when the loss function raises."""
+    monkeypatch.setattr(utils, "cpu_has_bf16_units", lambda: True)  # bf16 even where it is emulated (slow, but tiny)
     cfg = _cfg(steps=30)
     net = _NormAttention()
     data = [(x, x[:1] - 0.5 * x[1:]) for x, _ in _conv_data()]
@@ -320,3 +322,16 @@ def test_bf16_training_on_cpu_learns_and_leaves_no_hooks(tmp_path):
     with pytest.raises(RuntimeError, match="bad batch"):
         train_loop(net, broken, data, replace(cfg, mixed_precision="bf16"), tmp_path / "broken", progress=False)
     assert not net.norm._forward_pre_hooks
+
+
+def test_bf16_on_a_cpu_without_bf16_units_trains_in_float32(tmp_path, monkeypatch):
+    """Emulated bf16 runs many times slower than float32, so such a CPU trains the float32 run, and says so."""
+    monkeypatch.setattr(utils, "cpu_has_bf16_units", lambda: False)
+    cfg = _cfg(steps=6)
+    data = [(x, x[:1] - 0.5 * x[1:]) for x, _ in _conv_data()]
+    with pytest.warns(UserWarning, match="no bf16 units"):
+        asked = train_loop(_NormAttention(), _mse, data, replace(cfg, mixed_precision="bf16"), tmp_path / "bf16",
+                           progress=False)
+    fp32 = train_loop(_NormAttention(), _mse, data, cfg, tmp_path / "fp32", progress=False)
+    assert [h["loss"] for h in asked.history] == [h["loss"] for h in fp32.history]
+    assert loop.precision_for_this_machine(cfg) is cfg  # float32 runs are left as they are

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from rslib.utils import atomic_write_dir
+from rslib import utils
+from rslib.utils import atomic_write_dir, pick_device
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_NAME = "model.safetensors"
@@ -298,6 +299,19 @@ def _frozen_parts_to_eval(model: nn.Module) -> None:
             module.eval()
 
 
+def precision_for_this_machine(cfg: TrainConfig) -> TrainConfig:
+    """``cfg``, switched to float32 when it asks for bf16 on a CPU without bf16 units (with a warning).
+
+    bf16 autocast pays on CPUs that compute bf16 in hardware; where it is emulated it runs many times slower than
+    float32 (``rslib.utils.cpu_has_bf16_units``), so such a machine trains the same model in float32 instead.
+    """
+    if cfg.mixed_precision != "bf16" or pick_device("auto").type != "cpu" or utils.cpu_has_bf16_units():
+        return cfg
+    warnings.warn("this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 autocast would be emulated and run "
+                  "many times slower: this run trains in float32 instead", stacklevel=3)
+    return replace(cfg, mixed_precision="no")
+
+
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for ``cfg``; in a single process a stale state from another precision is reset."""
     kwargs = dict(
@@ -383,13 +397,15 @@ def train_loop(
     key ``"loss"`` plus scalars to log; take every random draw from
     ``generator`` (seeded per step) so resuming is exact. ``model`` is the
     plain module (not the DDP wrapper): call any of its submodules. Frozen
-    submodules (no trainable parameter) run in eval mode.
+    submodules (no trainable parameter) run in eval mode. bf16 on a CPU
+    without bf16 units runs in float32 (:func:`precision_for_this_machine`).
     Checkpoints go to ``out_dir/checkpoint`` every ``cfg.checkpoint_every``
     steps and at the end; ``on_checkpoint(step, folder)`` then runs on the
     main process. ``stop_after=k`` stops (with a checkpoint) after step k.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    cfg = precision_for_this_machine(cfg)
     accelerator = _make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
