@@ -325,7 +325,13 @@ _PRESETS: dict[str, Preset] = {
         # step: agreement 89.0%, FID 0.066, 400 captions), self-attention at the 16 x 16 level too (attention_levels
         # (True, True, True), about 2.5x a step: 83.5%, 0.057) or latents scaled 2x (4x the SNR at every step: 80.0%,
         # 0.079), against 85.5% / 0.057 for this preset measured the same way. Notebook 02 section 8 shows where
-        # the roads are lost: real images noised to t = 200 keep most of them, from t = 600-800 they come back as blobs
+        # the roads are lost: real images noised to t = 200 keep most of them, from t = 600-800 they come back as blobs.
+        # The blobby texture is the model's, not the sampler's or the decoder's (200 test captions, a model of this
+        # preset with a float32 autoencoder): DDIM 25 / 50 and DPM-Solver++ 2M 15 / 25 steps draw nearly the same
+        # images (agreement 85.0 / 83.5 / 85.5 / 85.5%, FID 0.067 / 0.064 / 0.070 / 0.067); stochastic samplers
+        # (SDE-DPM-Solver++ 25, Euler ancestral 25, DDPM 50) draw others with the same texture (FID 0.057 / 0.064 /
+        # 0.058); the decoder fine-tuned 600 steps on latents plus noise (std up to 0.5) smooths it and scores worse
+        # (82.5%, 0.079). Real latents plus noise of std 0.3-0.5 decode to that very texture
         # bf16 (unet., crs., cc.mixed_precision; float32 group norms and matmul attention) on 2 cores, ms a step, fp32
         # -> bf16: stage one 219 -> 194, CRS-Diff 325 -> 283, CC-Diff 195 -> 185 (plain CPU autocast: stage one 214 ->
         # 268). Stage one in bf16 held its quality (400 captions: agreement 86.0%, FID 0.056), but CRS-Diff in bf16
