@@ -31,14 +31,11 @@ def cpu_has_bf16_units() -> bool:
     Elsewhere (AVX2-only x86 such as most laptops, and ARM here) PyTorch emulates bf16: on 2 AVX2 cores a
     convolution's forward and backward under bf16 autocast took 17-20x as long as in float32, a matrix product 65x.
     """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in checks:
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private probes: absent in some builds
         check = getattr(torch.cpu, name, None)
-        try:
+        with contextlib.suppress(RuntimeError):
             if check is not None and check():
                 return True
-        except (RuntimeError, AttributeError):
-            continue
     return False
 
 

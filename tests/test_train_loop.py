@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rslib.train import TrainConfig, batch_indices, load_trainable, loop, step_seed, train_loop
 from rslib import utils
+from rslib.train import TrainConfig, batch_indices, load_trainable, loop, step_seed, train_loop
 from rslib.utils import atomic_write_dir
 
 
