@@ -69,7 +69,8 @@ def renoise_stage_one(pipe: StableDiffusionPipeline, images: torch.Tensor, promp
     prompts = list(prompts)
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    # no safety checker, as in the pipeline itself (else diffusers warns about it at every call)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
     guidance = cfg.unet.guidance_scale if guidance_scale is None else float(guidance_scale)
     n_steps = steps or cfg.unet.sample_steps
