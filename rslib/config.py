@@ -332,8 +332,9 @@ _PRESETS: dict[str, Preset] = {
         # Skorokhodov et al. 2025; PSNR 28.3 instead of 29.1 dB) drew none (83.5%, 0.074); vae.kl_weight 3e-3 instead
         # of 1e-6 (PSNR 28.9; test latents plus noise of std 0.3 decode at 31.3 dB of their clean decoding instead of
         # 28.4) drew the first road fragments, short dark strokes with light edges in residential and industrial
-        # samples, and kept roads to t = 600 in section 8, at 84.3% / 0.074. CRS-Diff and CC-Diff on that autoencoder
-        # are not yet measured, so the preset keeps 1e-6.
+        # samples, and kept roads to t = 600 in section 8, at 84.3% / 0.074. With the roads at their true width,
+        # vae.kl_weight 1e-2 (PSNR 28.5) drew no roads (83.5%, 0.062). CRS-Diff and CC-Diff on those autoencoders are
+        # not yet measured, so the preset keeps 1e-6.
         # The blobby texture is the model's, not the sampler's or the decoder's (200 test captions, a model of this
         # preset with a float32 autoencoder): DDIM 25 / 50 and DPM-Solver++ 2M 15 / 25 steps draw nearly the same
         # images (agreement 85.0 / 83.5 / 85.5 / 85.5%, FID 0.067 / 0.064 / 0.070 / 0.067); stochastic samplers
