@@ -326,8 +326,8 @@ _PRESETS: dict[str, Preset] = {
         # (True, True, True), about 2.5x a step: 83.5%, 0.057) or latents scaled 2x (4x the SNR at every step: 80.0%,
         # 0.079), against 85.5% / 0.057 for this preset measured the same way. Notebook 02 section 8 shows where
         # the roads are lost: real images noised to t = 200 keep most of them, from t = 600-800 they come back as blobs.
-        # Three more tries, each a full autoencoder + stage-one run on 2 AVX2 cores, 400 test captions, roads drawn at
-        # least 4 px wide (one latent cell) in SynthRS for all three: the wider roads alone drew none (agreement 85.3%,
+        # Four more tries, each a full autoencoder + stage-one run on 2 AVX2 cores, 400 test captions; the first three
+        # with roads drawn at least 4 px wide (one latent cell) in SynthRS: the wider roads alone drew none (agreement 85.3%,
         # FID 0.072); an autoencoder term decoding 2x-pooled latents to 2x-pooled images ("scale equivariance",
         # Skorokhodov et al. 2025; PSNR 28.3 instead of 29.1 dB) drew none (83.5%, 0.074); vae.kl_weight 3e-3 instead
         # of 1e-6 (PSNR 28.9; test latents plus noise of std 0.3 decode at 31.3 dB of their clean decoding instead of
