@@ -312,7 +312,7 @@ _PRESETS: dict[str, Preset] = {
         # 28.32 / 0.176 / 0.524 without, 28.55 / 0.222 / 0.519 at weight 1, 28.84 / 0.271 / 0.523 at 3 (same time).
         # At weight 3: 1800 steps 28.70 / 0.269 / 0.511; 1200 steps (204 s) 27.82 / 0.192 / 0.472. bf16 only where
         # the CPU has bf16 units; elsewhere the loop trains in float32 (emulated bf16: 6.6 s a step, not 0.65)
-        vae=VAEConfig(crop_size=32, steps=2000, mixed_precision="bf16", edge_weight=3.0),
+        vae=VAEConfig(crop_size=32, steps=2000, mixed_precision="bf16", edge_weight=3.0, kl_weight=3e-3),
         # scene agreement on 200 test prompts: 2000 steps of batch 32 (530 s) 72%; 1500 of batch 16 (240-260 s)
         # 48% (lr 3e-4) and 52% (lr 1e-3); 1000 of batch 32, lr 6e-4 (264 s) 48%
         # guidance 2 (400 test captions, offset noise): scene agreement 86%, FID 0.066; 3: 90%, 0.085; 4: 88%, 0.102.

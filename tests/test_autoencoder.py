@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from rslib.config import get_preset
+from rslib.data import synthrs
 from rslib.models.base import build_vae
 from rslib.train.autoencoder import image_gradients, random_crops, train_autoencoder, vae_loss_fn
 from rslib.train.stage_one import load_autoencoder
@@ -54,7 +55,7 @@ def test_train_autoencoder_sets_the_scaling_factor_and_reuses_a_finished_folder(
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_a_stage_precision_overrides_the_presets_and_counts_as_a_new_training(tmp_path):
+def test_a_stage_precision_overrides_the_presets_and_counts_as_a_new_training(tmp_path, monkeypatch):
     from rslib.train.text_encoder import stage_stamp, stage_train_config
 
     cfg = get_preset("smoke")
@@ -62,6 +63,10 @@ def test_a_stage_precision_overrides_the_presets_and_counts_as_a_new_training(tm
     assert stage_train_config(cfg, "bf16", steps=1, batch_size=1).mixed_precision == "bf16"
     bf16 = get_preset("smoke", **{"vae.mixed_precision": "bf16"})
     assert stage_stamp(bf16, "vae") != stage_stamp(cfg, "vae")  # a finished fp32 folder is not reused
+    current = stage_stamp(cfg, "vae")
+    with monkeypatch.context() as m:  # nor is one trained on images of another SynthRS version
+        m.setattr(synthrs, "SYNTHRS_VERSION", "0.0")
+        assert stage_stamp(cfg, "vae") != current
     out = train_autoencoder(bf16, tmp_path / "ae", progress=False)  # CPU bf16 autocast trains and saves fp32 weights
     vae = load_autoencoder(out)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in vae.parameters())

@@ -2,12 +2,13 @@
 import hashlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from rslib.data.conditions import rgb_to_seg
 from rslib.data.formats import CONDITION_NAMES, read_records
-from rslib.data.synthrs import OBJECT_CLASSES, SCENES, make_scene, write_split
+from rslib.data.synthrs import MIN_ROAD_PX, OBJECT_CLASSES, SCENES, make_scene, write_split
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -108,6 +109,19 @@ def test_condition_maps_agree_with_the_ground_truth():
     buildings = s.labels == 1
     assert s.maps["depth"][buildings].mean() > s.maps["depth"][road].mean() + 30  # buildings stand taller
     assert s.maps["soft_edges"][s.maps["sketch"] > 0].mean() > s.maps["soft_edges"][s.maps["sketch"] == 0].mean()
+
+
+@pytest.mark.parametrize("scene", ["sparse_residential", "farmland", "bridge"])
+def test_roads_are_at_least_min_road_px_wide(scene):
+    """Narrow lanes (6-10 m) at a coarse GSD would be 1-2 px; they are drawn MIN_ROAD_PX wide, so a square of that
+    side fits inside nearly every road pixel's neighbourhood (a morphological opening keeps the road)."""
+    k = np.ones((MIN_ROAD_PX, MIN_ROAD_PX), np.uint8)
+    kept = []
+    for seed in range(4):
+        road = make_scene(seed, 64, scene=scene, gsd=0.7, cloud_cover=0).maps["road"]
+        if (road > 0).sum() > 20:
+            kept.append((cv2.morphologyEx(road, cv2.MORPH_OPEN, k) > 0).sum() / (road > 0).sum())
+    assert kept and min(kept) > 0.9, kept
 
 
 def test_split_writer_and_cli(tmp_path, monkeypatch):

@@ -62,7 +62,11 @@ GSD_RANGE = {
     "parking": (0.25, 0.45), "playground": (0.45, 0.8), "bridge": (0.35, 0.8),
 }
 NOMINAL_SIZE = 512
-SYNTHRS_VERSION = "1.0"  # bump when the generator's output changes, so cached splits are regenerated
+SYNTHRS_VERSION = "1.1"  # bump when the generator's output changes, so cached splits are regenerated
+# Roads are drawn at least this many output pixels wide (one latent cell of an 8x-downsampling autoencoder at
+# 64 px is 8 px, of the small presets' 4x autoencoder 4 px): narrower roads are lost in the latent space and a
+# diffusion model cannot learn to draw them (version 1.0 drew them 2-3 px wide at 64 px).
+MIN_ROAD_PX = 4
 
 # Materials: LoveDA class, base colour, texture amplitude, height (m).
 #  0 background 1 building 2 road 3 water 4 barren 5 forest 6 agriculture
@@ -177,8 +181,9 @@ def _allowed_lut(allowed: tuple[str, ...]) -> np.ndarray:
 class _Canvas:
     """Render buffers at ``r`` pixels: material, variant, height, shading, shadow, object ids, segments."""
 
-    def __init__(self, r: int, extent_m: float):
+    def __init__(self, r: int, extent_m: float, min_road: float = 0.0):
         self.r = r
+        self.min_road = min_road  # narrowest road, in normalised units
         self.m = r / extent_m  # normalised units per metre times r -> pixels per metre
         self.per_m = 1.0 / extent_m  # normalised units per metre
         self.mat = np.zeros((r, r), np.uint8)
@@ -267,7 +272,7 @@ def _building(c: _Canvas, poly: np.ndarray, rng: np.random.Generator, height: fl
 
 
 def _road(c: _Canvas, path: np.ndarray, width_m: float, straight: bool, lanes: int = 2) -> None:
-    w = width_m * c.per_m
+    w = max(width_m * c.per_m, c.min_road)
     c.stroke(path, w, "road")
     c.overlays.append(("lane", path, lanes))
     if straight:
@@ -1048,7 +1053,7 @@ def make_scene(seed: int | Sequence[int], size: int = 64, scene: str | None = No
     meta.update(metadata)
     ss = 2 if size <= 128 else 1
     r = size * ss
-    c = _Canvas(r, extent_m=NOMINAL_SIZE * float(meta["gsd"]))
+    c = _Canvas(r, extent_m=NOMINAL_SIZE * float(meta["gsd"]), min_road=MIN_ROAD_PX / size)
     rel = _recipe(scene, c, rng_layout, meta)
     col = _colourise(c, rng_tex, meta)
     _draw_overlays(c, col, rng_tex)

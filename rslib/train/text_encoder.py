@@ -60,7 +60,10 @@ def stage_stamp(cfg: Preset, part: str, part_cfg: Any = None, **inputs: Any) -> 
     """What a stage's result depends on: the preset name, the data settings, the LR schedule, the ``inputs`` it was
     trained from (e.g. ``stage_one=<folder>``) and the training settings of ``part_cfg`` (default ``cfg.<part>``)."""
     settings = training_settings(getattr(cfg, part) if part_cfg is None else part_cfg)
-    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "lr_decay": cfg.lr_decay,
+    data = asdict(cfg.data)
+    if not cfg.data.root:  # SynthRS, generated here: a new generator version draws other images
+        data["synthrs_version"] = synthrs.SYNTHRS_VERSION
+    return json.loads(json.dumps({"preset": cfg.name, "data": data, "lr_decay": cfg.lr_decay,
                                   **inputs, part: settings}))
 
 
