@@ -12,7 +12,7 @@ conditions are turned into images, which are then scored against the very condit
 The same measures on the real test images give the ceiling; on text-only generations (no map at all) they give
 the floor, since nothing told the model where the roads are. A latent model can draw no more than its
 autoencoder decodes, so the real images passed through the pipeline's autoencoder give the ceiling of any
-latent model built on it: at the cpu preset a 2-3 px road does not survive the autoencoder everywhere.
+latent model built on it: at the cpu preset a 4-px road does not survive the autoencoder everywhere.
 """
 from __future__ import annotations
 
