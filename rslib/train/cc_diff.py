@@ -55,7 +55,7 @@ from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
                               train_loop)
-from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
+from rslib.train.text_encoder import data_stamp, fresh_work_dir, input_stamp, stage_stamp, stage_train_config
 from rslib.utils import atomic_write_dir, pick_device, read_tensor_cache, write_tensor_cache
 
 TRAINING_DIR = "training"
@@ -288,7 +288,7 @@ def references_stamp(cfg: Preset, stage_one: Path, clip_dir: Path) -> dict[str, 
     c = cfg.cc
     keys = ("image_encoder", "dino_path", "dino_size", "bank_per_class", "crop_margin", "fg_ref_grid",
             "bg_ref_grid", "retrieval_pool", "ref_dtype", "max_instances")
-    return json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
+    return json.loads(json.dumps({"preset": cfg.name, "data": data_stamp(cfg), "stage_one": input_stamp(stage_one),
                                   "clip": input_stamp(clip_dir), "cc": {k: getattr(c, k) for k in keys}}))
 
 
@@ -316,7 +316,7 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
                          device: str | torch.device = "cpu") -> CCTrainingData:
     """:func:`encode_training_data` through a cache in ``cache_dir`` (keyed by data, stage one and layout size), so
     the variants of notebook 04 encode the split once."""
-    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
+    stamp = json.loads(json.dumps({"preset": cfg.name, "data": data_stamp(cfg), "stage_one": input_stamp(stage_one),
                                    "max_instances": cfg.cc.max_instances, "classes": ds.classes}))
     t = read_tensor_cache(cache_dir, stamp)
     if t is not None and len(t["mean"]) == len(ds):

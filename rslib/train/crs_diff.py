@@ -51,7 +51,7 @@ from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
 from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
                               train_loop)
 from rslib.train.stage_one import encode_latents
-from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
+from rslib.train.text_encoder import data_stamp, fresh_work_dir, input_stamp, stage_stamp, stage_train_config
 from rslib.utils import pick_device, read_tensor_cache, write_tensor_cache
 
 TRAINING_DIR = "training"
@@ -229,7 +229,7 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
     """:func:`encode_training_data` through a cache in ``runs/<preset>/crs_diff_latents`` (keyed by the data, the
     stage-one folder and the RS-CLIP folder), so CRS-Diff and its ablation variants encode the split once."""
     maps_in_memory = maps_fit_in_memory(ds)
-    stamp = json.loads(json.dumps({"preset": cfg.name, "data": asdict(cfg.data), "stage_one": input_stamp(stage_one),
+    stamp = json.loads(json.dumps({"preset": cfg.name, "data": data_stamp(cfg), "stage_one": input_stamp(stage_one),
                                    "clip": input_stamp(clip_dir) if image_encoder is not None else None,
                                    "maps_in_memory": maps_in_memory}))
     t = read_tensor_cache(cfg.run_dir(LATENTS_CACHE), stamp)

@@ -56,14 +56,21 @@ def training_settings(part_cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in asdict(part_cfg).items() if k not in SAMPLING_ONLY}
 
 
-def stage_stamp(cfg: Preset, part: str, part_cfg: Any = None, **inputs: Any) -> dict[str, Any]:
-    """What a stage's result depends on: the preset name, the data settings, the LR schedule, the ``inputs`` it was
-    trained from (e.g. ``stage_one=<folder>``) and the training settings of ``part_cfg`` (default ``cfg.<part>``)."""
-    settings = training_settings(getattr(cfg, part) if part_cfg is None else part_cfg)
+def data_stamp(cfg: Preset) -> dict[str, Any]:
+    """Which images a preset's data settings stand for, as every stage and cache stamp records them: the data
+    settings and, for SynthRS (generated here), the generator version, since a new version draws other images."""
     data = asdict(cfg.data)
-    if not cfg.data.root:  # SynthRS, generated here: a new generator version draws other images
+    if not cfg.data.root:
         data["synthrs_version"] = synthrs.SYNTHRS_VERSION
-    return json.loads(json.dumps({"preset": cfg.name, "data": data, "lr_decay": cfg.lr_decay,
+    return data
+
+
+def stage_stamp(cfg: Preset, part: str, part_cfg: Any = None, **inputs: Any) -> dict[str, Any]:
+    """What a stage's result depends on: the preset name, the data (:func:`data_stamp`), the LR schedule, the
+    ``inputs`` it was trained from (e.g. ``stage_one=<folder>``) and the training settings of ``part_cfg``
+    (default ``cfg.<part>``)."""
+    settings = training_settings(getattr(cfg, part) if part_cfg is None else part_cfg)
+    return json.loads(json.dumps({"preset": cfg.name, "data": data_stamp(cfg), "lr_decay": cfg.lr_decay,
                                   **inputs, part: settings}))
 
 
