@@ -225,8 +225,8 @@ def test_cli_convert(tmp_path, capsys):
     assert main(["convert", "--format", "rsicd", "--src", str(src), "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     assert len(read_records(out / "train")) == 3
-    with pytest.raises(FileExistsError):
-        main(["convert", "--format", "rsicd", "--src", str(src), "--out", str(out)])
+    assert main(["convert", "--format", "rsicd", "--src", str(src), "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
     (out / "stale").mkdir()
     assert main(["convert", "--format", "rsicd", "--src", str(src), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stale").exists() and leftovers(tmp_path) == []

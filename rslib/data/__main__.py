@@ -1,42 +1,73 @@
-"""Command line: ``python -m rslib.data synthrs ...`` and ``python -m rslib.data convert ...``."""
+"""Command line: ``python -m rslib.data synthrs ...`` and ``python -m rslib.data convert ...``.
+
+A mistake in the command (a bad value, a missing source folder, an output folder in the way) prints one line
+and exits with status 2; a problem in the data set's files prints one line naming the file and line and exits
+with status 1.
+"""
 from __future__ import annotations
 
-import argparse
 import sys
 
+from rslib.utils import OneLineArgumentParser, int_at_least
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the chosen command."""
-    parser = argparse.ArgumentParser(prog="python -m rslib.data", description=__doc__)
+
+def _parser() -> OneLineArgumentParser:
+    from rslib.data.synthrs import MIN_SIZE
+
+    parser = OneLineArgumentParser(prog="python -m rslib.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synthrs", help="generate a SynthRS split")
     p.add_argument("--out", required=True, help="output folder (the split folder)")
-    p.add_argument("--n", type=int, required=True, help="number of images")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int_at_least(1), required=True, help="number of images")
+    p.add_argument("--size", type=int_at_least(MIN_SIZE), default=64, help=f"image size in pixels (at least {MIN_SIZE})")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--workers", type=int_at_least(0), default=0, help="processes (0 = one per core)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a data set this command wrote (never another folder)")
 
     c = sub.add_parser("convert", help="convert a real data set to the record format")
     c.add_argument("--format", required=True, choices=["rsicd", "fmow", "dior", "dior-rsvg", "dota"])
     c.add_argument("--src", required=True, help="the data set's folder, as published")
     c.add_argument("--out", required=True, help="output folder (gets train/ val/ test/ splits)")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a data set this command wrote (never another folder)")
+    c.add_argument("--skip-invalid", action="store_true",
+                   help="drop objects and images with invalid values (counted per reason) instead of stopping")
+    c.add_argument("--split", choices=["train", "val", "test"],
+                   help="dota only: the split of a single split folder (default: its name, else train)")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen command; returns the exit status."""
+    from rslib.data.formats import DataFormatError, UsageError
+
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "synthrs":
-        from rslib.data.synthrs import write_split
+    try:
+        if args.command == "synthrs":
+            from rslib.data.synthrs import write_split
 
-        path = write_split(args.out, n=args.n, size=args.size, seed=args.seed, split=args.split,
-                           workers=args.workers, overwrite=args.overwrite)
-        print(f"wrote {args.n} SynthRS images to {path}")
-    else:
-        from rslib.data.formats import convert
+            path = write_split(args.out, n=args.n, size=args.size, seed=args.seed, split=args.split,
+                               workers=args.workers, overwrite=args.overwrite)
+            print(f"wrote {args.n} SynthRS images to {path}")
+        else:
+            from rslib.data.formats import convert, dataset_info
 
-        paths = convert(args.format, args.src, args.out, overwrite=args.overwrite)
-        print("wrote " + ", ".join(str(p) for p in paths))
+            paths = convert(args.format, args.src, args.out, overwrite=args.overwrite,
+                            skip_invalid=args.skip_invalid, split=args.split)
+            print("wrote " + ", ".join(str(p) for p in paths))
+            for drop in dataset_info(args.out).get("skipped", []):
+                print(f"skipped {drop['count']} {drop['dropped']}{'s' if drop['count'] != 1 else ''}: "
+                      f"{drop['reason']}")
+    except DataFormatError as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (UsageError, FileExistsError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,29 +16,39 @@ well, so ``datasets.load_dataset("imagefolder", data_dir=split)`` loads them as
 extra image columns.
 
 Writers never leave half-written output: they write into a temporary sibling
-folder and rename it into place only when everything succeeded.
+folder and rename it into place only when everything succeeded. Each folder
+they write holds a marker file (:data:`DATASET_MARKER`); ``overwrite`` replaces
+only a folder that has one.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Iterable, Iterator
 from xml.parsers import expat
 
 import numpy as np
 from PIL import Image
 
+from rslib.utils import atomic_write_dir, recover_dir
+
 METADATA_FIELDS = ("year", "month", "day", "gsd", "cloud_cover", "latitude", "longitude")
 CONDITION_NAMES = ("lines", "soft_edges", "sketch", "road", "depth", "segmentation")
 CONTENT = "content"  # the content image: another scene of the same type
+# the values each metadata field can take (gsd must also be above 0); anything else is a data error
+METADATA_LIMITS = {"year": (1900, 2100), "month": (1, 12), "day": (1, 31), "gsd": (0, 1000),
+                   "cloud_cover": (0, 100), "latitude": (-90, 90), "longitude": (-180, 180)}
+DATASET_MARKER = ".rslib-dataset.json"  # in every folder the writers make: {"format": ..., "version": ...}
+MARKER_VERSION = 1
 
 
 class DataFormatError(ValueError):
@@ -48,6 +58,66 @@ class DataFormatError(ValueError):
         self.path, self.line, self.problem = Path(path), line, message
         where = f"{path}" + (f", line {line}" if line is not None else "")
         super().__init__(f"{where}: {message}" + (f" ({fix})" if fix else ""))
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why ``name`` may not be used as a file name relative to a folder (absolute, a '..' component), or None."""
+    if "\0" in name:
+        return "contains a NUL character"
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.anchor:
+            return "is an absolute path"
+        if ".." in pure.parts:
+            return "has a '..' component"
+    return None
+
+
+def _outside(path: Path, folder: Path) -> str | None:
+    """Where ``path`` leads outside ``folder`` once symbolic links are followed, or None when it stays inside."""
+    try:
+        target, base = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop
+        return "a symbolic link loop"
+    return None if target == base or base in target.parents else str(target)
+
+
+def inside(folder: Path, name: str, where: str | os.PathLike, entry: str, line: int | None = None) -> Path:
+    """``folder / name`` for a name read from the file ``where`` (its ``entry``, at ``line``); a
+    :class:`DataFormatError` when the name is absolute, has a '..' component or leads outside ``folder``."""
+    why = unsafe_name_reason(name)
+    if why is not None:
+        raise DataFormatError(where, f"{entry}: file name {name!r} {why}", line,
+                              f"file names must be relative to {folder}")
+    path = folder / name
+    _check_inside(path, folder, where, entry, line)
+    return path
+
+
+def _check_inside(path: Path, folder: Path, where: str | os.PathLike | None = None, entry: str = "",
+                  line: int | None = None) -> None:
+    """A :class:`DataFormatError` when ``path`` (symbolic links followed) is not inside ``folder``."""
+    target = _outside(path, folder)
+    if target is not None:
+        raise DataFormatError(where or path, f"{entry + ': ' if entry else ''}{path.name!r} leads to {target}, "
+                                             f"outside {folder}", line,
+                              "copy the file into the folder instead of linking to it")
+
+
+def metadata_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the metadata field ``name`` (see :data:`METADATA_LIMITS`), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    if not np.isfinite(value):
+        return "is not finite"
+    lo, hi = METADATA_LIMITS[name]
+    if not lo <= value <= hi or (name == "gsd" and value <= 0):
+        return f"is outside {'(' if name == 'gsd' else '['}{lo}, {hi}]"
+    return None
+
+
+class UsageError(ValueError):
+    """A call that cannot work as asked (an unknown format, a missing source folder, a negative count): the
+    message says what to change. The command lines exit with status 2 for it, and 1 for a :class:`DataFormatError`."""
 
 
 @dataclass
@@ -111,6 +181,8 @@ class Record:
             raise fail("expected a JSON object")
         if not isinstance(obj.get("file_name"), str) or not obj["file_name"]:
             raise fail("field 'file_name' is missing or not a string")
+        if (why := unsafe_name_reason(obj["file_name"])) is not None:
+            raise fail(f"field 'file_name' {obj['file_name']!r} {why}", "file names are relative to the split folder")
         caps = obj.get("captions", [])
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise fail("field 'captions' must be a list of strings")
@@ -121,15 +193,16 @@ class Record:
         if unknown:
             raise fail(f"unknown metadata field(s) {sorted(unknown)}", f"allowed: {', '.join(METADATA_FIELDS)}")
         for k, v in meta.items():
-            if v is not None and not isinstance(v, (int, float)):
-                raise fail(f"metadata field {k!r} must be a number or null, got {v!r}")
+            if v is not None and (problem := metadata_problem(k, v)) is not None:
+                raise fail(f"metadata field {k!r} {problem}: {v!r}", "use a number in range, or null where unknown")
         objects = []
         for i, o in enumerate(obj.get("objects", []) or []):
             if not isinstance(o, dict) or not isinstance(o.get("label"), str):
                 raise fail(f"objects[{i}] needs a string 'label'")
             bbox, obb = o.get("bbox"), o.get("obb")
-            if not _numbers(bbox, 4):
-                raise fail(f"objects[{i}].bbox must be 4 numbers [x1, y1, x2, y2]")
+            if not _numbers(bbox, 4) or not (0 <= bbox[0] <= bbox[2] <= 1 and 0 <= bbox[1] <= bbox[3] <= 1):
+                raise fail(f"objects[{i}].bbox must be 4 numbers [x1, y1, x2, y2] with 0 <= x1 <= x2 <= 1 and "
+                           f"0 <= y1 <= y2 <= 1, got {bbox!r}")
             if obb is None:
                 objects.append(ObjectAnnotation.from_bbox(o["label"], bbox))
                 continue
@@ -139,13 +212,16 @@ class Record:
         conds = obj.get("conditions") or {}
         if not isinstance(conds, dict) or not all(isinstance(v, str) for v in conds.values()):
             raise fail("field 'conditions' must map names to relative paths")
+        for name, rel in conds.items():
+            if (why := unsafe_name_reason(rel)) is not None:
+                raise fail(f"conditions[{name!r}] {rel!r} {why}", "file names are relative to the split folder")
         return Record(obj["file_name"], caps, {k: meta.get(k) for k in METADATA_FIELDS}, objects,
                       obj.get("scene"), conds)
 
 
 def _numbers(value: Any, n: int) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == n and all(
-        isinstance(v, (int, float)) and np.isfinite(v) for v in value)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
 
 
 def read_records(split_dir: str | os.PathLike, check_files: bool = False) -> list[Record]:
@@ -168,7 +244,7 @@ def read_records(split_dir: str | os.PathLike, check_files: bool = False) -> lis
             rec = Record.from_json(obj, meta, i)
             if check_files:
                 for rel in [rec.file_name, *rec.conditions.values()]:
-                    if not (split_dir / rel).is_file():
+                    if not inside(split_dir, rel, meta, "file", i).is_file():
                         raise DataFormatError(meta, f"file {rel!r} does not exist", i)
             records.append(rec)
     return records
@@ -203,31 +279,70 @@ def _save_png(image: Image.Image | np.ndarray | bytes, dst: Path) -> None:
         _to_pil(image).save(dst)
 
 
+def written_here(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` is a data set these writers made (it holds :data:`DATASET_MARKER`, or ``synthrs.json``
+    as SynthRS splits held before the marker existed)."""
+    folder = Path(folder)
+    if (folder / "synthrs.json").is_file():
+        return True
+    try:
+        marker = json.loads((folder / DATASET_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and "format" in marker
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write ``out`` unless it is absent or empty, or ``overwrite`` and a data set these writers made.
+
+    Raises ``FileExistsError`` with what to do; a folder of anything else is never replaced.
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise FileExistsError(f"{out} is a symbolic link; give the output folder itself")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    if not out.is_dir() or not written_here(out):
+        raise FileExistsError(f"{out} was not written by python -m rslib.data (it has no {DATASET_MARKER}), so "
+                              f"--overwrite leaves it as it is: choose another output folder, or move it away first")
+
+
+def _write_marker(folder: Path, fmt: str, **info: Any) -> None:
+    (folder / DATASET_MARKER).write_text(json.dumps({"format": fmt, "version": MARKER_VERSION, **info}, indent=1))
+
+
 class DatasetWriter:
     """Write one split atomically: ``with DatasetWriter(out) as w: w.add(record, image, conditions)``.
 
     Files go to a temporary folder beside ``out``; on success it is renamed to
-    ``out`` (replacing an existing folder only if ``overwrite``); on error it is
-    removed and ``out`` is untouched.
+    ``out`` (replacing an existing folder only if ``overwrite`` and only one
+    these writers made, see :func:`check_output_folder`); on error it is
+    removed and ``out`` is untouched. ``fmt`` and ``info`` go into the
+    folder's :data:`DATASET_MARKER`.
     """
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, fmt: str = "record", **info: Any):
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"{self.out} exists; pass overwrite=True (or --overwrite) to replace it")
-        self.overwrite = overwrite
+        recover_dir(self.out)  # what a killed writer of this folder left
+        check_output_folder(self.out, overwrite)
+        self.fmt, self.info = fmt, info
         self.tmp: Path | None = None
         self.records: list[Record] = []
+        self._writing = atomic_write_dir(self.out)
 
     def __enter__(self) -> "DatasetWriter":
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = self._writing.__enter__()
         return self
 
     def add(self, record: Record, image: Image.Image | np.ndarray | bytes | str | os.PathLike,
             conditions: dict[str, Image.Image | np.ndarray | bytes] | None = None) -> Record:
         """Add one image (array, PIL image, encoded PNG bytes, or a path to copy) and its condition maps."""
         assert self.tmp is not None, "use DatasetWriter as a context manager"
+        why = unsafe_name_reason(record.file_name)
+        if why is not None:
+            raise ValueError(f"record file name {record.file_name!r} {why}")
         dst = self.tmp / record.file_name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(image, (str, os.PathLike)):
@@ -243,19 +358,16 @@ class DatasetWriter:
         self.records.append(record)
         return record
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            write_jsonl(self.tmp / "metadata.jsonl", (r.to_json() for r in self.records))
-            if self.out.exists():
-                shutil.rmtree(self.out)
-            os.replace(self.tmp, self.out)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+        if exc_type is None:
+            try:
+                write_jsonl(self.tmp / "metadata.jsonl", (r.to_json() for r in self.records))
+                _write_marker(self.tmp, self.fmt, **self.info)
+            except BaseException as e:
+                self._writing.__exit__(type(e), e, e.__traceback__)
+                raise
+        return bool(self._writing.__exit__(exc_type, exc, tb))
 
 
 def write_jsonl(path: str | os.PathLike, rows: Any) -> None:
@@ -280,6 +392,7 @@ def iter_split_dirs(root: str | os.PathLike) -> Iterator[tuple[str, Path]]:
 CONVERT_FORMATS = ("rsicd", "fmow", "dior", "dior-rsvg", "dota")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MAX_IMAGE_SIDE = 10**6  # pixels: a larger recorded width or height is an invalid value
 
 FMOW_CLASSES = (
     "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture",
@@ -319,61 +432,131 @@ DOTA_CLASSES_V15 = DOTA_CLASSES_V10 + ("container-crane",)
 _Items = list[tuple[Record, Path]]  # (record, image to copy) for one split
 
 
-def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+class InvalidValues:
+    """What the readers do with a value no image can have (a box outside the image, a cloud cover of 1e9, an
+    image that does not decode): refuse it, naming the file, the line and the value (default), or, with
+    ``skip``, drop its object or record and count the drop by reason."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (object | record, reason) -> count
+
+    def found(self, path: str | os.PathLike, line: int | None, reason: str, value: str,
+              drops: str = "object") -> None:
+        """Raise a :class:`DataFormatError`, or when skipping count the drop (and, for a record, raise
+        :class:`_DropRecord` for the reader to leave the record out)."""
+        if not self.skip:
+            raise DataFormatError(path, f"{reason}: {value}", line,
+                                  f"correct it, or pass --skip-invalid (skip_invalid=True) to drop the {drops}")
+        self.dropped[(drops, reason)] += 1
+        if drops == "record":
+            raise _DropRecord
+
+    def summary(self) -> list[dict[str, Any]]:
+        """The drops as ``[{"dropped": "object", "reason": ..., "count": n}, ...]``, most frequent first."""
+        return [{"dropped": d, "reason": r, "count": n} for (d, r), n in self.dropped.most_common()]
+
+
+class _DropRecord(Exception):
+    """Raised by :meth:`InvalidValues.found` when a record is dropped: the reader leaves it out."""
+
+
+def _keep_records(build: Callable[[Any], tuple[Record, Path]], sources: Iterable[Any]) -> _Items:
+    """``build(source)`` for each source, leaving out the records that :class:`InvalidValues` dropped."""
+    items: _Items = []
+    for source in sources:
+        try:
+            items.append(build(source))
+        except _DropRecord:
+            pass
+    return items
+
+
+def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+            skip_invalid: bool = False, split: str | None = None) -> list[Path]:
     """Convert a data set in its published layout at ``src`` into record-format splits ``out/{train,val,test}``.
 
-    Every annotation is read and checked before any image is copied; all splits
-    are written into one temporary folder beside ``out`` that is renamed into
-    place at the end, so a failure leaves ``out`` as it was (absent, or the
-    previous conversion when ``overwrite``). Returns the split folders written.
+    Every annotation is read and checked, and every image decoded, before any image is copied; all splits are
+    written into one temporary folder beside ``out`` that is renamed into place at the end, so a failure leaves
+    ``out`` as it was (absent, or the previous conversion when ``overwrite``). ``overwrite`` replaces only a
+    folder written by this function (:func:`check_output_folder`). Invalid values are refused unless
+    ``skip_invalid``, which drops their objects or records and records the count per reason in
+    ``out/.rslib-dataset.json`` (:func:`dataset_info`). ``split`` names the split of a single DOTA split folder
+    (default: the folder's name when it is train, val or test, else train). Returns the split folders written.
     """
-    converters: dict[str, Callable[[Path], dict[str, _Items]]] = {
+    converters: dict[str, Callable[[Path, InvalidValues], dict[str, _Items]]] = {
         "rsicd": _rsicd_splits, "fmow": _fmow_splits, "dior": _dior_splits,
-        "dior-rsvg": _dior_rsvg_splits, "dota": _dota_splits,
+        "dior-rsvg": _dior_rsvg_splits, "dota": lambda path, invalid: _dota_splits(path, invalid, split),
     }
     if fmt not in converters:
-        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(CONVERT_FORMATS)}")
+        raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(CONVERT_FORMATS)}")
+    if split is not None and (fmt != "dota" or split not in SPLITS):
+        raise UsageError(f"split {split!r}: a split is named only for a single DOTA split folder, as one of "
+                         f"{', '.join(SPLITS)}")
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise DataFormatError(src, "source folder does not exist",
-                              fix=f"point --src at the {fmt} folder as published")
+        raise UsageError(f"{src}: source folder does not exist (point --src at the {fmt} folder as published)")
     src_abs, out_abs = src.resolve(), out.resolve()
     if out_abs == src_abs or out_abs in src_abs.parents:
-        raise ValueError(f"the output folder {out} must not contain the source folder {src}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (or --overwrite) to replace it")
-    splits = converters[fmt](src)
+        raise UsageError(f"the output folder {out} must not contain the source folder {src}")
+    recover_dir(out)  # what a killed conversion into ``out`` left
+    check_output_folder(out, overwrite)
+    invalid = InvalidValues(skip_invalid)
+    splits = converters[fmt](src, invalid)
+    splits = {name: _decodable(items, invalid) for name, items in splits.items()}
     splits = {name: items for name, items in splits.items() if items}
     if not splits:
         raise DataFormatError(src, f"no images found for format {fmt!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_write_dir(out) as tmp:
         for name, items in splits.items():
-            with DatasetWriter(tmp / name) as writer:
+            with DatasetWriter(tmp / name, fmt=fmt) as writer:
                 for record, image in items:
                     writer.add(record, image)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_marker(tmp, fmt, splits=list(splits), source=str(src_abs), skipped=invalid.summary())
     return [out / name for name in splits]
 
 
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``, replacing an existing ``out`` only once ``new`` is in place."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
+def dataset_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a folder's :data:`DATASET_MARKER` records (format, version, splits, skipped); {} without one."""
     try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        info = json.loads((Path(folder) / DATASET_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def image_problem(path: Path) -> str | None:
+    """Why the image at ``path`` does not decode (empty, truncated, not an image), or None.
+
+    PNG files are checked chunk by chunk (CRCs, without inflating the pixels), JPEG files decoded at 1/8 scale,
+    other formats decoded in full; the decompression-bomb limit does not apply to a file being checked.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return None
+
+
+def _decodable(items: _Items, invalid: InvalidValues) -> _Items:
+    """The items whose image decodes; another image is refused, or its record dropped (``skip_invalid``)."""
+
+    def check(item: tuple[Record, Path]) -> tuple[Record, Path]:
+        problem = image_problem(item[1])
+        if problem is not None:
+            invalid.found(item[1], None, "image does not decode", problem, drops="record")
+        return item
+
+    return _keep_records(check, items)
 
 
 def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike,
@@ -402,13 +585,12 @@ def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike,
         rows.append({"file_name": rec.file_name, "caption": caption, "bndboxes": bnd, "obboxes": obb})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.part-{secrets.token_hex(6)}")  # permissions from the umask, as for path
     try:
         write_jsonl(tmp, rows)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -459,13 +641,39 @@ def _clip01(v: float) -> float:
     return min(1.0, max(0.0, float(v)))
 
 
-def _norm_object(label: str, bbox_px: list[float], obb_px: list[float] | None, width: float,
-                 height: float) -> ObjectAnnotation | None:
-    """Normalise pixel boxes by the image size and clip to [0, 1]; None when nothing is left inside."""
-    x1, x2 = sorted((bbox_px[0], bbox_px[2]))
-    y1, y2 = sorted((bbox_px[1], bbox_px[3]))
+def _numbers_text(values: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def _norm_object(label: str, bbox_px: list[float], obb_px: list[float] | None, width: float, height: float,
+                 report: Callable[[str, str], None], shown: str | None = None) -> ObjectAnnotation | None:
+    """Normalise pixel boxes (``bbox_px`` as x1, y1, x2, y2) by the image size and clip them to [0, 1].
+
+    A box no image can hold (a coordinate more than an image size beyond the border, inverted, of zero width or
+    height, or wholly outside the image) goes to ``report(reason, value)`` and gives None (when it returns).
+    ``shown`` is how the message shows the box (default: ``box`` and the pixel coordinates).
+    """
+    shown = f"{label} {shown or 'box ' + _numbers_text(bbox_px)}"
+    size = f"on a {width:g} x {height:g} image"
+    coords = [*bbox_px, *(obb_px or [])]
+    if not np.isfinite(coords).all():
+        report("coordinate is not finite", shown if obb_px is None else f"{shown}, corners {_numbers_text(obb_px)}")
+        return None
+    if not all(-width <= x <= 2 * width for x in coords[0::2]) or not all(
+            -height <= y <= 2 * height for y in coords[1::2]):
+        report("coordinate far outside the image", f"{shown} {size}" if obb_px is None
+               else f"{shown}, corners {_numbers_text(obb_px)} {size}")
+        return None
+    x1, y1, x2, y2 = bbox_px
+    if x2 < x1 or y2 < y1:
+        report("inverted box", shown)
+        return None
+    if x2 == x1 or y2 == y1:
+        report("degenerate box (zero width or height)", shown)
+        return None
     box = [_clip01(x1 / width), _clip01(y1 / height), _clip01(x2 / width), _clip01(y2 / height)]
     if box[2] <= box[0] or box[3] <= box[1]:
+        report("box outside the image", f"{shown} {size}")
         return None
     if obb_px is None:
         return ObjectAnnotation.from_bbox(label, box)
@@ -486,27 +694,50 @@ def _image_size(path: Path, where: Path | None = None, line: int | None = None) 
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def _load_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8 (with or without a byte-order mark); a byte that is not UTF-8 is reported with its line."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataFormatError(path, f"not UTF-8 text ({e.reason})") from None
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        raise DataFormatError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1})",
+                              data.count(b"\n", 0, e.start) + 1, "save it as UTF-8") from None
+
+
+def _load_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
+        truncated = e.pos >= len(text.rstrip())
         raise DataFormatError(path, f"invalid JSON ({e.msg}, column {e.colno})", e.lineno,
-                              "the file may be truncated; extract it again") from None
+                              "the file ends early, it may be truncated: extract it again" if truncated
+                              else "correct the JSON at this line") from None
 
 
 def _read_list(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a split file as (line number, stripped text)."""
     if not path.is_file():
         raise DataFormatError(path, "split file missing", fix="the published data set ships it; restore it")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, f"not UTF-8 text ({e.reason})") from None
+    _check_inside(path, path.parent)
+    lines = _read_text(path).splitlines()
     return [(i, s.strip()) for i, s in enumerate(lines, start=1) if s.strip()]
+
+
+def _is_folder(path: Path) -> bool:
+    """True for a folder, False when nothing is there; a :class:`DataFormatError` for a broken or looping symbolic
+    link, or a file where a folder belongs."""
+    if path.is_dir():
+        return True
+    if path.is_symlink() and not path.exists():
+        raise DataFormatError(path, f"is a symbolic link to {os.readlink(path)} that leads nowhere (missing, or a loop)",
+                              fix="make it point at the folder, or remove it")
+    if path.exists():
+        raise DataFormatError(path, "is a file where a folder belongs", fix="move it away")
+    return False
 
 
 def _id_key(token: str) -> str:
@@ -520,11 +751,16 @@ def _id_key(token: str) -> str:
 def _scan(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """Files of ``folder`` with these suffixes, by :func:`_id_key` of their stem."""
     found: dict[str, Path] = {}
-    if folder.is_dir():
+    if _is_folder(folder):
         for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in suffixes and p.is_file():
+            if p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink()):
+                _check_inside(p, folder)
                 found.setdefault(_id_key(p.stem), p)
     return found
+
+
+_XML_TRUNCATED = (expat.errors.XML_ERROR_NO_ELEMENTS, expat.errors.XML_ERROR_UNCLOSED_TOKEN,
+                  expat.errors.XML_ERROR_PARTIAL_CHAR, expat.errors.XML_ERROR_UNCLOSED_CDATA_SECTION)
 
 
 class _Xml:
@@ -542,20 +778,30 @@ class _Xml:
         parser.StartElementHandler = start
         parser.EndElementHandler = builder.end
         parser.CharacterDataHandler = builder.data
+        data = path.read_bytes()
         try:
-            parser.Parse(path.read_bytes(), True)
+            parser.Parse(data, True)
         except expat.ExpatError as e:
-            raise DataFormatError(path, f"XML does not parse ({expat.ErrorString(e.code)}, column {e.offset + 1})",
-                                  e.lineno, "the file may be truncated; extract it again") from None
+            if not re.match(rb"\s*<\?xml[^>]*encoding", data.lstrip(codecs.BOM_UTF8)):  # UTF-8 unless declared
+                _read_text(path)  # names the line of a byte that is not UTF-8
+            message = expat.ErrorString(e.code)
+            raise DataFormatError(path, f"XML does not parse ({message}, column {e.offset + 1})", e.lineno,
+                                  "the file ends early, it may be truncated: extract it again"
+                                  if message in _XML_TRUNCATED else "correct the XML at this line") from None
         self.root = builder.close()
 
     def line(self, el: ET.Element) -> int | None:
         return self._lines.get(id(el))
 
+    def reporter(self, el: ET.Element, invalid: InvalidValues) -> Callable[[str, str], None]:
+        """``report(reason, value)`` for :func:`_norm_object`: an invalid value of ``el``, at its line."""
+        return lambda reason, value: invalid.found(self.path, self.line(el), reason, value)
+
     def fail(self, el: ET.Element, message: str, fix: str = "") -> DataFormatError:
         return DataFormatError(self.path, message, self.line(el), fix)
 
-    def number(self, el: ET.Element, tag: str) -> float:
+    def number(self, el: ET.Element, tag: str, finite: bool = True) -> float:
+        """The number in ``el``'s child ``tag`` (``finite=False`` lets inf and nan through, for a box checker)."""
         child = el.find(tag)
         if child is None:
             raise self.fail(el, f"<{el.tag}> has no <{tag}>")
@@ -563,7 +809,7 @@ class _Xml:
             value = float((child.text or "").strip())
         except ValueError:
             raise self.fail(child, f"<{tag}> is not a number: {child.text!r}") from None
-        if not np.isfinite(value):
+        if finite and not np.isfinite(value):
             raise self.fail(child, f"<{tag}> is not finite: {child.text!r}")
         return value
 
@@ -582,6 +828,8 @@ class _Xml:
         size = self.root.find("size")
         if size is not None and size.find("width") is not None and size.find("height") is not None:
             w, h = self.number(size, "width"), self.number(size, "height")
+            if max(w, h) > MAX_IMAGE_SIDE:
+                raise self.fail(size, f"<size> {w:g} x {h:g} is not the size of an image")
             if w > 0 and h > 0:
                 return w, h
         return _image_size(image, self.path)
@@ -595,7 +843,7 @@ def _voc_boxes(xml: _Xml, lookup: dict[str, str]) -> list[tuple[str, list[float]
         box = obj.find("bndbox")
         if box is None:
             raise xml.fail(obj, "<object> has no <bndbox>")
-        out.append((label, [xml.number(box, t) for t in ("xmin", "ymin", "xmax", "ymax")], obj))
+        out.append((label, [xml.number(box, t, finite=False) for t in ("xmin", "ymin", "xmax", "ymax")], obj))
     return out
 
 
@@ -607,12 +855,13 @@ def _rsicd_scene(file_name: str) -> str | None:
     return prefix or None
 
 
-def _rsicd_splits(src: Path) -> dict[str, _Items]:
+def _rsicd_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
     """RSICD: ``dataset_rsicd.json`` (images with 5 sentences and a split each) and ``RSICD_images/``."""
     ann = src / "dataset_rsicd.json"
     if not ann.is_file():
         raise DataFormatError(ann, "annotation file missing",
                               fix="RSICD ships dataset_rsicd.json at its top level")
+    _check_inside(ann, src)
     data = _load_json(ann)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
@@ -642,7 +891,7 @@ def _rsicd_splits(src: Path) -> dict[str, _Items]:
         if name in seen:
             raise DataFormatError(ann, f"{where}: image listed twice")
         seen.add(name)
-        image = image_dir / name
+        image = inside(image_dir, name, ann, where)
         if not image.is_file():
             raise DataFormatError(ann, f"{where}: image listed but missing from {image_dir}")
         splits[split].append((Record(f"images/{name}", captions, _null_metadata(), [], _rsicd_scene(name)), image))
@@ -654,7 +903,7 @@ def _rsicd_splits(src: Path) -> dict[str, _Items]:
 _FMOW_LOOKUP = _class_lookup((*FMOW_CLASSES, FMOW_FALSE_DETECTION))
 
 
-def _wkt_centroid(text: Any, path: Path) -> tuple[float, float]:
+def _wkt_centroid(text: Any, path: Path, invalid: InvalidValues) -> tuple[float, float]:
     """(latitude, longitude): mean of the distinct vertices of a WKT ``POLYGON ((lon lat, ...))`` outer ring."""
     m = re.match(r"\s*(?:MULTI)?POLYGON\s*\(+([^()]*)\)", text, re.I) if isinstance(text, str) else None
     if m is None:
@@ -669,8 +918,9 @@ def _wkt_centroid(text: Any, path: Path) -> tuple[float, float]:
             vertices.append((lon, lat))
     lat = float(np.mean([v[1] for v in vertices]))
     lon = float(np.mean([v[0] for v in vertices]))
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        raise DataFormatError(path, f"'raw_location' centroid ({lat}, {lon}) is not a latitude/longitude")
+    if metadata_problem("latitude", lat) or metadata_problem("longitude", lon):
+        invalid.found(path, None, "'raw_location' is not a latitude/longitude", f"centroid ({lat}, {lon})",
+                      drops="record")
     return lat, lon
 
 
@@ -678,18 +928,37 @@ def _fmow_number(data: dict, key: str, path: Path) -> float | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataFormatError(path, f"{key!r} must be a number, got {value!r}")
     return float(value)
 
 
-def _fmow_item(js: Path, split_dir: Path) -> tuple[Record, Path]:
+def _fmow_metadata(data: dict, key: str, path: Path, invalid: InvalidValues) -> float | None:
+    """A metadata field of an fMoW JSON, checked against :data:`METADATA_LIMITS`."""
+    value = _fmow_number(data, key, path)
+    if value is not None and (problem := metadata_problem(key, value)) is not None:
+        invalid.found(path, None, f"'{key}' {problem}", repr(data[key]), drops="record")
+    return value
+
+
+def _fmow_size(data: dict, image: Path, path: Path, invalid: InvalidValues) -> tuple[float, float]:
+    """The image size an fMoW JSON records (``img_width``, ``img_height``), else the image header's."""
+    w, h = _fmow_number(data, "img_width", path), _fmow_number(data, "img_height", path)
+    for key, v in (("img_width", w), ("img_height", h)):
+        if v is not None and not (np.isfinite(v) and 0 <= v <= MAX_IMAGE_SIDE):
+            invalid.found(path, None, "image size out of range", f"{key} {data[key]!r}", drops="record")
+    return (w, h) if w and h else _image_size(image, path)
+
+
+def _fmow_item(js: Path, split_dir: Path, invalid: InvalidValues) -> tuple[Record, Path]:
+    _check_inside(js, split_dir)
     data = _load_json(js)
     if not isinstance(data, dict):
         raise DataFormatError(js, "expected a JSON object")
     image = js.with_suffix(".jpg")
     if not image.is_file():
         raise DataFormatError(js, f"image {image.name} missing beside its JSON")
+    _check_inside(image, split_dir)
     meta = _null_metadata()
     stamp = data.get("timestamp")
     if stamp is not None:
@@ -700,11 +969,14 @@ def _fmow_item(js: Path, split_dir: Path) -> tuple[Record, Path]:
             day = None
         if day is None:
             raise DataFormatError(js, f"'timestamp' is not an ISO date like 2015-03-12T10:12:43Z: {stamp!r}")
+        if metadata_problem("year", day.year):
+            invalid.found(js, None, f"'timestamp' year {metadata_problem('year', day.year)}", repr(stamp),
+                          drops="record")
         meta.update(year=day.year, month=day.month, day=day.day)
-    meta["gsd"] = _fmow_number(data, "gsd", js)
-    meta["cloud_cover"] = _fmow_number(data, "cloud_cover", js)
+    meta["gsd"] = _fmow_metadata(data, "gsd", js, invalid)
+    meta["cloud_cover"] = _fmow_metadata(data, "cloud_cover", js, invalid)
     if data.get("raw_location") is not None:
-        meta["latitude"], meta["longitude"] = _wkt_centroid(data["raw_location"], js)
+        meta["latitude"], meta["longitude"] = _wkt_centroid(data["raw_location"], js, invalid)
 
     parts = js.relative_to(split_dir).parts
     folder = parts[0] if len(parts) >= 3 else None
@@ -729,10 +1001,14 @@ def _fmow_item(js: Path, split_dir: Path) -> tuple[Record, Path]:
             continue
         labels.append(label)
         if size is None:
-            w, h = _fmow_number(data, "img_width", js), _fmow_number(data, "img_height", js)
-            size = (w, h) if w and h and w > 0 and h > 0 else _image_size(image, js)
+            size = _fmow_size(data, image, js, invalid)
         x, y, bw, bh = (float(v) for v in b["box"])
-        obj = _norm_object(label, [x, y, x + bw, y + bh], None, *size)
+
+        def report(reason: str, value: str, i: int = i) -> None:
+            invalid.found(js, None, reason, f"bounding_boxes[{i}] {value}")
+
+        obj = _norm_object(label, [x, y, x + bw, y + bh], None, *size, report,
+                           shown=f"box [x, y, w, h] {_numbers_text(b['box'])}")
         if obj is not None:
             objects.append(obj)
     scene = folder_class if folder_class not in (None, FMOW_FALSE_DETECTION) else (labels[0] if labels else None)
@@ -740,12 +1016,13 @@ def _fmow_item(js: Path, split_dir: Path) -> tuple[Record, Path]:
     return Record(f"images/{image.name}", [caption], meta, objects, scene), image
 
 
-def _fmow_splits(src: Path) -> dict[str, _Items]:
+def _fmow_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
     """fMoW-rgb: ``{split}/<category>/<category>_<id>/<category>_<id>_<n>_rgb.{jpg,json}``."""
     splits: dict[str, _Items] = {}
     for split in SPLITS:
         if (src / split).is_dir():
-            items = [_fmow_item(js, src / split) for js in sorted((src / split).rglob("*_rgb.json"))]
+            files = sorted((src / split).rglob("*_rgb.json"))
+            items = _keep_records(lambda js, d=src / split: _fmow_item(js, d, invalid), files)
             _check_unique(items, src / split)
             splits[split] = items
     if not splits:
@@ -789,7 +1066,7 @@ def _dior_oriented(path: Path) -> list[tuple[str, list[float]]]:
         box = obj.find("robndbox")
         if box is None:
             raise xml.fail(obj, "<object> has no <robndbox>")
-        out.append((label, [xml.number(box, t) for t in tags]))
+        out.append((label, [xml.number(box, t, finite=False) for t in tags]))
     return out
 
 
@@ -817,7 +1094,7 @@ def _match_oriented(hbbs: list[tuple[str, list[float], ET.Element]],
     return out
 
 
-def _dior_splits(src: Path) -> dict[str, _Items]:
+def _dior_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
     """DIOR / DIOR-R: ``JPEGImages-*/``, ``Annotations/{Horizontal,Oriented} Bounding Boxes/``, ``ImageSets/``."""
     lists = {s: _read_list(src / "ImageSets" / "Main" / f"{s}.txt") for s in SPLITS}
     images: dict[str, Path] = {}
@@ -850,8 +1127,8 @@ def _dior_splits(src: Path) -> dict[str, _Items]:
             hbbs = _voc_boxes(xml, _DIOR_LOOKUP)
             oriented = (_match_oriented(hbbs, _dior_oriented(obb_files[key])) if key in obb_files
                         else [None] * len(hbbs))
-            objects = [o for (label, box, _), obb in zip(hbbs, oriented)
-                       if (o := _norm_object(label, box, obb, width, height)) is not None]
+            objects = [o for (label, box, el), obb in zip(hbbs, oriented)
+                       if (o := _norm_object(label, box, obb, width, height, xml.reporter(el, invalid))) is not None]
             caption = _count_caption([o.label for o in objects], _dior_readable)
             items.append((Record(f"images/{image.name}", [caption], _null_metadata(), objects, None), image))
         _check_unique(items, list_file)
@@ -861,14 +1138,20 @@ def _dior_splits(src: Path) -> dict[str, _Items]:
 
 # -------------------------------------------------------------------------------- DIOR-RSVG
 
-def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
+def _is_object_index(token: str) -> bool:
+    """True for a plain object number ('0', '12'); zero-padded ids ('00012') and file names name images."""
+    return token.isdigit() and (len(token) == 1 or not token.startswith("0"))
+
+
+def _dior_rsvg_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
     """DIOR-RSVG: ``JPEGImages/``, ``Annotations/<id>.xml`` (objects with a <description>), ``{split}.txt``.
 
     The published split files list object indexes: the running count of
     ``<object>`` elements over the annotation files in name order, as the RSVG
     reference loader reads them. A split file that names images instead
     (zero-padded ids such as ``00012`` or names such as ``00012.jpg``) is
-    accepted too. Each image goes to one split, with all its objects: test
+    accepted too; the first line of a split file says which of the two it
+    holds. Each image goes to one split, with all its objects: test
     first, then val, then train, so that no test image is trained on.
     """
     lists = {s: _read_list(src / f"{s}.txt") for s in SPLITS}
@@ -876,7 +1159,7 @@ def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
     if not images:
         raise DataFormatError(src / "JPEGImages", "no images found", fix="DIOR-RSVG ships JPEGImages/")
     ann_dir = src / "Annotations"
-    xml_files = sorted((p for p in ann_dir.glob("*.xml")) if ann_dir.is_dir() else [],
+    xml_files = sorted(_scan(ann_dir, (".xml",)).values(),
                        key=lambda p: (0, int(p.stem), p.name) if p.stem.isdigit() else (1, 0, p.name))
     if not xml_files:
         raise DataFormatError(ann_dir, "no annotation files found", fix="DIOR-RSVG ships Annotations/<id>.xml")
@@ -888,7 +1171,7 @@ def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
         boxes = []
         for label, box, obj in _voc_boxes(xml, _DIOR_LOOKUP):
             desc = obj.find("description")
-            boxes.append((label, box, (desc.text or "").strip() if desc is not None else ""))
+            boxes.append((label, box, (desc.text or "").strip() if desc is not None else "", obj))
             owner.append(key)
         parsed[key] = (path, xml, boxes)
 
@@ -896,8 +1179,11 @@ def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
     for split in ("test", "val", "train"):
         list_file = src / f"{split}.txt"
         entries = lists[split]
-        by_object = all(t.isdigit() and (len(t) == 1 or not t.startswith("0")) for _, t in entries)
+        by_object = not entries or _is_object_index(entries[0][1])
         for line, token in entries:
+            if by_object and not _is_object_index(token):
+                raise DataFormatError(list_file, f"{token!r} is not an object index (this file lists object numbers, "
+                                                 f"as its first line {entries[0][1]!r} does)", line)
             if by_object:
                 index = int(token)
                 if index >= len(owner):
@@ -921,8 +1207,8 @@ def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
         image = images[key]
         width, height = xml.size(image)
         objects, seen, captions = [], set(), []
-        for label, box, desc in boxes:
-            obj = _norm_object(label, box, None, width, height)
+        for label, box, desc, el in boxes:
+            obj = _norm_object(label, box, None, width, height, xml.reporter(el, invalid))
             if obj is not None and (label, *obj.bbox) not in seen:
                 seen.add((label, *obj.bbox))
                 objects.append(obj)
@@ -936,29 +1222,31 @@ def _dior_rsvg_splits(src: Path) -> dict[str, _Items]:
 
 # ------------------------------------------------------------------------------------- DOTA
 
-def _dota_label_dir(split_dir: Path) -> tuple[Path | None, tuple[str, ...]]:
-    """The label folder of a DOTA split and the classes it may use."""
+def _dota_label_dir(split_dir: Path, split: str) -> tuple[Path | None, tuple[str, ...]]:
+    """The label folder of a DOTA split and the classes it may use.
+
+    ``labelTxt/``, or the official ``labelTxt-v1.5/`` and ``labelTxt-v1.0/`` with the label files inside or in
+    the folder their archive extracts to (``labelTxt/``, ``DOTA-v1.5_<split>/``).
+    """
     for name, classes in (("labelTxt", DOTA_CLASSES_V15), ("labelTxt-v1.5", DOTA_CLASSES_V15),
                           ("labelTxt-v1.0", DOTA_CLASSES_V10)):
         d = split_dir / name
-        if (d / "labelTxt").is_dir():  # the v1.0/v1.5 archives extract to labelTxt-v1.x/labelTxt/
-            d = d / "labelTxt"
-        if d.is_dir():
-            return d, classes
+        if not _is_folder(d):
+            continue
+        for inner in ("labelTxt", f"DOTA-v1.5_{split}"):
+            if name != "labelTxt" and _is_folder(d / inner):
+                return d / inner, classes
+        return d, classes
     return None, DOTA_CLASSES_V15
 
 
-def _dota_labels(path: Path, width: int, height: int, classes: tuple[str, ...]
+def _dota_labels(path: Path, width: int, height: int, classes: tuple[str, ...], invalid: InvalidValues
                  ) -> tuple[float | None, list[ObjectAnnotation]]:
     """Parse a DOTA label file: ``imagesource:``/``gsd:`` header lines, then ``x1 y1 ... x4 y4 class difficult``."""
     lookup = _class_lookup(classes)
     gsd: float | None = None
     objects: list[ObjectAnnotation] = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, f"not UTF-8 text ({e.reason})") from None
-    for i, raw in enumerate(lines, start=1):
+    for i, raw in enumerate(_read_text(path).splitlines(), start=1):
         text = raw.strip()
         if not text:
             continue
@@ -973,8 +1261,8 @@ def _dota_labels(path: Path, width: int, height: int, classes: tuple[str, ...]
                 gsd = float(value)
             except ValueError:
                 raise DataFormatError(path, f"gsd {value!r} is not a number (or null)", i) from None
-            if not np.isfinite(gsd) or gsd <= 0:
-                raise DataFormatError(path, f"gsd {value!r} must be a positive number", i)
+            if (problem := metadata_problem("gsd", gsd)) is not None:
+                invalid.found(path, i, f"gsd {problem}", value, drops="record")
             continue
         fields = text.split()
         if len(fields) not in (9, 10):
@@ -983,19 +1271,21 @@ def _dota_labels(path: Path, width: int, height: int, classes: tuple[str, ...]
         coords = []
         for f in fields[:8]:
             try:
-                v = float(f)
+                coords.append(float(f))
             except ValueError:
                 raise DataFormatError(path, f"coordinate {f!r} is not a number", i) from None
-            if not np.isfinite(v):
-                raise DataFormatError(path, f"coordinate {f!r} is not finite", i)
-            coords.append(v)
         label = lookup.get(_class_key(fields[8]))
         if label is None:
             raise DataFormatError(path, f"unknown class {fields[8]!r}", i, f"known classes: {', '.join(classes)}")
         if len(fields) == 10 and fields[9] not in ("0", "1"):
             raise DataFormatError(path, f"difficult flag {fields[9]!r} must be 0 or 1", i)
         xs, ys = coords[0::2], coords[1::2]
-        obj = _norm_object(label, [min(xs), min(ys), max(xs), max(ys)], coords, width, height)
+
+        def report(reason: str, value: str, i: int = i) -> None:
+            invalid.found(path, i, reason, value)
+
+        obj = _norm_object(label, [min(xs), min(ys), max(xs), max(ys)], coords, width, height, report,
+                           shown=f"corners {_numbers_text(coords)}")
         if obj is not None:
             objects.append(obj)
     return gsd, objects
@@ -1005,43 +1295,64 @@ def _dota_readable(label: str) -> str:
     return label.replace("-", " ")
 
 
-def _dota_splits(src: Path) -> dict[str, _Items]:
-    """DOTA v1.0/v1.5: ``{split}/images/*.png`` and ``{train,val}/labelTxt/*.txt`` (``labelTxt-v1.x`` accepted).
+def _dota_image_dir(split_dir: Path) -> Path | None:
+    """``images/`` of a DOTA split folder (``images/images/`` where the archives extracted so), or None."""
+    img_dir = split_dir / "images"
+    if _is_folder(img_dir) and _is_folder(img_dir / "images"):
+        return img_dir / "images"
+    return img_dir if _is_folder(img_dir) else None
 
-    A split without labels (the published test set) gets no objects and no gsd;
-    its column types then differ from the labeled splits, so load it on its own
+
+def _dota_split(split_dir: Path, split: str, img_dir: Path, invalid: InvalidValues) -> _Items:
+    """The images of one DOTA split folder with their labels (none when the split has no label folder)."""
+    label_dir, classes = _dota_label_dir(split_dir, split)
+    if label_dir is None and split != "test":
+        raise DataFormatError(split_dir / "labelTxt", "label folder missing",
+                              fix="DOTA ships labelTxt/ (or labelTxt-v1.0/, labelTxt-v1.5/) beside images/")
+    images = _scan(img_dir, IMAGE_EXTENSIONS)
+    labels = _scan(label_dir, (".txt",)) if label_dir is not None else {}
+    for key, path in labels.items():
+        if key not in images:
+            raise DataFormatError(path, f"label file has no image {key}.png in {img_dir}")
+
+    def item(image: Path) -> tuple[Record, Path]:
+        meta, objects = _null_metadata(), []
+        if label_dir is not None:
+            label_file = labels.get(_id_key(image.stem))
+            if label_file is None:
+                raise DataFormatError(label_dir / f"{image.stem}.txt", f"label file missing for image {image.name}")
+            width, height = _image_size(image)
+            meta["gsd"], objects = _dota_labels(label_file, width, height, classes, invalid)
+        caption = _count_caption([o.label for o in objects], _dota_readable)
+        return Record(f"images/{image.name}", [caption], meta, objects, None), image
+
+    items = _keep_records(item, images.values())
+    _check_unique(items, img_dir)
+    return items
+
+
+def _dota_splits(src: Path, invalid: InvalidValues, split: str | None = None) -> dict[str, _Items]:
+    """DOTA v1.0/v1.5: ``{split}/images/*.png`` and ``{train,val}/labelTxt/*.txt`` (``labelTxt-v1.x`` accepted),
+    or a single split folder with ``images/`` and ``labelTxt/`` (as DOTA_devkit's image splitter writes it).
+
+    A single split folder goes to the split ``split`` (default: the folder's name when it is train, val or test,
+    else train). A split without labels (the published test set) gets no objects and no gsd; its column types
+    then differ from the labeled splits, so load it on its own
     (``load_dataset("imagefolder", data_dir=out / "test")``).
     """
     splits: dict[str, _Items] = {}
-    for split in SPLITS:
-        img_dir = src / split / "images"
-        if (img_dir / "images").is_dir():  # image archives extract to images/images/
-            img_dir = img_dir / "images"
-        if not img_dir.is_dir():
-            continue
-        label_dir, classes = _dota_label_dir(src / split)
-        if label_dir is None and split != "test":
-            raise DataFormatError(src / split / "labelTxt", "label folder missing",
-                                  fix="DOTA ships labelTxt/ (or labelTxt-v1.0/, labelTxt-v1.5/) beside images/")
-        images = _scan(img_dir, IMAGE_EXTENSIONS)
-        labels = _scan(label_dir, (".txt",)) if label_dir is not None else {}
-        for key, path in labels.items():
-            if key not in images:
-                raise DataFormatError(path, f"label file has no image {key}.png in {img_dir}")
-        items: _Items = []
-        for key, image in images.items():
-            meta, objects = _null_metadata(), []
-            if label_dir is not None:
-                if key not in labels:
-                    raise DataFormatError(label_dir / f"{image.stem}.txt",
-                                          f"label file missing for image {image.name}")
-                width, height = _image_size(image)
-                meta["gsd"], objects = _dota_labels(labels[key], width, height, classes)
-            caption = _count_caption([o.label for o in objects], _dota_readable)
-            items.append((Record(f"images/{image.name}", [caption], meta, objects, None), image))
-        _check_unique(items, img_dir)
-        splits[split] = items
+    for name in SPLITS:
+        if _is_folder(src / name) and (img_dir := _dota_image_dir(src / name)) is not None:
+            splits[name] = _dota_split(src / name, name, img_dir, invalid)
+    if split is not None and splits:
+        raise UsageError(f"--split is for a single DOTA split folder (images/ and labelTxt/); {src} holds the split "
+                         f"folders {', '.join(splits)}")
+    single = None if splits else _dota_image_dir(src)
+    if single is not None:
+        name = split or (src.name if src.name in SPLITS else "train")
+        splits[name] = _dota_split(src, name, single, invalid)
     if not splits:
         raise DataFormatError(src / "train" / "images", "no split folder with images/ found",
-                              fix="DOTA is laid out as train/images, train/labelTxt, val/..., test/images")
+                              fix="DOTA is laid out as train/images, train/labelTxt, val/..., test/images, or as "
+                                  "one split folder with images/ and labelTxt/")
     return splits

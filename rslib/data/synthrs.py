@@ -26,13 +26,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
 from rslib.data.conditions import seg_to_rgb
-from rslib.data.formats import CONTENT, DatasetWriter, ObjectAnnotation, Record, encode_png
+from rslib.data.formats import CONTENT, DatasetWriter, ObjectAnnotation, Record, UsageError, encode_png
 
 SCENES = (
     "airport", "port", "dense_residential", "sparse_residential", "industrial", "farmland",
@@ -1097,11 +1097,28 @@ def _map(fn, args: list, workers: int) -> list:
         return list(pool.map(fn, args, chunksize=32))
 
 
+MIN_SIZE = 8  # pixels: smaller images hold no object a detector or a reader could see
+
+
+def check_split_settings(n: int, size: int, seed: int = 0, split: str = "train", workers: int = 0) -> None:
+    """Raise :class:`~rslib.data.formats.UsageError` naming the first setting :func:`write_split` cannot use."""
+    for name, value, lo in (("n", n, 1), ("size", size, MIN_SIZE), ("seed", seed, 0), ("workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise UsageError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if split not in _SPLIT_IDS:
+        raise UsageError(f"unknown split {split!r}; choose train, val or test")
+
+
+def _split_stamp(n: int, size: int, seed: int, split: str) -> dict[str, Any]:
+    """What a split's ``synthrs.json`` records: the generator version and the settings it was made with."""
+    return {"version": SYNTHRS_VERSION, "n": n, "size": size, "seed": seed, "split": split}
+
+
 def write_split(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, split: str = "train",
                 workers: int = 0, overwrite: bool = False) -> Path:
-    """Write a SynthRS split in the record format (images, six condition maps, content references)."""
-    if split not in _SPLIT_IDS:
-        raise ValueError(f"unknown split {split!r}; choose train, val or test")
+    """Write a SynthRS split in the record format (images, six condition maps, content references), with its
+    ``synthrs.json`` (what :func:`ensure_synthrs` compares) and the writer's marker file."""
+    check_split_settings(n, size, seed, split, workers)
     rendered = _map(_render_encoded, [(seed, _SPLIT_IDS[split], i, size) for i in range(n)], workers)
     scenes = [r[0] for r in rendered]
     names = [f"images/{i:06d}.png" for i in range(n)]
@@ -1110,7 +1127,8 @@ def write_split(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, s
     by_type: dict[str, list[int]] = {}
     for i, s in enumerate(scenes):
         by_type.setdefault(s.scene, []).append(i)
-    with DatasetWriter(out, overwrite=overwrite) as w:
+    with DatasetWriter(out, overwrite=overwrite, fmt="synthrs") as w:
+        (w.tmp / "synthrs.json").write_text(json.dumps(_split_stamp(n, size, seed, split)))
         for i, s in enumerate(scenes):
             others = [j for j in by_type[s.scene] if j != i]
             rec = Record(names[i], s.captions, dict(s.metadata), list(s.objects), s.scene)
@@ -1129,10 +1147,8 @@ def ensure_synthrs(root: str | os.PathLike, sizes: dict[str, int], size: int, se
     generator version, count, size and seed, recorded in each split's ``synthrs.json``)."""
     root = Path(root)
     for split, n in sizes.items():
-        stamp = {"version": SYNTHRS_VERSION, "n": n, "size": size, "seed": seed, "split": split}
         info = root / split / "synthrs.json"
-        if info.is_file() and json.loads(info.read_text()) == stamp:
+        if info.is_file() and json.loads(info.read_text()) == _split_stamp(n, size, seed, split):
             continue
         write_split(root / split, n, size, seed, split, workers, overwrite=True)
-        info.write_text(json.dumps(stamp))
     return root

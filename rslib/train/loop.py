@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from rslib import utils
-from rslib.utils import atomic_write_dir, pick_device
+from rslib.utils import atomic_write_dir, pick_device, recover_dir, remove_dir
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_NAME = "model.safetensors"
@@ -238,17 +238,25 @@ def _save_checkpoint(
 
 
 def _find_checkpoint(out_dir: Path) -> Path | None:
-    """The latest complete checkpoint folder, or None.
+    """The complete checkpoint folder ``out_dir/checkpoint``, or None.
 
-    Normally ``out_dir/checkpoint``; if a run died in the instant between
-    moving the old checkpoint aside and renaming the new one in, the old one
-    (``.checkpoint.old-*``) is still complete and is used.
+    Only that folder counts: a checkpoint renamed aside while a newer one was written is either put back by
+    :func:`~rslib.utils.recover_dir` (the newer one never came in) or superseded, and never resumed from.
     """
     main = out_dir / CHECKPOINT_DIR
-    if (main / STATE_NAME).is_file():
-        return main
-    aside = [p for p in out_dir.glob(f".{CHECKPOINT_DIR}.old-*") if (p / STATE_NAME).is_file()]
-    return max(aside, key=lambda p: json.loads((p / STATE_NAME).read_text())["step"], default=None)
+    return main if (main / STATE_NAME).is_file() else None
+
+
+def checkpoint_progress(out_dir: str | Path) -> tuple[int, int] | None:
+    """``(step, steps)`` of the checkpoint a run in ``out_dir`` would resume from (None without one), after
+    recovering what a killed checkpoint writer left."""
+    out_dir = Path(out_dir)
+    recover_dir(out_dir / CHECKPOINT_DIR)
+    found = _find_checkpoint(out_dir)
+    if found is None:
+        return None
+    state = json.loads((found / STATE_NAME).read_text())
+    return int(state["step"]), int(state.get("config", {}).get("steps", state["step"]))
 
 
 def _load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, ema: dict | None) -> dict:
@@ -436,6 +444,9 @@ def train_loop(
     )
 
     start, history = 0, []
+    if accelerator.is_main_process:
+        recover_dir(out_dir / CHECKPOINT_DIR)  # what a killed checkpoint writer left
+    accelerator.wait_for_everyone()
     found = _find_checkpoint(out_dir) if resume else None
     if found is not None:
         state = _load_checkpoint(found, model, optimizer, scheduler, ema)
@@ -445,7 +456,7 @@ def train_loop(
         if changed:
             warnings.warn(f"resuming {out_dir} with changed {changed}: the run will not match an uninterrupted one")
     elif not resume and (out_dir / CHECKPOINT_DIR).exists() and accelerator.is_main_process:
-        shutil.rmtree(out_dir / CHECKPOINT_DIR)  # a fresh start must not leave a stale checkpoint behind
+        remove_dir(out_dir / CHECKPOINT_DIR)  # a fresh start must not leave a stale checkpoint behind
     accelerator.wait_for_everyone()
 
     end = max(start, cfg.steps if stop_after is None else min(cfg.steps, stop_after))

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from rslib.config import Preset, resolve_path
 from rslib.data import synthrs
 from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
 from rslib.models.text import build_rs_clip, clip_tokenizer, image_features, text_features, tokenize
-from rslib.train.loop import CHECKPOINT_DIR, HISTORY_NAME, TrainConfig, train_loop
+from rslib.train.loop import CHECKPOINT_DIR, HISTORY_NAME, TrainConfig, checkpoint_progress, train_loop
+from rslib.utils import remove_dir
 
 DONE_NAME = "training.json"
 
@@ -91,15 +92,95 @@ def input_stamp(folder: str | Path) -> dict[str, str]:
     return {"path": str(folder), "digest": h.hexdigest()[:16]}
 
 
+STAMP_NAME = "stamp.json"  # the settings a run was started with, written before it trains
+
+
+class ResumeRefused(RuntimeError):
+    """A folder holds an unfinished run started with other settings: resuming it would mix two trainings."""
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when the file is missing or unreadable (e.g. cut short by a kill)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested stamp as ``{"clip.steps": 100, ...}``."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _is_setting(cfg: Preset, key: str) -> bool:
+    """True when ``key`` is a preset field that ``--set key=value`` changes."""
+    obj: Any = cfg
+    for part in key.split("."):
+        if not is_dataclass(obj) or not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return not is_dataclass(obj)
+
+
+def _resume_hint(old: dict[str, Any], keys: list[str]) -> str:
+    """How to rerun with the settings a run was started with, or why that is not possible."""
+    from rslib.config import PRESET_NAMES, get_preset
+
+    name = old.get("preset")
+    cfg = get_preset(name) if name in PRESET_NAMES else None
+    args = [f"--preset {name}"] if "preset" in keys and cfg is not None else []
+    sets = [f"{k}={old[k]!r}" for k in keys if k in old and cfg is not None and _is_setting(cfg, k)]
+    if sets:
+        args.append("--set " + " ".join(sets))
+    fixed = [k for k in keys if k != "preset" and not (k in old and cfg is not None and _is_setting(cfg, k))]
+    if fixed:
+        return (f"{', '.join(fixed)} cannot be set back (an input was trained again or a version changed), so start "
+                f"again with --force (force=True)")
+    return f"either start again with --force (force=True), or resume with its settings: {' '.join(args)}"
+
+
+def _refuse_other_settings(folder: Path, recorded: Any, stamp: dict[str, Any]) -> None:
+    """Raise :class:`ResumeRefused` when ``folder`` holds an unfinished checkpoint started with other settings."""
+    progress = checkpoint_progress(folder)
+    if recorded == stamp or progress is None or progress[0] >= progress[1]:
+        return
+    where = f"{folder} holds an unfinished run (step {progress[0]} of {progress[1]})"
+    if not isinstance(recorded, dict):
+        raise ResumeRefused(f"{where} that recorded no settings (an earlier version started it); nothing was "
+                            f"deleted: start again with --force (force=True)")
+    old, new = _flat(recorded), _flat(stamp)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
+    changes = ", ".join(f"{k} {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in keys)
+    raise ResumeRefused(f"{where} started with other settings: {changes}; nothing was deleted: "
+                        f"{_resume_hint(old, keys)}")
+
+
 def fresh_work_dir(work: Path, stamp: dict[str, Any], force: bool = False) -> None:
-    """Keep a stage's work folder (checkpoint, history) only if it was started with ``stamp``; otherwise (or when
-    ``force``) empty it, so an interrupted run never resumes from a checkpoint of other settings or inputs. The
-    folder then records ``stamp``."""
-    marker = work / "stamp.json"
-    if force or not (marker.is_file() and json.loads(marker.read_text()) == stamp):
-        shutil.rmtree(work, ignore_errors=True)
+    """Keep a stage's work folder (checkpoint, history) only if it was started with ``stamp``, so an interrupted run
+    never resumes from a checkpoint of other settings or inputs; the folder then records ``stamp``.
+
+    A finished or empty folder of other settings is emptied; an unfinished run of other settings is refused with
+    :class:`ResumeRefused` (nothing deleted) unless ``force``, which always empties the folder.
+    """
+    recorded = _read_json(work / STAMP_NAME)
+    if not force:
+        _refuse_other_settings(work, recorded, stamp)
+    if force or recorded != stamp:
+        remove_dir(work)
     work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(stamp, indent=1))
+    _write_json(work / STAMP_NAME, stamp)
 
 
 def stage_train_config(cfg: Preset, mixed_precision: str = "", **settings: Any) -> TrainConfig:
@@ -111,22 +192,28 @@ def stage_train_config(cfg: Preset, mixed_precision: str = "", **settings: Any) 
 
 def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
     """True if ``out_dir`` holds a finished run trained with the settings ``stamp``."""
-    info = out_dir / DONE_NAME
-    return info.is_file() and json.loads(info.read_text()).get("stamp") == stamp
+    info = _read_json(out_dir / DONE_NAME)
+    return isinstance(info, dict) and info.get("stamp") == stamp
 
 
 def begin(out_dir: Path, stamp: dict[str, Any], force: bool) -> bool:
     """Prepare ``out_dir`` for training; returns whether to resume from its checkpoint.
 
-    A forced run, or one whose folder holds a finished run with other settings, starts from scratch.
+    A forced run, or one whose folder holds a finished run with other settings, starts from scratch. An unfinished
+    run resumes only if it was started with ``stamp``; one started with other settings is refused with
+    :class:`ResumeRefused` (nothing deleted) unless ``force``.
     """
-    info = out_dir / DONE_NAME
-    stale = info.is_file() and json.loads(info.read_text()).get("stamp") != stamp
-    if info.is_file():
-        info.unlink()
-    if (force or stale) and (out_dir / CHECKPOINT_DIR).exists():
-        shutil.rmtree(out_dir / CHECKPOINT_DIR)
-    return not (force or stale)
+    info = _read_json(out_dir / DONE_NAME)
+    recorded = info.get("stamp") if isinstance(info, dict) else _read_json(out_dir / STAMP_NAME)
+    if not force:
+        _refuse_other_settings(out_dir, recorded, stamp)
+    fresh = force or recorded != stamp
+    if fresh:
+        remove_dir(out_dir / CHECKPOINT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DONE_NAME).unlink(missing_ok=True)
+    _write_json(out_dir / STAMP_NAME, stamp)
+    return not fresh
 
 
 def mark_finished(out_dir: Path, stamp: dict[str, Any], **info: Any) -> None:
