@@ -219,9 +219,10 @@ class Record:
                       obj.get("scene"), conds)
 
 
-def _numbers(value: Any, n: int) -> bool:
+def _numbers(value: Any, n: int, finite: bool = True) -> bool:
+    """True for a list of ``n`` numbers (finite ones only, unless ``finite=False``)."""
     return isinstance(value, (list, tuple)) and len(value) == n and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (not finite or np.isfinite(v)) for v in value)
 
 
 def read_records(split_dir: str | os.PathLike, check_files: bool = False) -> list[Record]:
@@ -987,7 +988,7 @@ def _fmow_item(js: Path, split_dir: Path, invalid: InvalidValues) -> tuple[Recor
     size: tuple[float, float] | None = None
     objects, labels = [], []
     for i, b in enumerate(boxes):
-        if not isinstance(b, dict) or not _numbers(b.get("box"), 4):
+        if not isinstance(b, dict) or not _numbers(b.get("box"), 4, finite=False):
             raise DataFormatError(js, f"bounding_boxes[{i}] needs a 'box' of 4 numbers [x, y, w, h]")
         raw = b.get("category")
         if raw is None or raw == "":  # unlabeled (e.g. the sequestered test set): the folder names the class
