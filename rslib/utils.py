@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import os
 import re
 import secrets
@@ -79,7 +80,8 @@ def atomic_write_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
 
 # A writer of ``path`` works in ``.<name>.part-<token>`` (locked while it writes), renames an existing ``path`` to
 # ``.<name>.prev-<token>`` while it renames its part in, then deletes that as ``.<name>.trash-<token>``. Folders
-# ``.<name>.tmp-*`` and ``.<name>.old-*`` are the same leftovers as earlier versions named them.
+# ``.<name>.tmp-*`` and ``.<name>.old-*`` are the same leftovers as earlier versions named them (an old folder with
+# no working folder beside it was superseded by a completed rename).
 _LEFTOVER = re.compile(r"(?P<kind>part|prev|trash|tmp|old)-(?P<token>[A-Za-z0-9_]+)")
 
 
@@ -205,10 +207,15 @@ def _recover_one(path: Path, kind: str, token: str, leftover: Path) -> None:
                 shutil.rmtree(leftover)
         finally:
             _unlock(lock)
-    elif kind == "old" and not path.exists():  # an earlier version's folder renamed aside
-        os.replace(leftover, path)
+    elif kind == "old" and not path.exists() and _legacy_parts(path):
+        os.replace(leftover, path)  # an earlier version was killed between its two renames (its new folder is left)
     else:
         shutil.rmtree(leftover)
+
+
+def _legacy_parts(path: Path) -> list[Path]:
+    """Working folders that an earlier version's writers of ``path`` left (``.<name>.tmp-*``)."""
+    return [p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if p.is_dir()]
 
 
 def remove_dir(path: str | os.PathLike) -> None:
@@ -221,6 +228,25 @@ def remove_dir(path: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)  # other processes may be deleting it too
         if path.exists():
             shutil.rmtree(path)  # what could not be deleted, with its error
+
+
+def new_file_mode(folder: str | os.PathLike) -> int:
+    """The permission bits a new file gets in ``folder`` (the umask applied), found by creating one."""
+    probe = Path(folder) / f".mode-probe-{secrets.token_hex(6)}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save a safetensors file with the permissions of any new file (safetensors itself makes it private, 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    os.chmod(path, new_file_mode(Path(path).parent))
 
 
 def read_tensor_cache(cache_dir: str | os.PathLike, stamp: dict) -> dict[str, torch.Tensor] | None:
@@ -240,10 +266,8 @@ def write_tensor_cache(cache_dir: str | os.PathLike, stamp: dict, tensors: dict[
     """Save ``tensors`` with ``stamp`` in ``cache_dir``, atomically (a reader never sees half a cache)."""
     import json
 
-    from safetensors.torch import save_file
-
     with atomic_write_dir(cache_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
         (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))
 
 

@@ -35,14 +35,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, send_to_device
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from rslib import utils
-from rslib.utils import atomic_write_dir, pick_device, recover_dir, remove_dir
+from rslib.utils import atomic_write_dir, pick_device, recover_dir, remove_dir, save_tensors
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_NAME = "model.safetensors"
@@ -209,7 +209,7 @@ def load_trainable(model: nn.Module, path: str | Path, *, ema: bool = False, str
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one safetensors file."""
-    save_file(tensors, str(path))
+    save_tensors(tensors, path)
 
 
 def _write_state(state: dict[str, Any], path: Path) -> None:
