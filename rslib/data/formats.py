@@ -81,7 +81,7 @@ def _outside(path: Path, folder: Path) -> str | None:
     return None if target == base or base in target.parents else str(target)
 
 
-def inside(folder: Path, name: str, where: str | os.PathLike, entry: str, line: int | None = None) -> Path:
+def _inside(folder: Path, name: str, where: str | os.PathLike, entry: str, line: int | None = None) -> Path:
     """``folder / name`` for a name read from the file ``where`` (its ``entry``, at ``line``); a
     :class:`DataFormatError` when the name is absolute, has a '..' component or leads outside ``folder``."""
     why = unsafe_name_reason(name)
@@ -245,7 +245,7 @@ def read_records(split_dir: str | os.PathLike, check_files: bool = False) -> lis
             rec = Record.from_json(obj, meta, i)
             if check_files:
                 for rel in [rec.file_name, *rec.conditions.values()]:
-                    if not inside(split_dir, rel, meta, "file", i).is_file():
+                    if not _inside(split_dir, rel, meta, "file", i).is_file():
                         raise DataFormatError(meta, f"file {rel!r} does not exist", i)
             records.append(rec)
     return records
@@ -892,7 +892,7 @@ def _rsicd_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
         if name in seen:
             raise DataFormatError(ann, f"{where}: image listed twice")
         seen.add(name)
-        image = inside(image_dir, name, ann, where)
+        image = _inside(image_dir, name, ann, where)
         if not image.is_file():
             raise DataFormatError(ann, f"{where}: image listed but missing from {image_dir}")
         splits[split].append((Record(f"images/{name}", captions, _null_metadata(), [], _rsicd_scene(name)), image))

@@ -1097,7 +1097,7 @@ def _map(fn, args: list, workers: int) -> list:
         return list(pool.map(fn, args, chunksize=32))
 
 
-MIN_SIZE = 8  # pixels: smaller images hold no object a detector or a reader could see
+MIN_SIZE = 8  # pixels: the smallest image size write_split accepts
 
 
 def check_split_settings(n: int, size: int, seed: int = 0, split: str = "train", workers: int = 0) -> None:

@@ -134,6 +134,11 @@ def _is_setting(cfg: Preset, key: str) -> bool:
     return not is_dataclass(obj)
 
 
+def _set_text(value: Any) -> str:
+    """``value`` as ``--set key=<text>`` reads it back, in one shell word (lists without spaces)."""
+    return repr(value).replace(", ", ",") if isinstance(value, (list, tuple)) else repr(value)
+
+
 def _resume_hint(old: dict[str, Any], keys: list[str]) -> str:
     """How to rerun with the settings a run was started with, or why that is not possible."""
     from rslib.config import PRESET_NAMES, get_preset
@@ -141,7 +146,7 @@ def _resume_hint(old: dict[str, Any], keys: list[str]) -> str:
     name = old.get("preset")
     cfg = get_preset(name) if name in PRESET_NAMES else None
     args = [f"--preset {name}"] if "preset" in keys and cfg is not None else []
-    sets = [f"{k}={old[k]!r}" for k in keys if k in old and cfg is not None and _is_setting(cfg, k)]
+    sets = [f"{k}={_set_text(old[k])}" for k in keys if k in old and cfg is not None and _is_setting(cfg, k)]
     if sets:
         args.append("--set " + " ".join(sets))
     fixed = [k for k in keys if k != "preset" and not (k in old and cfg is not None and _is_setting(cfg, k))]
