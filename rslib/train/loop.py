@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from rslib import utils
+from rslib.progress import StepReporter
 from rslib.utils import atomic_write_dir, pick_device, recover_dir, remove_dir, save_tensors
 
 CHECKPOINT_DIR = "checkpoint"
@@ -387,6 +388,12 @@ def lr_multiplier(warmup_steps: int, steps: int, decay: str = "constant") -> Cal
     return multiplier
 
 
+def run_label(out_dir: str | Path) -> str:
+    """How progress names a run: its folder, or the stage folder above a ``training/`` work folder."""
+    out_dir = Path(out_dir)
+    return (out_dir.parent.name if out_dir.name == "training" else out_dir.name) or "train"
+
+
 def train_loop(
     model: nn.Module,
     loss_fn: LossFn,
@@ -482,14 +489,17 @@ def train_loop(
                 on_checkpoint(step, folder)
         accelerator.wait_for_everyone()
 
+    label = run_label(out_dir)
     bar = tqdm(
         total=cfg.steps,
         initial=start,
-        desc=out_dir.name or "train",
+        desc=label,
         disable=not progress or not accelerator.is_local_main_process,
         dynamic_ncols=True,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,  # a notebook keeps every refresh as an output line
     )
+    # a line every few seconds where the run streams its progress (make reproduce); silent otherwise
+    reporter = StepReporter(label, cfg.steps, start) if accelerator.is_main_process else None
     wrapped.train()
     _frozen_parts_to_eval(loss_module)
     # CPU bf16 autocast without its slow group-norm and attention kernels (the hooks go even if the loop raises)
@@ -527,13 +537,17 @@ def train_loop(
                 logged = {k: accelerator.reduce(v.to(accelerator.device), "mean") for k, v in logged.items()}
             history.append({"step": step + 1, "lr": lr, **{k: float(v) for k, v in logged.items()}})
             bar.update(1)
+            window = history[-max(1, cfg.log_every) :]
+            mean_loss = sum(h["loss"] for h in window) / len(window)
             if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == end:
-                window = history[-max(1, cfg.log_every) :]
-                mean_loss = sum(h["loss"] for h in window) / len(window)
                 bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.3g}", refresh=False)
+            if reporter is not None:
+                reporter.update(step + 1, loss=mean_loss)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 != end:
                 save(step + 1)
         bar.close()
+        if reporter is not None and end > start:
+            reporter.close(end, loss=mean_loss)
     if end > start or not (out_dir / CHECKPOINT_DIR).exists():
         save(end)
     del batches, loader
