@@ -37,6 +37,13 @@ def _parser() -> OneLineArgumentParser:
                    help="drop objects and images with invalid values (counted per reason) instead of stopping")
     c.add_argument("--split", choices=["train", "val", "test"],
                    help="dota only: the split of a single split folder (default: its name, else train)")
+    c.add_argument("--dior-r", metavar="DIR",
+                   help="dior-rsvg only: the DIOR-R folder whose oriented boxes are joined to the boxes by image id "
+                        "(default: Annotations/Oriented Bounding Boxes/ inside --src, when there)")
+    c.add_argument("--tile", type=int_at_least(1), metavar="PX",
+                   help="dota only: cut the images into PX x PX tiles named after their origin (CC-Diff: 512)")
+    c.add_argument("--gap", type=int_at_least(0), metavar="PX",
+                   help="dota only, with --tile: pixels neighbouring tiles share (default 100)")
     return parser
 
 
@@ -57,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
             from rslib.data.formats import convert, dataset_info
 
             paths = convert(args.format, args.src, args.out, overwrite=args.overwrite,
-                            skip_invalid=args.skip_invalid, split=args.split)
+                            skip_invalid=args.skip_invalid, split=args.split, dior_r=args.dior_r, tile=args.tile,
+                            gap=args.gap)
             print("wrote " + ", ".join(str(p) for p in paths))
-            for drop in dataset_info(args.out).get("skipped", []):
+            info = dataset_info(args.out)
+            if "dior_r" in info:
+                joined = info["dior_r"]
+                print(f"joined {joined['joined']} of {joined['boxes']} boxes to DIOR-R oriented boxes from "
+                      f"{joined['folder']}")
+            for drop in info.get("skipped", []):
                 print(f"skipped {drop['count']} {drop['dropped']}{'s' if drop['count'] != 1 else ''}: "
                       f"{drop['reason']}")
     except DataFormatError as e:

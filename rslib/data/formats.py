@@ -474,7 +474,8 @@ def _keep_records(build: Callable[[Any], tuple[Record, Path]], sources: Iterable
 
 
 def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-            skip_invalid: bool = False, split: str | None = None) -> list[Path]:
+            skip_invalid: bool = False, split: str | None = None, dior_r: str | os.PathLike | None = None,
+            tile: int | None = None, gap: int | None = None) -> list[Path]:
     """Convert a data set in its published layout at ``src`` into record-format splits ``out/{train,val,test}``.
 
     Every annotation is read and checked, and every image decoded, before any image is copied; all splits are
@@ -483,17 +484,40 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite:
     folder written by this function (:func:`check_output_folder`). Invalid values are refused unless
     ``skip_invalid``, which drops their objects or records and records the count per reason in
     ``out/.rslib-dataset.json`` (:func:`dataset_info`). ``split`` names the split of a single DOTA split folder
-    (default: the folder's name when it is train, val or test, else train). Returns the split folders written.
+    (default: the folder's name when it is train, val or test, else train). ``dior_r`` (DIOR-RSVG only) is the
+    DIOR-R folder whose oriented boxes are joined to the boxes by image id (default: one found inside ``src``).
+    ``tile`` (DOTA only) cuts every image into ``tile`` x ``tile`` tiles overlapping by ``gap`` pixels (default
+    :data:`DOTA_GAP`), see :func:`dota_tiles`. Returns the split folders written.
     """
+    notes: dict[str, Any] = {}  # what a converter records in the marker besides the splits
     converters: dict[str, Callable[[Path, InvalidValues], dict[str, _Items]]] = {
         "rsicd": _rsicd_splits, "fmow": _fmow_splits, "dior": _dior_splits,
-        "dior-rsvg": _dior_rsvg_splits, "dota": lambda path, invalid: _dota_splits(path, invalid, split),
+        "dior-rsvg": lambda path, invalid: _dior_rsvg_splits(path, invalid, dior_r, notes),
+        "dota": lambda path, invalid: _dota_splits(path, invalid, split),
     }
     if fmt not in converters:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(CONVERT_FORMATS)}")
     if split is not None and (fmt != "dota" or split not in SPLITS):
         raise UsageError(f"split {split!r}: a split is named only for a single DOTA split folder, as one of "
                          f"{', '.join(SPLITS)}")
+    if dior_r is not None:
+        dior_r = Path(dior_r)
+        if fmt != "dior-rsvg":
+            raise UsageError("a DIOR-R folder is joined only to DIOR-RSVG (--format dior-rsvg); the dior format "
+                             "reads DIOR-R's boxes from its own Annotations/Oriented Bounding Boxes/")
+        if not dior_r.is_dir():
+            raise UsageError(f"{dior_r}: DIOR-R folder does not exist (point --dior-r at the DIOR-R folder as "
+                             f"published, or at its Oriented Bounding Boxes folder)")
+    if tile is not None or gap is not None:
+        if fmt != "dota":
+            raise UsageError("tiles (--tile, --gap) are cut only from DOTA images (--format dota)")
+        if tile is None:
+            raise UsageError("--gap needs --tile (the tile side in pixels, e.g. --tile 512)")
+        gap = DOTA_GAP if gap is None else gap
+        if tile < 1 or not 0 <= gap < tile:
+            raise UsageError(f"tiles of {tile} px with a gap of {gap} px: the tile side must be at least 1 and the "
+                             f"gap at least 0 and smaller than the tile (e.g. --tile 512 --gap 100)")
+        notes["tiles"] = {"tile": tile, "gap": gap, "min_visible": DOTA_MIN_VISIBLE}
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise UsageError(f"{src}: source folder does not exist (point --src at the {fmt} folder as published)")
@@ -511,9 +535,9 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite:
     with atomic_write_dir(out) as tmp:
         for name, items in splits.items():
             with DatasetWriter(tmp / name, fmt=fmt) as writer:
-                for record, image in items:
+                for record, image in (dota_tiles(items, tile, gap, invalid) if tile is not None else items):
                     writer.add(record, image)
-        _write_marker(tmp, fmt, splits=list(splits), source=str(src_abs), skipped=invalid.summary())
+        _write_marker(tmp, fmt, splits=list(splits), source=str(src_abs), skipped=invalid.summary(), **notes)
     return [out / name for name in splits]
 
 
@@ -560,29 +584,35 @@ def _decodable(items: _Items, invalid: InvalidValues) -> _Items:
     return _keep_records(check, items)
 
 
-def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike,
-                          max_instances: int | None = 6) -> None:
+# CC-Diff's instance counts per format, as (at most, padded to): upstream truncates and pads DIOR(-RSVG) to 6
+# instances; its DOTA converter only pads, so DOTA keeps every object (None: no limit)
+CCDIFF_INSTANCES: dict[str, tuple[int | None, int | None]] = {"dior": (6, 6), "dior-rsvg": (6, 6), "dota": (None, 6)}
+
+
+def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike, max_instances: int | None = 6,
+                          pad_to: int | None = 6) -> None:
     """Write CC-Diff's own ``metadata.jsonl`` (file_name, caption, bndboxes, obboxes), one line per image.
 
     ``caption`` is ``[global caption, label_1, ..., label_k]``; boxes are
-    normalised ``[x1, y1, x2, y2]`` and ``[x1, y1, ..., x4, y4]``. With
-    ``max_instances`` the first that many objects are kept and the lists are
-    padded with ``""`` and zero boxes to that length; ``None`` keeps every object
-    and pads nothing.
+    normalised ``[x1, y1, x2, y2]`` and ``[x1, y1, ..., x4, y4]``. The first
+    ``max_instances`` objects are kept (``None``: all of them), and the lists
+    are padded with ``""`` and zero boxes to ``pad_to`` objects (``None``: no
+    padding). :data:`CCDIFF_INSTANCES` holds upstream's values per format, and
+    :func:`write_ccdiff_split` uses them.
     """
-    if max_instances is not None and max_instances < 0:
-        raise ValueError(f"max_instances must be >= 0 or None, got {max_instances}")
+    for name, value in (("max_instances", max_instances), ("pad_to", pad_to)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {value}")
     rows = []
     for rec in records:
         objs = list(rec.objects) if max_instances is None else list(rec.objects)[:max_instances]
         caption = [rec.captions[0] if rec.captions else "", *(o.label for o in objs)]
         bnd = [[round(float(v), 5) for v in o.bbox] for o in objs]
         obb = [[round(float(v), 5) for v in o.obb] for o in objs]
-        if max_instances is not None:
-            pad = max_instances - len(objs)
-            caption += [""] * pad
-            bnd += [[0.0] * 4 for _ in range(pad)]
-            obb += [[0.0] * 8 for _ in range(pad)]
+        pad = max(0, (pad_to or 0) - len(objs))
+        caption += [""] * pad
+        bnd += [[0.0] * 4 for _ in range(pad)]
+        obb += [[0.0] * 8 for _ in range(pad)]
         rows.append({"file_name": rec.file_name, "caption": caption, "bndboxes": bnd, "obboxes": obb})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -593,6 +623,93 @@ def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_ccdiff_split(split_dir: str | os.PathLike, path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """CC-Diff's ``metadata.jsonl`` at ``path`` for a converted split, with the instance counts upstream uses for
+    the split's format (:data:`CCDIFF_INSTANCES`; 6 and 6 for other formats); returns (at most, padded to)."""
+    fmt = dataset_info(split_dir).get("format")
+    max_instances, pad_to = CCDIFF_INSTANCES.get(fmt, (6, 6))
+    write_ccdiff_metadata(read_records(split_dir), path, max_instances, pad_to)
+    return max_instances, pad_to
+
+
+# --------------------------------------------------------------------------------- captions
+
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_POSITIONS = {(0, 0): "at the top left", (1, 0): "at the top", (2, 0): "at the top right",
+              (0, 1): "on the left", (1, 1): "in the center", (2, 1): "on the right",
+              (0, 2): "at the bottom left", (1, 2): "at the bottom", (2, 2): "at the bottom right"}
+# Long-side directions of oriented boxes, in 45-degree sectors centred on 0, 45, 90 and 135 degrees (north up)
+DIRECTIONS = ("east-west", "northeast-southwest", "north-south", "northwest-southeast")
+GENERIC_SCENE = "a remote sensing scene"  # <scene> of a DIOR caption when no object type names one
+# DIOR classes that name the scene of CC-Diff's global caption (upstream overrides its scene classifier with them)
+DIOR_SCENE_CLASSES = {"golffield": "golffield", "harbor": "harbor", "airport": "airport",
+                      "Expressway-Service-area": "freeway", "Expressway-toll-station": "freeway"}
+
+
+def count_words(n: int) -> str:
+    """A count as captions write it: in words up to ten ("three"), in digits above ("12")."""
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def position_phrase(x: float, y: float, grid: int = 3) -> str:
+    """Where a point (normalised) lies, as a caption phrase ("on the left", "at the top right", "in the center").
+
+    The image is cut into ``grid`` x ``grid`` cells; the outer ring of cells gives the eight edge and corner
+    phrases and every inner cell is the centre: ``grid=3`` is nine equal cells (SynthRS), ``grid=4`` CC-Diff's
+    layout grid, whose centre is the central 2 x 2 cells.
+    """
+
+    def band(v: float) -> int:
+        cell = min(grid - 1, max(0, int(v * grid)))
+        return 0 if cell == 0 else 2 if cell == grid - 1 else 1
+
+    return _POSITIONS[(band(x), band(y))]
+
+
+def obb_direction(obb: Iterable[float], width: float = 1.0, height: float = 1.0) -> str:
+    """The compass direction of an oriented box's long side (one of :data:`DIRECTIONS`), with north up.
+
+    ``obb`` holds the 4 corners in order, normalised by an image of ``width`` x ``height`` pixels; of two equal
+    sides (a square) the first one counts.
+    """
+    pts = np.asarray(list(obb), dtype=float).reshape(4, 2) * [width, height]
+    first, second = pts[1] - pts[0], pts[2] - pts[1]
+    dx, dy = first if np.hypot(*first) >= np.hypot(*second) else second
+    angle = np.degrees(np.arctan2(-dy, dx)) % 180.0  # image y points down: north is -y
+    return DIRECTIONS[int((angle + 22.5) % 180.0 // 45.0)]
+
+
+def layout_sentence(objects: Iterable[ObjectAnnotation], readable: Callable[[str], str] = str,
+                    width: float = 1.0, height: float = 1.0) -> str:
+    """CC-Diff's layout sentence: the objects counted by class, direction and place on the 4 x 4 grid, e.g.
+    "There are two airplanes oriented north-south at the top left and one vehicle oriented east-west in the
+    center." (groups in order of first appearance; "" without objects). ``readable`` names a class."""
+    groups: Counter[tuple[str, str, str]] = Counter()
+    for o in objects:
+        x1, y1, x2, y2 = o.bbox
+        groups[(o.label, obb_direction(o.obb, width, height), position_phrase((x1 + x2) / 2, (y1 + y2) / 2, 4))] += 1
+    if not groups:
+        return ""
+    parts = [f"{count_words(n)} {_plural(readable(label)) if n > 1 else readable(label)} oriented {direction} {place}"
+             for (label, direction, place), n in groups.items()]
+    return f"There {'is' if next(iter(groups.values())) == 1 else 'are'} {_join_words(parts)}."
+
+
+def layout_caption(scene: str, objects: Iterable[ObjectAnnotation], readable: Callable[[str], str] = str,
+                   width: float = 1.0, height: float = 1.0) -> str:
+    """CC-Diff's global caption: "This is an aerial image of <scene>. " and the :func:`layout_sentence`."""
+    return f"This is an aerial image of {scene}. {layout_sentence(objects, readable, width, height)}".rstrip()
+
+
+def dior_scene(labels: Iterable[str], fallback: str | None = None) -> str:
+    """<scene> of a DIOR image's global caption: the scene its first object of :data:`DIOR_SCENE_CLASSES` names
+    (golffield, harbor, airport; freeway for the expressway classes), else ``fallback`` (the record's scene), else
+    :data:`GENERIC_SCENE` (upstream asks a scene classifier, RSMamba trained on NWPU-RESISC45, which is not
+    part of this project)."""
+    named = next((DIOR_SCENE_CLASSES[label] for label in labels if label in DIOR_SCENE_CLASSES), None)
+    return named or fallback or GENERIC_SCENE
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -1071,10 +1188,11 @@ def _dior_oriented(path: Path) -> list[tuple[str, list[float]]]:
     return out
 
 
-def _match_oriented(hbbs: list[tuple[str, list[float], ET.Element]],
-                    obbs: list[tuple[str, list[float]]]) -> list[list[float] | None]:
-    """Oriented box for each horizontal one: by order when the labels agree, else same label and best overlap."""
-    if len(hbbs) == len(obbs) and all(h[0] == o[0] for h, o in zip(hbbs, obbs)):
+def _match_oriented(hbbs: list[tuple[str, list[float], ET.Element]], obbs: list[tuple[str, list[float]]],
+                    by_order: bool = True) -> list[list[float] | None]:
+    """Oriented box for each horizontal one: by order when ``by_order`` and the labels agree (the two files of one
+    annotation), else the free one of the same label whose enclosing box overlaps it best (IoU at least 0.3)."""
+    if by_order and len(hbbs) == len(obbs) and all(h[0] == o[0] for h, o in zip(hbbs, obbs)):
         return [o[1] for o in obbs]
     free = list(range(len(obbs)))
     out: list[list[float] | None] = []
@@ -1144,7 +1262,32 @@ def _is_object_index(token: str) -> bool:
     return token.isdigit() and (len(token) == 1 or not token.startswith("0"))
 
 
-def _dior_rsvg_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
+def _dior_r_folder(root: Path) -> Path | None:
+    """DIOR-R's folder of oriented-box XML files under ``root`` (``Annotations/Oriented Bounding Boxes/`` as
+    published, or ``Oriented Bounding Boxes/``), or None."""
+    for folder in (root / "Annotations" / "Oriented Bounding Boxes", root / "Oriented Bounding Boxes"):
+        if _is_folder(folder):
+            return folder
+    return None
+
+
+def _dior_r_files(src: Path, dior_r: Path | None) -> tuple[Path | None, dict[str, Path]]:
+    """The DIOR-R folder joined to a DIOR-RSVG source (``dior_r``, else one found inside ``src``) and its XML
+    files by image id; (None, {}) when there is none."""
+    if dior_r is None:
+        folder = _dior_r_folder(src)
+        return (folder, _scan(folder, (".xml",))) if folder is not None else (None, {})
+    folder = _dior_r_folder(dior_r) or dior_r
+    files = _scan(folder, (".xml",))
+    if not files:
+        raise DataFormatError(folder, "no DIOR-R oriented-box XML files here",
+                              fix="point --dior-r at the DIOR-R folder (the one holding Annotations/Oriented "
+                                  "Bounding Boxes/) or at the folder of its XML files")
+    return folder, files
+
+
+def _dior_rsvg_splits(src: Path, invalid: InvalidValues, dior_r: Path | None = None,
+                      notes: dict[str, Any] | None = None) -> dict[str, _Items]:
     """DIOR-RSVG: ``JPEGImages/``, ``Annotations/<id>.xml`` (objects with a <description>), ``{split}.txt``.
 
     The published split files list object indexes: the running count of
@@ -1154,6 +1297,13 @@ def _dior_rsvg_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
     accepted too; the first line of a split file says which of the two it
     holds. Each image goes to one split, with all its objects: test
     first, then val, then train, so that no test image is trained on.
+
+    The captions are CC-Diff's global caption (:func:`layout_caption`, the
+    scene from :func:`dior_scene`) and then the referring expressions. The
+    oriented boxes come from DIOR-R (``dior_r``, else a DIOR-R folder inside
+    ``src``), joined by image id and matched box by box (same class, best
+    overlap); a box without a match keeps its corners. ``notes["dior_r"]``
+    records the folder and how many boxes were joined.
     """
     lists = {s: _read_list(src / f"{s}.txt") for s in SPLITS}
     images = _scan(src / "JPEGImages", IMAGE_EXTENSIONS)
@@ -1200,6 +1350,8 @@ def _dior_rsvg_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
                                       line)
             assigned.setdefault(key, split)
 
+    obb_folder, obb_files = _dior_r_files(src, dior_r)
+    n_boxes = n_joined = 0
     splits: dict[str, _Items] = {s: [] for s in SPLITS}
     for key, (path, xml, boxes) in parsed.items():
         split = assigned.get(key)
@@ -1207,17 +1359,24 @@ def _dior_rsvg_splits(src: Path, invalid: InvalidValues) -> dict[str, _Items]:
             continue
         image = images[key]
         width, height = xml.size(image)
-        objects, seen, captions = [], set(), []
-        for label, box, desc, el in boxes:
-            obj = _norm_object(label, box, None, width, height, xml.reporter(el, invalid))
-            if obj is not None and (label, *obj.bbox) not in seen:
-                seen.add((label, *obj.bbox))
+        first: dict[tuple, tuple[str, list[float], ET.Element]] = {}  # the same box twice is one object
+        for label, box, _, el in boxes:
+            first.setdefault((label, *box), (label, box, el))
+        unique = list(first.values())
+        oriented = (_match_oriented(unique, _dior_oriented(obb_files[key]), by_order=False) if key in obb_files
+                    else [None] * len(unique))
+        objects = []
+        for (label, box, el), obb in zip(unique, oriented):
+            obj = _norm_object(label, box, obb, width, height, xml.reporter(el, invalid))
+            if obj is not None:
                 objects.append(obj)
-            if desc and desc not in captions:
-                captions.append(desc)
-        if not captions:
-            captions = [_count_caption([o.label for o in objects], _dior_readable)]
-        splits[split].append((Record(f"images/{image.name}", captions, _null_metadata(), objects, None), image))
+                n_boxes, n_joined = n_boxes + 1, n_joined + (obb is not None)
+        expressions = list(dict.fromkeys(desc for _, _, desc, _ in boxes if desc))
+        caption = layout_caption(dior_scene(o.label for o in objects), objects, _dior_readable, width, height)
+        splits[split].append((Record(f"images/{image.name}", [caption, *expressions], _null_metadata(), objects,
+                                     None), image))
+    if notes is not None and obb_folder is not None:
+        notes["dior_r"] = {"folder": str(obb_folder), "boxes": n_boxes, "joined": n_joined}
     return splits
 
 
@@ -1357,3 +1516,126 @@ def _dota_splits(src: Path, invalid: InvalidValues, split: str | None = None) ->
                               fix="DOTA is laid out as train/images, train/labelTxt, val/..., test/images, or as "
                                   "one split folder with images/ and labelTxt/")
     return splits
+
+
+# ------------------------------------------------------------------------------- DOTA tiles
+
+DOTA_GAP = 100  # pixels two neighbouring tiles share (CC-Diff: 512-px tiles, 100-px gap)
+DOTA_MIN_VISIBLE = 0.7  # a tile keeps an object when more than this fraction of its area lies in it (DOTA_devkit)
+
+
+def tile_origins(length: int, tile: int, stride: int) -> list[int]:
+    """Where the tiles along a side of ``length`` pixels start: every ``stride`` pixels, the last one shifted to
+    end at the border (DOTA_devkit's splitter); a single tile at 0 when the side is not longer than a tile."""
+    if length <= tile:
+        return [0]
+    return [*range(0, length - tile, stride), length - tile]
+
+
+def _clip_polygon(points: np.ndarray, x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
+    """The part (M, 2) of a polygon (K, 2) inside the rectangle [x1, x2] x [y1, y2] (Sutherland-Hodgman; M may
+    be 0)."""
+    poly = points
+    for axis, bound, below in ((0, x1, False), (0, x2, True), (1, y1, False), (1, y2, True)):
+        if len(poly) == 0:
+            break
+        inside = poly[:, axis] <= bound if below else poly[:, axis] >= bound
+        kept = []
+        for i in range(len(poly)):
+            cur, prev = poly[i], poly[i - 1]
+            if inside[i] != inside[i - 1]:  # the edge crosses the bound: keep the crossing point
+                kept.append(prev + (bound - prev[axis]) / (cur[axis] - prev[axis]) * (cur - prev))
+            if inside[i]:
+                kept.append(cur)
+        poly = np.array(kept, dtype=float).reshape(-1, 2)
+    return poly
+
+
+def _polygon_area(points: np.ndarray) -> float:
+    """Area of a simple polygon (K, 2) (the shoelace formula); 0 for fewer than 3 points."""
+    if len(points) < 3:
+        return 0.0
+    x, y = points[:, 0], points[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def tile_object(obj: ObjectAnnotation, width: int, height: int, x: int, y: int, tile: int,
+                min_visible: float = DOTA_MIN_VISIBLE) -> ObjectAnnotation | None:
+    """``obj`` (normalised on a ``width`` x ``height`` image) in the ``tile`` x ``tile`` tile at (x, y),
+    normalised by the tile; None unless more than ``min_visible`` of its area lies in the tile.
+
+    The box is the visible part's enclosing box; the oriented box is the object's own when it lies wholly in
+    the tile, else the smallest rectangle around its visible part (clipped to the tile).
+    """
+    import cv2
+
+    poly = np.asarray(obj.obb, dtype=float).reshape(4, 2) * [width, height]
+    if _polygon_area(poly) <= 0:  # a degenerate oriented box: its enclosing box stands for it
+        x1, y1, x2, y2 = obj.bbox
+        poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]]) * [width, height]
+    area = _polygon_area(poly)
+    seen = _clip_polygon(poly, x, y, x + tile, y + tile)
+    visible = _polygon_area(seen) / area if area > 0 else 0.0
+    if not visible > min_visible:
+        return None
+    corners = poly if visible >= 1 - 1e-9 else cv2.boxPoints(cv2.minAreaRect(seen.astype(np.float32)))
+    origin = np.array([x, y], dtype=float)
+    box = np.concatenate([seen.min(0), seen.max(0)]) - np.tile(origin, 2)
+    return ObjectAnnotation(obj.label, [_clip01(v / tile) for v in box],
+                            [_clip01(v / tile) for v in (np.asarray(corners, dtype=float) - origin).reshape(-1)])
+
+
+def _decode_rgb(path: Path, invalid: InvalidValues) -> np.ndarray:
+    """Every pixel of an image, however large, as RGB uint8 (H, W, 3); one that does not decode is an invalid
+    value (its record is refused, or dropped with ``skip_invalid``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # DOTA images reach 20000 x 20000 pixels
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        problem = str(e) or type(e).__name__
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    invalid.found(path, None, "image does not decode", problem, drops="record")
+    raise _DropRecord  # found() raises for a record; this is not reached
+
+
+def _padded(pixels: np.ndarray, tile: int) -> np.ndarray:
+    """A tile's pixels, padded with black at the right and bottom to ``tile`` x ``tile``."""
+    h, w = pixels.shape[:2]
+    if (h, w) == (tile, tile):
+        return pixels
+    out = np.zeros((tile, tile, 3), np.uint8)
+    out[:h, :w] = pixels
+    return out
+
+
+def dota_tiles(items: Iterable[tuple[Record, Path]], tile: int, gap: int = DOTA_GAP,
+               invalid: InvalidValues | None = None) -> Iterator[tuple[Record, bytes]]:
+    """Each image cut into ``tile`` x ``tile`` tiles that overlap by ``gap`` pixels, as (record, PNG bytes).
+
+    As DOTA_devkit's splitter: tiles start every ``tile - gap`` pixels and the last of a row or column is
+    shifted to end at the border (:func:`tile_origins`); an image side shorter than a tile gets one tile, padded
+    with black at the right or bottom. A tile is named after its origin, ``<image>__<tile>__<x>___<y>.png``, and
+    keeps the objects of which more than :data:`DOTA_MIN_VISIBLE` of the area lies in it, clipped to it
+    (:func:`tile_object`). Every tile is kept, those without objects too. Its caption counts its objects; the
+    metadata (gsd) is the image's.
+    """
+    invalid = invalid or InvalidValues()
+    stride = tile - gap
+    for record, image in items:
+        try:
+            pixels = _decode_rgb(image, invalid)
+        except _DropRecord:
+            continue
+        height, width = pixels.shape[:2]
+        stem = Path(record.file_name).stem
+        for x in tile_origins(width, tile, stride):
+            for y in tile_origins(height, tile, stride):
+                objects = [o for obj in record.objects
+                           if (o := tile_object(obj, width, height, x, y, tile)) is not None]
+                caption = _count_caption([o.label for o in objects], _dota_readable)
+                tile_record = Record(f"images/{stem}__{tile}__{x}___{y}.png", [caption], dict(record.metadata),
+                                     objects, record.scene)
+                yield tile_record, encode_png(_padded(pixels[y:y + tile, x:x + tile], tile))

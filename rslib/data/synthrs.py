@@ -32,7 +32,16 @@ import cv2
 import numpy as np
 
 from rslib.data.conditions import seg_to_rgb
-from rslib.data.formats import CONTENT, DatasetWriter, ObjectAnnotation, Record, UsageError, encode_png
+from rslib.data.formats import (
+    CONTENT,
+    NUMBER_WORDS,
+    DatasetWriter,
+    ObjectAnnotation,
+    Record,
+    UsageError,
+    encode_png,
+    position_phrase,
+)
 
 SCENES = (
     "airport", "port", "dense_residential", "sparse_residential", "industrial", "farmland",
@@ -956,28 +965,12 @@ def _condition_maps(c: _Canvas, clean: np.ndarray, size: int) -> tuple[dict[str,
 
 # ----------------------------------------------------------------------------- captions
 
-_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-_POS = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "left", (1, 1): "center",
-        (2, 1): "right", (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
-
-
-def position_phrase(x: float, y: float) -> str:
-    """Where a point lies on a 3 x 3 grid, as a caption phrase ("on the left", "at the top right", ...)."""
-    key = (min(2, int(x * 3)), min(2, int(y * 3)))
-    name = _POS[key]
-    if name == "center":
-        return "in the center"
-    if name in ("left", "right"):
-        return f"on the {name}"
-    return f"at the {name}"
-
-
 def count_phrase(n: int, label: str) -> str:
     """'three airplanes', 'one ship', 'many buildings'."""
     sing, plur = CLASS_PHRASES[label]
     if n == 1:
         return f"one {sing}"
-    return f"{_NUMBERS[n]} {plur}" if n <= 10 else f"many {plur}"
+    return f"{NUMBER_WORDS[n]} {plur}" if n <= 10 else f"many {plur}"
 
 
 def _captions(rng: np.random.Generator, scene: str, objects: list[ObjectAnnotation], rel: list[str],
