@@ -164,6 +164,7 @@ class CCDiffConfig:
     dino_size: int = 224  # DINOv2 input side (224 -> 16 x 16 patches + CLS = 257 tokens)
     bank_per_class: int = 64  # reference crops kept per class (the paper: the 200 largest)
     crop_margin: float = 0.15  # a crop is its box grown by this fraction of its size on each side
+    sam_checkpoint: str = ""  # local SAM checkpoint (e.g. sam_vit_h_4b8939.pth): SAM-masked crops; "" = box crops
     fg_ref_grid: int = 2  # reference tokens: CLS + a grid x grid pooling of the patch tokens (0 = all tokens)
     bg_ref_grid: int = 4  # same for the retrieved background scene
     retrieval_pool: int = 0  # training images in the background retrieval index (0 = all)

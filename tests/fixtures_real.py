@@ -175,9 +175,35 @@ RSVG_OBJECTS = {  # image id -> [(class, box, description)]; object indexes run 
 }
 
 
-def make_dior_rsvg(root: Path, by: str = "objects") -> Path:
-    """DIOR-RSVG; split files list object indexes (published form) or, with ``by='images'``, image ids."""
+# DIOR-R's oriented boxes of the DIOR-RSVG images: for 00001 listed in the other order than the DIOR-RSVG boxes
+# (right vehicle northeast-southwest, left one north-south), for 00002 with an airplane DIOR-RSVG does not refer
+# to; 00003 and 00004 have none
+RSVG_DIOR_R = {
+    "00001": [("vehicle", (30, 7, 35, 2, 36, 3, 31, 8)), ("vehicle", (3, 2, 7, 2, 7, 8, 3, 8))],
+    "00002": [("airplane", (2, 30, 8, 30, 8, 36, 2, 36)), ("ship", (10, 10, 26, 20, 29, 16, 13, 6))],
+}
+
+
+def write_dior_r(folder: Path, objects: dict[str, list[tuple[str, tuple[float, ...]]]]) -> Path:
+    """DIOR-R oriented-box XML files ``<id>.xml`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for ident, objs in objects.items():
+        (folder / f"{ident}.xml").write_text(dior_obb_xml(f"{ident}.jpg", objs))
+    return folder
+
+
+def make_dior_r(root: Path) -> Path:
+    """A DIOR-R folder (``Annotations/Oriented Bounding Boxes/``) for the images of :func:`make_dior_rsvg`."""
+    write_dior_r(root / "DIOR-R" / "Annotations" / "Oriented Bounding Boxes", RSVG_DIOR_R)
+    return root / "DIOR-R"
+
+
+def make_dior_rsvg(root: Path, by: str = "objects", dior_r_inside: bool = False) -> Path:
+    """DIOR-RSVG; split files list object indexes (published form) or, with ``by='images'``, image ids;
+    ``dior_r_inside`` adds DIOR-R's boxes as ``Annotations/Oriented Bounding Boxes/``."""
     src = root / "DIOR_RSVG"
+    if dior_r_inside:
+        write_dior_r(src / "Annotations" / "Oriented Bounding Boxes", RSVG_DIOR_R)
     for ident, objects in RSVG_OBJECTS.items():
         write_image(src / "JPEGImages" / f"{ident}.jpg", size=(40, 40))
         ann = src / "Annotations" / f"{ident}.xml"
@@ -211,12 +237,14 @@ DOTA_SIZES = {"P0000": (100, 50), "P0001": (100, 50), "P0002": (40, 40), "P0003"
 
 
 def make_dota(root: Path, label_folder: str = "labelTxt", test_labels: bool = False,
-              extra: dict[tuple[str, str], str] | None = None) -> Path:
-    """DOTA: ``{train,val,test}/images/*.png``, ``{train,val}/<label_folder>/*.txt``; test unlabeled by default."""
+              extra: dict[tuple[str, str], str] | None = None, sizes: dict[str, tuple[int, int]] | None = None) -> Path:
+    """DOTA: ``{train,val,test}/images/*.png``, ``{train,val}/<label_folder>/*.txt``; test unlabeled by default.
+    ``extra`` adds label files, ``sizes`` gives their images' sizes (default 40 x 40)."""
     src = root / "DOTA"
     labels = {**DOTA_LABELS, **(extra or {})}
+    sizes = {**DOTA_SIZES, **(sizes or {})}
     for (split, ident), text in labels.items():
-        write_image(src / split / "images" / f"{ident}.png", size=DOTA_SIZES.get(ident, (40, 40)))
+        write_image(src / split / "images" / f"{ident}.png", size=sizes.get(ident, (40, 40)))
         if split != "test" or test_labels:
             path = src / split / label_folder / f"{ident}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -553,6 +553,19 @@ def test_synthrs_splits_written_before_the_marker_are_still_regenerated(tmp_path
     (["convert", "--format", "dota", "--src", "{tmp}/missing", "--out", "{tmp}/o"], "source folder does not exist"),
     (["convert", "--format", "rsicd", "--src", "{tmp}", "--out", "{tmp}/o", "--split", "val"],
      "a split is named only for a single DOTA split folder"),
+    (["convert", "--format", "dota", "--src", "{tmp}", "--out", "{tmp}/o", "--tile", "40", "--gap", "40"],
+     "the gap at least 0 and smaller than the tile"),
+    (["convert", "--format", "dota", "--src", "{tmp}", "--out", "{tmp}/o", "--gap", "10"], "--gap needs --tile"),
+    (["convert", "--format", "dota", "--src", "{tmp}", "--out", "{tmp}/o", "--tile", "0"],
+     "--tile: must be at least 1, got 0"),
+    (["convert", "--format", "dota", "--src", "{tmp}", "--out", "{tmp}/o", "--tile", "40", "--gap", "-1"],
+     "--gap: must be at least 0, got -1"),
+    (["convert", "--format", "rsicd", "--src", "{tmp}", "--out", "{tmp}/o", "--tile", "512"],
+     "tiles (--tile, --gap) are cut only from DOTA images"),
+    (["convert", "--format", "dior", "--src", "{tmp}", "--out", "{tmp}/o", "--dior-r", "{tmp}"],
+     "a DIOR-R folder is joined only to DIOR-RSVG"),
+    (["convert", "--format", "dior-rsvg", "--src", "{tmp}", "--out", "{tmp}/o", "--dior-r", "{tmp}/missing"],
+     "DIOR-R folder does not exist"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, piece):
     before = tree(tmp_path)

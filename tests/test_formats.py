@@ -10,13 +10,22 @@ import pytest
 import fixtures_real as fx
 from rslib.data.__main__ import main
 from rslib.data.formats import (
+    CCDIFF_INSTANCES,
     METADATA_FIELDS,
     DataFormatError,
     ObjectAnnotation,
     Record,
     convert,
+    dataset_info,
+    dior_scene,
+    layout_caption,
+    layout_sentence,
+    obb_direction,
+    position_phrase,
     read_records,
+    tile_origins,
     write_ccdiff_metadata,
+    write_ccdiff_split,
 )
 
 
@@ -128,11 +137,133 @@ def test_dior_rsvg_object_index_splits(tmp_path):
     # 00002 has object 2 in train and object 3 in test: the image goes to test only
     assert list(train) == ["00001.jpg"] and list(val) == ["00003.jpg"]
     assert sorted(test) == ["00002.jpg", "00004.jpg"]
-    assert train["00001.jpg"].captions == ["the vehicle on the left", "the vehicle on the right"]
+    # CC-Diff's global caption first (no DIOR-R here: the boxes' own corners), then the referring expressions
+    assert train["00001.jpg"].captions == [
+        "This is an aerial image of a remote sensing scene. There is one vehicle oriented east-west at the top left "
+        "and one vehicle oriented east-west at the top right.", "the vehicle on the left", "the vehicle on the right"]
     assert train["00001.jpg"].objects[1].bbox == approx_list([0.75, 0.05, 0.9, 0.2])
     ship = test["00002.jpg"]
-    assert ship.captions == ["a ship in the harbor", "the large ship"]
+    assert ship.captions == ["This is an aerial image of a remote sensing scene. There is one ship oriented "
+                             "east-west in the center.", "a ship in the harbor", "the large ship"]
     assert [o.label for o in ship.objects] == ["ship"]  # the same box twice is one object
+    assert "dior_r" not in dataset_info(out)
+
+
+RSVG_JOINED = {  # image -> global caption with DIOR-R's oriented boxes joined
+    "00001.jpg": "This is an aerial image of a remote sensing scene. There is one vehicle oriented north-south at "
+                 "the top left and one vehicle oriented northeast-southwest at the top right.",
+    "00002.jpg": "This is an aerial image of a remote sensing scene. There is one ship oriented northwest-southeast "
+                 "in the center.",
+    "00003.jpg": "This is an aerial image of a remote sensing scene. There is one stadium oriented east-west in the "
+                 "center.",
+}
+
+
+def _rsvg_records(out: Path) -> dict[str, Record]:
+    return {name: rec for split in ("train", "val", "test") for name, rec in by_name(out / split).items()}
+
+
+@pytest.mark.parametrize("where", ["--dior-r", "inside --src"])
+def test_dior_rsvg_joins_dior_r_oriented_boxes_by_image_id(tmp_path, capsys, where):
+    out = tmp_path / "out"
+    if where == "--dior-r":
+        argv = ["--src", str(fx.make_dior_rsvg(tmp_path)), "--dior-r", str(fx.make_dior_r(tmp_path))]
+    else:
+        argv = ["--src", str(fx.make_dior_rsvg(tmp_path, dior_r_inside=True))]
+    assert main(["convert", "--format", "dior-rsvg", *argv, "--out", str(out)]) == 0
+    assert "joined 3 of 5 boxes to DIOR-R oriented boxes from" in capsys.readouterr().out
+    records = _rsvg_records(out)
+    # matched by class and overlap, not by order: DIOR-R lists 00001's vehicles the other way round
+    left, right = records["00001.jpg"].objects
+    assert left.obb == approx_list([v / 40 for v in fx.RSVG_DIOR_R["00001"][1][1]])
+    assert right.obb == approx_list([v / 40 for v in fx.RSVG_DIOR_R["00001"][0][1]])
+    assert left.bbox == approx_list([0.05, 0.05, 0.2, 0.2])  # the DIOR-RSVG box stays
+    [ship] = records["00002.jpg"].objects  # DIOR-R's airplane is not one of DIOR-RSVG's objects
+    assert ship.obb == approx_list([v / 40 for v in fx.RSVG_DIOR_R["00002"][1][1]])
+    stadium = records["00003.jpg"].objects[0]  # no DIOR-R file for this image: its box's corners
+    assert stadium.obb == ObjectAnnotation.from_bbox("stadium", stadium.bbox).obb
+    for name, caption in RSVG_JOINED.items():
+        assert records[name].captions[0] == caption
+    assert dataset_info(out)["dior_r"]["boxes"] == 5 and dataset_info(out)["dior_r"]["joined"] == 3
+
+
+def test_dior_r_folder_without_xml_is_refused(tmp_path, capsys):
+    empty = tmp_path / "DIOR-R" / "Annotations" / "Oriented Bounding Boxes"
+    empty.mkdir(parents=True)
+    argv = ["convert", "--format", "dior-rsvg", "--src", str(fx.make_dior_rsvg(tmp_path)),
+            "--dior-r", str(tmp_path / "DIOR-R"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    assert "Oriented Bounding Boxes: no DIOR-R oriented-box XML files here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------- CC-Diff's captions
+
+def _obj(label: str, cx: float, cy: float, w: float = 0.04, h: float = 0.02) -> ObjectAnnotation:
+    return ObjectAnnotation.from_bbox(label, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+@pytest.mark.parametrize("x, y, phrase", [
+    (0.1, 0.1, "at the top left"), (0.3, 0.1, "at the top"), (0.74, 0.2, "at the top"), (0.8, 0.1, "at the top right"),
+    (0.2, 0.4, "on the left"), (0.26, 0.26, "in the center"), (0.74, 0.74, "in the center"),
+    (0.9, 0.6, "on the right"), (0.1, 0.9, "at the bottom left"), (0.5, 0.8, "at the bottom"),
+    (0.99, 0.99, "at the bottom right"), (1.0, 1.0, "at the bottom right"),
+])
+def test_position_on_the_4x4_grid(x, y, phrase):
+    assert position_phrase(x, y, grid=4) == phrase
+
+
+def test_position_grid_3_is_synthrs_nine_cells():
+    assert position_phrase(0.3, 0.3) == "at the top left" and position_phrase(0.3, 0.3, grid=4) == "in the center"
+    assert position_phrase(0.5, 0.5) == "in the center" and position_phrase(0.7, 0.5) == "on the right"
+
+
+@pytest.mark.parametrize("obb, direction", [
+    ([0.1, 0.1, 0.5, 0.1, 0.5, 0.2, 0.1, 0.2], "east-west"),  # long side horizontal
+    ([0.1, 0.1, 0.2, 0.1, 0.2, 0.5, 0.1, 0.5], "north-south"),  # long side vertical (the second side)
+    ([0.1, 0.5, 0.5, 0.1, 0.55, 0.15, 0.15, 0.55], "northeast-southwest"),  # rising to the right
+    ([0.1, 0.1, 0.5, 0.5, 0.45, 0.55, 0.05, 0.15], "northwest-southeast"),  # falling to the right
+    ([0.1, 0.3, 0.5, 0.25, 0.51, 0.3, 0.11, 0.35], "east-west"),  # 7 degrees off: still east-west
+    ([0.1, 0.5, 0.2, 0.1, 0.25, 0.12, 0.15, 0.52], "north-south"),  # 76 degrees on a square image ...
+    ([0.2, 0.2, 0.4, 0.2, 0.4, 0.4, 0.2, 0.4], "east-west"),  # a square: its first side
+])
+def test_obb_direction_bins(obb, direction):
+    assert obb_direction(obb) == direction
+
+
+def test_obb_direction_uses_the_image_aspect():
+    obb = [0.1, 0.5, 0.2, 0.1, 0.25, 0.12, 0.15, 0.52]  # ... and 63 degrees once the image is twice as wide
+    assert obb_direction(obb, width=2, height=1) == "northeast-southwest"
+
+
+def test_layout_sentence_counts_groups_and_words():
+    planes = [_obj("airplane", 0.1, 0.1), _obj("airplane", 0.15, 0.2), _obj("airplane", 0.2, 0.1)]
+    tall = _obj("vehicle", 0.5, 0.5, w=0.01, h=0.05)
+    assert layout_sentence(planes) == "There are three airplanes oriented east-west at the top left."
+    assert layout_sentence([tall, *planes, _obj("vehicle", 0.5, 0.45, w=0.01, h=0.05)]) == (
+        "There are two vehicles oriented north-south in the center and three airplanes oriented east-west at the top "
+        "left.")
+    assert layout_sentence([tall, _obj("vehicle", 0.9, 0.9)]) == (
+        "There is one vehicle oriented north-south in the center and one vehicle oriented east-west at the bottom "
+        "right.")
+    ten, twelve = [_obj("ship", 0.5, 0.9)] * 10, [_obj("ship", 0.5, 0.9)] * 12
+    assert layout_sentence(ten) == "There are ten ships oriented east-west at the bottom."
+    assert layout_sentence(twelve) == "There are 12 ships oriented east-west at the bottom."
+    assert layout_sentence([_obj("storagetank", 0.9, 0.4)], lambda c: "storage tank") == (
+        "There is one storage tank oriented east-west on the right.")
+    assert layout_sentence([]) == ""
+
+
+def test_layout_caption_and_dior_scene():
+    ship = _obj("ship", 0.5, 0.5)
+    assert layout_caption("harbor", [ship]) == (
+        "This is an aerial image of harbor. There is one ship oriented east-west in the center.")
+    assert layout_caption("a remote sensing scene", []) == "This is an aerial image of a remote sensing scene."
+    assert dior_scene(["ship", "harbor", "airport"]) == "harbor"  # the first object that names a scene
+    assert dior_scene(["vehicle", "golffield"]) == "golffield" and dior_scene(["airport"]) == "airport"
+    assert dior_scene(["Expressway-toll-station"]) == "freeway" and dior_scene(["Expressway-Service-area"]) == "freeway"
+    assert dior_scene(["vehicle"]) == "a remote sensing scene" and dior_scene([]) == "a remote sensing scene"
+    assert dior_scene(["vehicle"], fallback="airport") == "airport"
 
 
 def test_dior_rsvg_image_id_splits(tmp_path):
@@ -187,6 +318,115 @@ def test_dota_v10_rejects_v15_class(tmp_path):
     src = fx.make_dota(tmp_path, label_folder="labelTxt-v1.0", extra=extra)
     with pytest.raises(DataFormatError, match=r"P0009\.txt, line 3: unknown class 'container-crane'"):
         convert("dota", src, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- DOTA tiles
+
+@pytest.mark.parametrize("length, tile, stride, starts", [
+    (1000, 512, 412, [0, 412, 488]),  # the last tile shifted to end at the border
+    (924, 512, 412, [0, 412]), (925, 512, 412, [0, 412, 413]),
+    (512, 512, 412, [0]), (300, 512, 412, [0]),  # not longer than a tile: one tile
+    (100, 40, 30, [0, 30, 60]), (50, 40, 30, [0, 10]),
+])
+def test_tile_origins(length, tile, stride, starts):
+    assert tile_origins(length, tile, stride) == starts
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _noise_image(path: Path, size: tuple[int, int]) -> None:
+    """Replace an image by random pixels, so that every tile's content tells where it was cut."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_dota_tiles_names_pixels_and_border_tiles(tmp_path):
+    src, out = fx.make_dota(tmp_path), tmp_path / "out"
+    _noise_image(src / "train/images/P0000.png", (100, 50))
+    convert("dota", src, out, tile=40, gap=10)
+    train = by_name(out / "train")
+    names = {f"{p}__40__{x}___{y}.png" for p in ("P0000", "P0001") for x in (0, 30, 60) for y in (0, 10)}
+    assert set(train) == names  # every tile, those without objects too
+    source = _pixels(src / "train/images/P0000.png")
+    for x in (0, 30, 60):
+        for y in (0, 10):  # the last row and column end at the border (y 10..50, x 60..100)
+            assert (_pixels(out / "train/images" / f"P0000__40__{x}___{y}.png") == source[y:y + 40, x:x + 40]).all()
+    plane = train["P0000__40__0___0.png"]
+    assert plane.objects[0].obb == approx_list([v / 40 for v in (10, 5, 30, 5, 30, 15, 10, 15)])
+    assert plane.captions == ["an aerial image with 1 plane"] and plane.metadata["gsd"] == pytest.approx(0.1463435904)
+    car = train["P0000__40__60___10.png"].objects[0]  # clipped to the image before: (90, 40, 100, 50)
+    assert car.label == "small-vehicle" and car.bbox == approx_list([0.75, 0.75, 1.0, 1.0])
+    # the plane (y 5..15) shows half in the tiles at y 10: dropped there
+    assert train["P0000__40__0___10.png"].objects == [] and train["P0000__40__0___10.png"].captions == [
+        "an aerial image"]
+    assert [len(train[f"P0001__40__{x}___0.png"].objects) for x in (0, 30, 60)] == [1, 1, 1]
+    assert dataset_info(out)["tiles"] == {"tile": 40, "gap": 10, "min_visible": 0.7}
+
+
+def test_dota_tiles_at_cc_diff_size(tmp_path):
+    extra = {("train", "P0009"): "gsd:0.5\n350 300 550 300 550 340 350 340 large-vehicle 0\n"}
+    src, out = fx.make_dota(tmp_path, extra=extra, sizes={"P0009": (924, 600)}), tmp_path / "out"
+    convert("dota", src, out, tile=512, gap=100)
+    train = by_name(out / "train")
+    names = {n for n in train if n.startswith("P0009")}
+    assert names == {"P0009__512__0___0.png", "P0009__512__0___88.png", "P0009__512__412___0.png",
+                     "P0009__512__412___88.png"}  # stride 412; the last row starts at 600 - 512
+    truck = train["P0009__512__0___88.png"].objects[0]  # x 350..550: 162 of 200 px in the tile at x 0
+    assert truck.bbox == approx_list([350 / 512, 212 / 512, 1.0, 252 / 512])
+    assert train["P0009__512__0___0.png"].objects[0].bbox == approx_list([350 / 512, 300 / 512, 1.0, 340 / 512])
+    assert train["P0009__512__412___88.png"].objects == []  # 138 of 200 px at x 412: less than 0.7
+
+
+def test_dota_tiles_keep_objects_by_visible_area(tmp_path):
+    # tiles of 40 px every 30 px on a 70 x 40 image start at x 0 and x 30
+    labels = ("gsd:0.5\n"
+              "20 0 45 0 45 10 20 10 ship 0\n"  # 0.8 visible at x 0, 0.6 at x 30
+              "25 20 37 20 37 30 25 30 harbor 0\n"  # wholly in the tile at x 0, 7 of 12 px at x 30
+              "50 20 60 20 60 30 50 30 plane 0\n")  # only in the tile at x 30
+    src, out = fx.make_dota(tmp_path, extra={("train", "P0010"): labels}, sizes={"P0010": (70, 40)}), tmp_path / "out"
+    convert("dota", src, out, tile=40, gap=10)
+    train = by_name(out / "train")
+    left, right = train["P0010__40__0___0.png"], train["P0010__40__30___0.png"]
+    assert [o.label for o in left.objects] == ["ship", "harbor"]
+    ship = left.objects[0]
+    assert ship.bbox == approx_list([0.5, 0, 1, 0.25])  # clipped to the tile
+    assert sorted(zip(ship.obb[0::2], ship.obb[1::2])) == [pytest.approx(p, abs=1e-5) for p in
+                                                            [(0.5, 0), (0.5, 0.25), (1, 0), (1, 0.25)]]
+    assert [o.label for o in right.objects] == ["plane"]  # 0.6 and 0.58 of the others visible: left out
+    assert right.objects[0].bbox == approx_list([0.5, 0.5, 0.75, 0.75])
+    assert right.captions == ["an aerial image with 1 plane"]
+
+
+def test_dota_tiles_of_a_rotated_object(tmp_path):
+    src, out = fx.make_dota(tmp_path), tmp_path / "out"
+    convert("dota", src, out, tile=30, gap=10)  # the val image: a 40 x 40 diamond, 3/4 of it in each tile
+    val = by_name(out / "val")
+    assert set(val) == {f"P0002__30__{x}___{y}.png" for x in (0, 10) for y in (0, 10)}
+    for rec in val.values():
+        [harbor] = rec.objects
+        assert harbor.bbox == approx_list([0, 0, 1, 1])
+        assert all(0 <= v <= 1 for v in harbor.obb)
+        assert harbor.obb != ObjectAnnotation.from_bbox("harbor", [0, 0, 1, 1]).obb  # a rotated rectangle
+
+
+def test_dota_image_smaller_than_a_tile_is_padded(tmp_path):
+    src, out = fx.make_dota(tmp_path), tmp_path / "out"
+    _noise_image(src / "val/images/P0002.png", (40, 40))
+    convert("dota", src, out, tile=64, gap=16)
+    [(name, harbor)] = by_name(out / "val").items()
+    assert name == "P0002__64__0___0.png"
+    pixels = _pixels(out / "val/images" / name)
+    assert pixels.shape == (64, 64, 3) and (pixels[:40, :40] == _pixels(src / "val/images/P0002.png")).all()
+    assert (pixels[40:] == 0).all() and (pixels[:, 40:] == 0).all()  # black at the right and bottom
+    assert harbor.objects[0].obb == approx_list([v / 64 for v in (20, 0, 40, 20, 20, 40, 0, 20)])
 
 
 # -------------------------------------------------------------------- loading and the CLI
@@ -439,6 +679,33 @@ def test_ccdiff_metadata_without_limit_keeps_all(tmp_path):
     many, none = _read_jsonl(path)
     assert len(many["caption"]) == 9 and len(many["bndboxes"]) == 8 and len(many["obboxes"]) == 8
     assert none == {"file_name": "images/0.png", "caption": ["first caption"], "bndboxes": [], "obboxes": []}
+
+
+def test_ccdiff_metadata_pads_without_truncating(tmp_path):
+    """DOTA as upstream writes it: padded to 6, never truncated."""
+    path = tmp_path / "metadata.jsonl"
+    write_ccdiff_metadata([_record(9), _record(2)], path, max_instances=None, pad_to=6)
+    many, few = _read_jsonl(path)
+    assert many["caption"] == ["first caption"] + [f"c{i}" for i in range(9)] and len(many["obboxes"]) == 9
+    assert few["caption"] == ["first caption", "c0", "c1", "", "", "", ""] and len(few["bndboxes"]) == 6
+    with pytest.raises(ValueError, match="pad_to must be >= 0 or None, got -1"):
+        write_ccdiff_metadata([], path, pad_to=-1)
+
+
+def test_ccdiff_split_uses_upstream_counts_per_format(tmp_path):
+    extra = {("train", "P0011"): "gsd:0.5\n" + "".join(f"{x} 1 {x + 3} 1 {x + 3} 4 {x} 4 small-vehicle 0\n"
+                                                        for x in range(0, 36, 4))}  # 9 vehicles
+    convert("dota", fx.make_dota(tmp_path, extra=extra), tmp_path / "dota")
+    assert write_ccdiff_split(tmp_path / "dota" / "train", tmp_path / "cc_dota.jsonl") == (None, 6)
+    rows = {row["file_name"]: row for row in _read_jsonl(tmp_path / "cc_dota.jsonl")}
+    assert len(rows["images/P0011.png"]["caption"]) == 10  # all 9 kept
+    assert rows["images/P0000.png"]["caption"][1:] == ["plane", "small-vehicle", "", "", "", ""]
+    convert("dior-rsvg", fx.make_dior_rsvg(tmp_path), tmp_path / "rsvg")
+    assert write_ccdiff_split(tmp_path / "rsvg" / "train", tmp_path / "cc_rsvg.jsonl") == (6, 6)
+    [row] = _read_jsonl(tmp_path / "cc_rsvg.jsonl")
+    assert row["caption"][0].startswith("This is an aerial image of") and row["caption"][1:] == [
+        "vehicle", "vehicle", "", "", "", ""]
+    assert CCDIFF_INSTANCES == {"dior": (6, 6), "dior-rsvg": (6, 6), "dota": (None, 6)}
 
 
 def test_ccdiff_metadata_from_converted_set(tmp_path):

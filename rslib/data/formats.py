@@ -590,14 +590,15 @@ CCDIFF_INSTANCES: dict[str, tuple[int | None, int | None]] = {"dior": (6, 6), "d
 
 
 def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike, max_instances: int | None = 6,
-                          pad_to: int | None = 6) -> None:
+                          pad_to: int | None = None) -> None:
     """Write CC-Diff's own ``metadata.jsonl`` (file_name, caption, bndboxes, obboxes), one line per image.
 
     ``caption`` is ``[global caption, label_1, ..., label_k]``; boxes are
     normalised ``[x1, y1, x2, y2]`` and ``[x1, y1, ..., x4, y4]``. The first
     ``max_instances`` objects are kept (``None``: all of them), and the lists
-    are padded with ``""`` and zero boxes to ``pad_to`` objects (``None``: no
-    padding). :data:`CCDIFF_INSTANCES` holds upstream's values per format, and
+    are padded with ``""`` and zero boxes to ``pad_to`` objects (default:
+    ``max_instances``; 0 or ``None`` with ``max_instances=None``: no padding).
+    :data:`CCDIFF_INSTANCES` holds upstream's values per format, and
     :func:`write_ccdiff_split` uses them.
     """
     for name, value in (("max_instances", max_instances), ("pad_to", pad_to)):
@@ -609,7 +610,7 @@ def write_ccdiff_metadata(records: Iterable[Record], path: str | os.PathLike, ma
         caption = [rec.captions[0] if rec.captions else "", *(o.label for o in objs)]
         bnd = [[round(float(v), 5) for v in o.bbox] for o in objs]
         obb = [[round(float(v), 5) for v in o.obb] for o in objs]
-        pad = max(0, (pad_to or 0) - len(objs))
+        pad = max(0, ((max_instances if pad_to is None else pad_to) or 0) - len(objs))
         caption += [""] * pad
         bnd += [[0.0] * 4 for _ in range(pad)]
         obb += [[0.0] * 8 for _ in range(pad)]

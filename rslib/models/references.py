@@ -8,7 +8,9 @@ retrieval, both encoded by DINOv2 ViT-L/14 into 257 tokens). Here:
   (its last hidden state after the final LayerNorm); at the paper preset a local ``transformers.Dinov2Model``
   folder (ImageNet normalisation, applied once). ``grid > 0`` keeps CLS plus a ``grid x grid`` average pooling
   of the patch tokens (1 + grid^2 tokens), which keeps the small presets cheap.
-* :func:`crop_objects`: box crops (grown by a margin, never centre-cropped) resized to the encoder's input.
+* :func:`crop_objects`: box crops (grown by a margin, never centre-cropped) resized to the encoder's input. With a
+  local SAM checkpoint (``cc.sam_checkpoint``), :func:`masked_crops` blackens everything outside each object's SAM
+  mask, as upstream's reference crops (box prompts, one mask each); without one the crops are plain box crops.
 * :class:`ReferenceBank` (a diffusers ``ModelMixin``, saved inside the pipeline): per class a seeded choice of
   training-object crops as tokens, the retrieval pool's scene tokens and CLIP image embeddings, and the CLIP text
   projection that turns the text tower's pooled output into a retrieval query.
@@ -23,7 +25,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ModelMixin
@@ -168,6 +172,58 @@ def crop_objects(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.T
     rois = torch.cat([image_index.float()[:, None], win], dim=1).to(images)  # (K, 5)
     return roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
                      aligned=True)
+
+
+SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")  # segment_anything's model types, named in its checkpoint files
+
+
+def load_sam_predictor(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    """A ``segment_anything.SamPredictor`` for a local SAM checkpoint (e.g. ``sam_vit_h_4b8939.pth``; the model
+    type is read from the file name); nothing is downloaded. Needs the optional ``segment_anything`` package."""
+    from rslib.config import resolve_path
+
+    path = resolve_path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no SAM checkpoint at {path}: set cc.sam_checkpoint to a local SAM file (e.g. "
+                                f"sam_vit_h_4b8939.pth), or to '' for plain box crops")
+    kind = next((k for k in SAM_MODEL_TYPES if k in path.name), None)
+    if kind is None:
+        raise ValueError(f"{path}: the file name does not say the SAM model type; keep the published name "
+                         f"(it holds one of {', '.join(SAM_MODEL_TYPES)}, e.g. sam_vit_h_4b8939.pth)")
+    try:
+        from segment_anything import SamPredictor, sam_model_registry
+    except ImportError:
+        raise ImportError("cc.sam_checkpoint needs the segment_anything package: pip install 'rslib[sam]' (or "
+                          "pip install segment-anything), or set cc.sam_checkpoint='' for plain box crops") from None
+    return SamPredictor(sam_model_registry[kind](checkpoint=str(path)).to(device).eval())
+
+
+def sam_masks(predictor: Any, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """SAM's mask (K, H, W) bool of each object at normalised boxes (K, 4) of one image (3, H, W) in [-1, 1]: one
+    box prompt per object, ``multimask_output=False`` (as upstream)."""
+    h, w = image.shape[-2:]
+    rgb = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    predictor.set_image(rgb)
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    masks = []
+    for box in boxes.detach().cpu().float() * scale:
+        out, _, _ = predictor.predict(box=box.numpy(), multimask_output=False)
+        masks.append(torch.from_numpy(np.asarray(out[0], dtype=bool)))
+    return torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+
+
+def masked_crops(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, size: int, predictor: Any,
+                 margin: float = 0.0, min_px: float = 3.0) -> torch.Tensor:
+    """:func:`crop_objects` with everything outside each object's SAM mask (:func:`sam_masks`) black: the masked
+    crops on black of upstream's reference bank. (K, 3, size, size) in [-1, 1]."""
+    crops = crop_objects(images, image_index, boxes, size, margin, min_px)
+    for i in image_index.unique().tolist():
+        sel = (image_index == i).nonzero().flatten()
+        masks = sam_masks(predictor, images[i], boxes[sel]).to(crops)  # (k, H, W)
+        inside = crop_objects(masks[:, None], torch.arange(len(sel), device=crops.device), boxes[sel], size, margin,
+                              min_px)  # (k, 1, size, size): the mask cropped like the image
+        crops[sel.to(crops.device)] = crops[sel.to(crops.device)] * inside - (1 - inside)
+    return crops
 
 
 def select_bank(labels: Sequence[int], areas: Sequence[float], num_classes: int, per_class: int,
@@ -360,5 +416,6 @@ def retrieval_table(bank: ReferenceBank, queries: torch.Tensor, owners: torch.Te
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-__all__ = ["ImageTokenEncoder", "ReferenceBank", "crop_boxes", "crop_objects", "load_dinov2", "phrase_for",
-           "pool_tokens", "retrieval_table", "select_bank"]
+__all__ = ["SAM_MODEL_TYPES", "ImageTokenEncoder", "ReferenceBank", "crop_boxes", "crop_objects", "load_dinov2",
+           "load_sam_predictor", "masked_crops", "phrase_for", "pool_tokens", "retrieval_table", "sam_masks",
+           "select_bank"]

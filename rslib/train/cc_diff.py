@@ -47,6 +47,8 @@ from rslib.models.references import (
     ReferenceBank,
     crop_objects,
     load_dinov2,
+    load_sam_predictor,
+    masked_crops,
     phrase_for,
     retrieval_table,
     select_bank,
@@ -200,10 +202,12 @@ def build_references(cfg: Preset, ds: RSDataset, clip: CLIPModel, text_encoder: 
                      tokenizer: CLIPTokenizer, device: str | torch.device = "cpu",
                      batch_size: int = 128) -> tuple[ReferenceBank, list[list[int]]]:
     """The reference bank of a training split, and for every caption of every image the pool index of the scene
-    it retrieves (top-1 RS-CLIP text -> image, the image itself excluded)."""
+    it retrieves (top-1 RS-CLIP text -> image, the image itself excluded). Instance crops are SAM-masked when
+    ``cfg.cc.sam_checkpoint`` names a local SAM checkpoint, plain box crops otherwise."""
     c = cfg.cc
     classes = ds.classes
     encoder = image_token_encoder(cfg, clip).to(device)
+    sam = load_sam_predictor(c.sam_checkpoint, device) if c.sam_checkpoint else None
     clip = clip.to(device).eval()
     dt = _token_dtype(c.ref_dtype)
     # which objects make the bank (from the records: no image is read)
@@ -240,8 +244,9 @@ def build_references(cfg: Preset, ds: RSDataset, clip: CLIPModel, text_encoder: 
         images = torch.stack([ds[i]["pixel_values"] for i in chunk]).to(device)  # (b, 3, S, S) in [-1, 1]
         if len(sel):
             objs = chosen[sel]
-            crops = crop_objects(images, owner_t[objs].to(device) - lo, boxes_t[objs].to(device), encoder.input_size,
-                                 margin=c.crop_margin)
+            where = (images, owner_t[objs].to(device) - lo, boxes_t[objs].to(device), encoder.input_size)
+            crops = (crop_objects(*where, margin=c.crop_margin) if sam is None
+                     else masked_crops(*where, sam, margin=c.crop_margin))
             for k, tok in zip(sel.tolist(), encoder(crops, c.fg_ref_grid).cpu()):
                 fg_tokens[k] = tok.to(dt)
         if pooled_here:
@@ -288,8 +293,11 @@ def references_stamp(cfg: Preset, stage_one: Path, clip_dir: Path) -> dict[str, 
     c = cfg.cc
     keys = ("image_encoder", "dino_path", "dino_size", "bank_per_class", "crop_margin", "fg_ref_grid",
             "bg_ref_grid", "retrieval_pool", "ref_dtype", "max_instances")
-    return json.loads(json.dumps({"preset": cfg.name, "data": data_stamp(cfg), "stage_one": input_stamp(stage_one),
-                                  "clip": input_stamp(clip_dir), "cc": {k: getattr(c, k) for k in keys}}))
+    stamp = {"preset": cfg.name, "data": data_stamp(cfg), "stage_one": input_stamp(stage_one),
+             "clip": input_stamp(clip_dir), "cc": {k: getattr(c, k) for k in keys}}
+    if c.sam_checkpoint:  # only then: banks cached without SAM stay valid
+        stamp["cc"]["sam_checkpoint"] = str(resolve_path(c.sam_checkpoint))
+    return json.loads(json.dumps(stamp))
 
 
 def cached_references(cfg: Preset, ds: RSDataset, stage_one: Path, clip_dir: Path, parts: dict[str, Any],
