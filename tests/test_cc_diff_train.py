@@ -23,6 +23,8 @@ from rslib.models.references import (
     ReferenceBank,
     crop_objects,
     load_dinov2,
+    load_sam_predictor,
+    masked_crops,
     phrase_for,
     pool_tokens,
     select_bank,
@@ -42,6 +44,7 @@ from rslib.train.cc_diff import (
     cc_info,
     is_finished,
     load_stage_one_parts,
+    references_stamp,
     train_cc_diff,
     train_split,
 )
@@ -284,6 +287,85 @@ def test_crops_pooling_phrases_and_dinov2(tmp_path):
     enc = ImageTokenEncoder.from_dinov2(load_dinov2(tmp_path / "dino"), input_size=28)
     out = enc(torch.rand(3, 3, 40, 40) * 2 - 1)
     assert out.shape == (3, 5, 32) and enc.dim == 32  # CLS + 2 x 2 patches
+
+
+class FakeSam:
+    """A stand-in with segment_anything's SamPredictor interface: the mask of a box prompt is the box's left half."""
+
+    def __init__(self):
+        self.images, self.prompts = [], []
+
+    def set_image(self, image: np.ndarray) -> None:
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3  # RGB, H x W x 3
+        self.images.append(image.copy())
+
+    def predict(self, box=None, multimask_output=True):
+        assert not multimask_output  # one mask per prompt, as upstream
+        self.prompts.append(np.asarray(box, dtype=float))
+        h, w = self.images[-1].shape[:2]
+        x1, y1, x2, y2 = np.round(box).astype(int)
+        mask = np.zeros((1, h, w), bool)
+        mask[0, y1:y2, x1:(x1 + x2) // 2] = True
+        return mask, np.ones(1, np.float32), np.zeros((1, 256, 256), np.float32)
+
+
+def test_sam_masked_crops_are_black_outside_the_mask():
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    owner = torch.tensor([0, 1, 0])
+    boxes = torch.tensor([[4, 8, 20, 24], [8, 8, 24, 24], [16, 0, 32, 16]]) / 32  # 16 x 16 px: 1 px per column
+    sam = FakeSam()
+    crops = masked_crops(images, owner, boxes, 16, sam)
+    plain = crop_objects(images, owner, boxes, 16)
+    assert crops.shape == plain.shape == (3, 3, 16, 16)
+    assert torch.equal(crops[..., :8], plain[..., :8])  # inside the mask: the crop as it is
+    assert (crops[..., 8:] == -1).all()  # outside: black
+    assert len(sam.images) == 2  # each image once, as 0-255 RGB
+    expected = ((images[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (sam.images[0] == expected).all()
+    np.testing.assert_allclose(np.stack(sam.prompts), [[4, 8, 20, 24], [16, 0, 32, 16], [8, 8, 24, 24]])
+
+
+def test_reference_bank_with_sam(inputs, monkeypatch):
+    import rslib.train.cc_diff as cc
+
+    _, clip_dir = inputs
+    clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
+    text, tok = load_text_tower(clip_dir)
+
+    def no_sam(*_):
+        raise AssertionError("SAM is off: no predictor is loaded")
+
+    monkeypatch.setattr(cc, "load_sam_predictor", no_sam)
+    cfg = _cfg()
+    ds = train_split(cfg)
+    plain, retrieved = build_references(cfg, ds, clip, text, tok)
+    sam, loaded = FakeSam(), []
+    monkeypatch.setattr(cc, "load_sam_predictor", lambda path, device: loaded.append(path) or sam)
+    masked, retrieved_sam = build_references(_cfg(sam_checkpoint="weights/sam_vit_b_01ec64.pth"), ds, clip, text, tok)
+    assert loaded == ["weights/sam_vit_b_01ec64.pth"]
+    assert len(sam.prompts) == len(masked.fg_labels) > 0  # one prompt per bank crop
+    assert len(sam.images) == len(set(masked.fg_image.tolist()))  # each of their images once
+    assert torch.equal(masked.fg_image, plain.fg_image)  # the same objects, ...
+    assert not torch.equal(masked.fg_tokens, plain.fg_tokens)  # ... masked
+    assert torch.equal(masked.bg_tokens, plain.bg_tokens) and retrieved_sam == retrieved  # scenes are not masked
+    s1 = inputs[0]
+    assert "sam_checkpoint" not in references_stamp(cfg, s1, clip_dir)["cc"]  # caches made without SAM stay valid
+    stamp = references_stamp(_cfg(sam_checkpoint="weights/sam_vit_b_01ec64.pth"), s1, clip_dir)
+    assert stamp["cc"]["sam_checkpoint"].endswith("weights/sam_vit_b_01ec64.pth")
+
+
+def test_sam_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no SAM checkpoint at .*missing.pth: set cc.sam_checkpoint"):
+        load_sam_predictor(tmp_path / "missing.pth")
+    (tmp_path / "model.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="model.pth: the file name does not say the SAM model type"):
+        load_sam_predictor(tmp_path / "model.pth")
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError:
+        (tmp_path / "sam_vit_b_01ec64.pth").write_bytes(b"")
+        with pytest.raises(ImportError, match=r"pip install 'rslib\[sam\]'"):
+            load_sam_predictor(tmp_path / "sam_vit_b_01ec64.pth")
 
 
 def test_object_loss_weight_weights_only_the_cells_boxes_cover():

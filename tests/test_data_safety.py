@@ -446,6 +446,73 @@ def test_legitimate_layouts_still_convert(tmp_path):
     assert [r.file_name for r in read_records(out / "val", check_files=True)] == ["images/beach_copy.jpg"]
 
 
+# ------------------------------------------------------------------------------ DOTA tiles
+
+TILES = ["--tile", "32", "--gap", "8"]
+
+
+@pytest.mark.parametrize("case", [case for case in BAD_SOURCES if case.startswith("dota")])
+def test_tiling_refuses_the_same_bad_sources(tmp_path, capsys, case):
+    fmt, build = BAD_SOURCES[case]
+    src, pieces = build(tmp_path / "root")
+    before = tree(tmp_path)
+    rc, stdout, stderr = run(["convert", "--format", fmt, "--src", str(src), "--out", str(tmp_path / "out"), *TILES],
+                             capsys)
+    assert rc == 1 and stderr.count("\n") == 1 and stdout == ""
+    assert all(piece in stderr for piece in pieces), stderr
+    assert tree(tmp_path) == before
+
+
+def _spoil_pixels(path: Path) -> None:
+    """Spoil a PNG's compressed pixels but keep every chunk's CRC right: the chunk checks pass, decoding fails."""
+    import zlib
+
+    data, pos = bytearray(path.read_bytes()), 8
+    while pos < len(data):
+        length, body = int.from_bytes(data[pos:pos + 4], "big"), pos + 8
+        if data[pos + 4:body] == b"IDAT":
+            data[body + 2:body + length] = b"\xff" * (length - 2)  # after the zlib header: an invalid block
+            data[body + length:body + length + 4] = zlib.crc32(bytes(data[pos + 4:body + length])).to_bytes(4, "big")
+        pos += 12 + length
+    path.write_bytes(bytes(data))
+
+
+def test_tiling_an_image_that_does_not_decode(tmp_path, capsys):
+    src, out = fx.make_dota(tmp_path / "root"), tmp_path / "out"
+    _spoil_pixels(src / "test" / "images" / "P0003.png")
+    assert formats.image_problem(src / "test" / "images" / "P0003.png") is None  # only tiling decodes it
+    before = tree(tmp_path)
+    argv = ["convert", "--format", "dota", "--src", str(src), "--out", str(out), *TILES]
+    rc, _, stderr = run(argv, capsys)
+    assert rc == 1 and "P0003.png: image does not decode: broken data stream" in stderr
+    assert tree(tmp_path) == before  # nothing written, nothing left
+    rc, stdout, stderr = run(argv + ["--skip-invalid"], capsys)
+    assert rc == 0, stderr
+    assert "skipped 1 record: image does not decode" in stdout
+    assert not (out / "test").exists()  # its only image is left out
+    assert formats.dataset_info(out)["splits"] == ["train", "val"]
+    assert {r.file_name for r in read_records(out / "val", check_files=True)} == {
+        f"images/P0002__32__{x}___{y}.png" for x in (0, 8) for y in (0, 8)}
+    assert formats.dataset_info(out)["tiles"]["tile"] == 32
+
+
+def test_failure_while_tiling_leaves_nothing(tmp_path, monkeypatch):
+    src, out = fx.make_dota(tmp_path / "root"), tmp_path / "out"
+    before = tree(tmp_path)
+    real_encode, calls = formats.encode_png, []
+
+    def encode(pixels):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real_encode(pixels)
+
+    monkeypatch.setattr(formats, "encode_png", encode)
+    with pytest.raises(OSError, match="disk full"):
+        convert("dota", src, out, tile=32, gap=8)
+    assert tree(tmp_path) == before
+
+
 # ------------------------------------------------------------------------------ metadata.jsonl
 
 def _split_with(tmp_path: Path, **changes) -> Path:

@@ -532,13 +532,20 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, overwrite:
     splits = {name: items for name, items in splits.items() if items}
     if not splits:
         raise DataFormatError(src, f"no images found for format {fmt!r}")
+    written = []
     with atomic_write_dir(out) as tmp:
         for name, items in splits.items():
             with DatasetWriter(tmp / name, fmt=fmt) as writer:
                 for record, image in (dota_tiles(items, tile, gap, invalid) if tile is not None else items):
                     writer.add(record, image)
-        _write_marker(tmp, fmt, splits=list(splits), source=str(src_abs), skipped=invalid.summary(), **notes)
-    return [out / name for name in splits]
+            if writer.records:
+                written.append(name)
+            else:  # every image of the split was dropped while tiling
+                shutil.rmtree(tmp / name)
+        if not written:
+            raise DataFormatError(src, f"no image of format {fmt!r} could be read")
+        _write_marker(tmp, fmt, splits=written, source=str(src_abs), skipped=invalid.summary(), **notes)
+    return [out / name for name in written]
 
 
 def dataset_info(folder: str | os.PathLike) -> dict[str, Any]:
