@@ -1639,10 +1639,13 @@ def dota_tiles(items: Iterable[tuple[Record, Path]], tile: int, gap: int = DOTA_
             continue
         height, width = pixels.shape[:2]
         stem = Path(record.file_name).stem
+        boxes = np.array([o.bbox for o in record.objects], dtype=float).reshape(-1, 4) * [width, height, width, height]
         for x in tile_origins(width, tile, stride):
             for y in tile_origins(height, tile, stride):
-                objects = [o for obj in record.objects
-                           if (o := tile_object(obj, width, height, x, y, tile)) is not None]
+                near = np.flatnonzero((boxes[:, 0] < x + tile) & (boxes[:, 2] > x) & (boxes[:, 1] < y + tile)
+                                      & (boxes[:, 3] > y))  # the objects whose box overlaps the tile
+                objects = [o for i in near
+                           if (o := tile_object(record.objects[i], width, height, x, y, tile)) is not None]
                 caption = _count_caption([o.label for o in objects], _dota_readable)
                 tile_record = Record(f"images/{stem}__{tile}__{x}___{y}.png", [caption], dict(record.metadata),
                                      objects, record.scene)
