@@ -115,6 +115,9 @@ class CRSDiffConfig:
     metadata_dim: int = 64  # sinusoid size per metadata field (320 in the paper)
     content_tokens: int = 4  # context tokens from the content image
     fusion: str = "aff"  # aff | ff | sum
+    # the maps training and sampling use (the others are zero maps); a subset trains on a data set that lacks
+    # some, e.g. ("lines", "soft_edges", "sketch"), the three computed from pixels without models
+    condition_maps: tuple[str, ...] = ("lines", "soft_edges", "sketch", "road", "depth", "segmentation")
     use_metadata: bool = True
     use_content: bool = True
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding

@@ -1,4 +1,5 @@
-"""Command line: ``python -m rslib.data synthrs ...`` and ``python -m rslib.data convert ...``."""
+"""Command line: ``python -m rslib.data synthrs ...``, ``python -m rslib.data convert ...`` and
+``python -m rslib.data conditions ...``."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", required=True, help="output folder (gets train/ val/ test/ splits)")
     c.add_argument("--overwrite", action="store_true")
 
+    m = sub.add_parser("conditions", help="compute the condition maps and content images of a converted data set")
+    m.add_argument("--root", required=True, help="the converted data set (its train/ val/ test/ splits)")
+    for kind in ("road", "depth", "segmentation"):
+        m.add_argument(f"--{kind}-model", help=f"local transformers folder or TorchScript file for the {kind} maps")
+    m.add_argument("--skip-missing", action="store_true", help="leave out the maps whose model is not given")
+    m.add_argument("--workers", type=int, default=1, help="processes (0 = one per core)")
+
     args = parser.parse_args(argv)
     if args.command == "synthrs":
         from rslib.data.synthrs import write_split
@@ -32,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         path = write_split(args.out, n=args.n, size=args.size, seed=args.seed, split=args.split,
                            workers=args.workers, overwrite=args.overwrite)
         print(f"wrote {args.n} SynthRS images to {path}")
+    elif args.command == "conditions":
+        from rslib.data.condition_maps import compute_condition_maps
+
+        done = compute_condition_maps(args.root, args.road_model, args.depth_model, args.segmentation_model,
+                                      skip_missing=args.skip_missing, workers=args.workers)
+        for split, summary in done.items():
+            left_out = f"; left out: {', '.join(summary['missing'])}" if summary["missing"] else ""
+            print(f"{split}: {summary['records']} records with {', '.join(summary['maps'])} and content{left_out}")
     else:
         from rslib.data.formats import convert
 
