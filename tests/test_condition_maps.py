@@ -133,6 +133,16 @@ def test_rsicd_records_keep_their_maps_after_a_rerun(tmp_path, models):
     assert snapshot(root) == before
 
 
+def test_synthrs_keeps_its_own_maps_and_content(tmp_path):
+    from rslib.data.synthrs import write_split
+
+    split = write_split(tmp_path / "synthrs" / "train", n=4, size=32)
+    before = snapshot(split)
+    main(["conditions", "--root", str(split.parent), "--skip-missing"])
+    after = snapshot(split)
+    assert after.pop(cm.SUMMARY_NAME) and after == before  # the metadata byte for byte, no map recomputed
+
+
 def test_missing_models_are_refused_naming_each_flag(tmp_path, models):
     root = converted(tmp_path)
     before = snapshot(root)

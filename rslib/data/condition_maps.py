@@ -8,7 +8,8 @@ depth and segmentation with the models the user supplies by local path. Each map
 The **content image** of a record (CRS-Diff's global image condition) is another image of the same scene in
 the same split, drawn with a fixed seed, as the SynthRS writer does. Records without a scene label (DIOR,
 DIOR-RSVG, DOTA, unlabelled RSICD files), and the only record of its scene in a split, take their own image:
-the convention of Uni-ControlNet, whose training code CRS-Diff builds on.
+the convention of Uni-ControlNet, whose training code CRS-Diff builds on. A content image or a complete map
+that a record already names (SynthRS has all of them) is kept.
 
 Interruptions lose nothing and leave nothing half-written: every map file is written under a temporary name
 and renamed into place, so a file at its final name is complete; ``metadata.jsonl`` is rewritten the same
@@ -284,11 +285,10 @@ def compute_condition_maps(root: str | os.PathLike, road_model: ModelLike = None
             drawn = content_files(records, split, seed)
             content = [rec.conditions.get(CONTENT) or c for rec, c in zip(records, drawn)]
             update_metadata(folder, [{**p, CONTENT: c} for p, c in zip(found, content)])
+            given = {"road": road_model, "depth": depth_model, "segmentation": segmentation_model}
             summaries[split] = {
                 "maps": list(names), "missing": missing, "records": len(records),
-                "models": {k: repr(m) if not isinstance(m, (str, Path)) else str(m) for k, m in
-                           (("road", road_model), ("depth", depth_model), ("segmentation", segmentation_model))
-                           if m is not None},
+                "models": {k: str(m) if isinstance(m, (str, Path)) else repr(m) for k, m in given.items() if m},
                 "content": f"another image of the same scene in the split (seed {seed}), else the image itself",
             }
             write_atomically(folder / SUMMARY_NAME, (json.dumps(summaries[split], indent=1) + "\n").encode())
