@@ -251,3 +251,12 @@ def test_training_refuses_records_without_the_maps_naming_them_and_the_command(t
     split_dataset(pixel_only, "train").require_conditions(required_conditions(pixel_only, use_content=True))
     with pytest.raises(ValueError, match="crs.condition_maps"):
         required_conditions(real_data_preset(root, tmp_path, **{"crs.condition_maps": ("roads",)}), True)
+
+
+def test_road_trainability_refuses_records_without_segmentation_maps(tmp_path):
+    from rslib.eval import engine
+
+    root = converted(tmp_path)
+    main(["conditions", "--root", str(root), "--skip-missing"])
+    with pytest.raises(MissingConditionsError, match="segmentation"):
+        engine.road_trainability(real_data_preset(root, tmp_path), pipe=None, n_real=2, n_gen=2, seed=0)

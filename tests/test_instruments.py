@@ -327,7 +327,7 @@ def dior_paper(tmp_path_factory, resnet50_file):
     return get_preset("paper", **{
         "data.root": str(root / "records"), "data.image_size": 64, "runs_dir": str(root / "runs"), "device": "cpu",
         "mixed_precision": "no", "num_workers": 0, "det.backbone_weights": str(resnet50_file),
-        "det.input_size": 64, "det.steps": 2, "det.batch_size": 2, "det.warmup_steps": 0})
+        "det.input_size": 64, "det.steps": 2, "det.batch_size": 1, "det.warmup_steps": 0})
 
 
 @pytest.mark.slow

@@ -118,6 +118,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     from rslib.data.formats import CONDITION_NAMES
 
     ds = split_dataset(cfg, "train")
+    ds.require_conditions(("segmentation",))  # the labels of the generated images: never all-zero maps
     items = load_split_tensors(ds, n_gen)
     gen = sample_crs_diff(pipe, [c[0] for c in items["captions"]], seed, conditions=items["conditions"],
                           maps=CONDITION_NAMES, guidance_scale=cfg.crs.guidance_scale, steps=cfg.crs.sample_steps)
