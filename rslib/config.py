@@ -115,6 +115,9 @@ class CRSDiffConfig:
     metadata_dim: int = 64  # sinusoid size per metadata field (320 in the paper)
     content_tokens: int = 4  # context tokens from the content image
     fusion: str = "aff"  # aff | ff | sum
+    # the maps training and sampling use (the others are zero maps); a subset trains on a data set that lacks
+    # some, e.g. ("lines", "soft_edges", "sketch"), the three computed from pixels without models
+    condition_maps: tuple[str, ...] = ("lines", "soft_edges", "sketch", "road", "depth", "segmentation")
     use_metadata: bool = True
     use_content: bool = True
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
@@ -206,8 +209,12 @@ class SegmenterConfig:
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """The YOLOScore / trainability detector: torchvision FCOS on a small FPN backbone, trained from scratch."""
+    """The YOLOScore / trainability detector: torchvision FCOS on a small FPN backbone, trained from scratch, or
+    (``kind="faster_rcnn_r50_fpn"``) torchvision's Faster R-CNN R50-FPN, the paper's trainability detector."""
 
+    kind: str = "fcos_tiny"  # fcos_tiny | faster_rcnn_r50_fpn (channels, strides, fpn_channels, head_convs: FCOS only)
+    # Faster R-CNN: local torchvision ResNet-50 ImageNet weights (resnet50-0676ba61.pth), "" = from scratch
+    backbone_weights: str = ""
     channels: tuple[int, ...] = (32, 64, 128)  # backbone stages, one per FPN level
     strides: tuple[int, ...] = (2, 4, 8)  # of each level on the network input (powers of two, doubling)
     fpn_channels: int = 48
@@ -228,6 +235,23 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The measuring instruments: at the small presets models trained here (RS-CLIP, the project's detector),
+    at the paper preset the papers' own, each from a local file ("" = the small presets' instrument)."""
+
+    # torch-fidelity's InceptionV3 FID weights: FID and Inception Score as both papers measure them
+    inception_weights: str = ""
+    # transformers CLIP folder (clip-vit-large-patch14): CRS-Diff's CLIPScore, clamped at 0 as torchmetrics does
+    clip_score_folder: str = ""
+    # open_clip checkpoint file and model name: CC-Diff's CLIPScore (raw cosine x 100, global and local)
+    open_clip_checkpoint: str = ""
+    open_clip_model: str = "ViT-L-14"
+    # ultralytics YOLOv8 model trained on the real training split: CC-Diff's YOLOScore. Needs the optional
+    # ``yolo`` extra (pip install ultralytics); without it the project's detector scores, labelled as such
+    yolo_weights: str = ""
+
+
+@dataclass(frozen=True)
 class Preset:
     """One named preset: every knob a notebook needs, resolved once."""
 
@@ -240,6 +264,7 @@ class Preset:
     cc: CCDiffConfig = field(default_factory=CCDiffConfig)
     seg: SegmenterConfig = field(default_factory=SegmenterConfig)
     det: DetectorConfig = field(default_factory=DetectorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # "no" | "bf16" (autocast; "bf16" on GPU). The autoencoder, stage one, CRS-Diff, CC-Diff and the segmenter can set
     # their own (vae., unet., crs., cc., seg.mixed_precision); the text encoder and the detector use this
     mixed_precision: str = "no"
@@ -424,8 +449,13 @@ _PRESETS: dict[str, Preset] = {
                         timestep_sampling="uniform", x0_weight_max=1.0, object_loss_weight=1.0,
                         caption_dropout=0.0, sample_steps=50, guidance_scale=7.5, eval_images=1000),
         seg=SegmenterConfig(channels=(64, 128, 256, 512), steps=20000, batch_size=16, lr=1e-3),
-        det=DetectorConfig(channels=(64, 128, 256, 512), strides=(8, 16, 32, 64), fpn_channels=128, head_convs=4,
+        det=DetectorConfig(kind="faster_rcnn_r50_fpn", backbone_weights="weights/resnet50-0676ba61.pth",
+                           channels=(64, 128, 256, 512), strides=(8, 16, 32, 64), fpn_channels=128, head_convs=4,
                            input_size=800, min_box_px=0.0, steps=30000, batch_size=16, lr=1e-3, warmup_steps=500),
+        eval=EvalConfig(inception_weights="weights/pt_inception-2015-12-05-6726825d.pth",
+                        clip_score_folder="weights/clip-vit-large-patch14",
+                        open_clip_checkpoint="weights/CLIP-ViT-L-14-laion2B-s32B-b82K/open_clip_pytorch_model.bin",
+                        yolo_weights="weights/yolov8n-dior-rsvg.pt"),
         mixed_precision="bf16",
         lr_decay="constant",
         num_workers=8,

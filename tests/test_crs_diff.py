@@ -323,6 +323,54 @@ def test_road_loss_weight_weights_the_cells_the_road_map_covers():
         CRSDiffLoss(clip_tokenizer(), 1.0, road_loss_weight=0.0)
 
 
+PIXEL_MAPS = ("lines", "soft_edges", "sketch")
+
+
+def test_condition_maps_subset_zeroes_the_other_maps_in_training(parts):
+    """crs.condition_maps: the loss hands the adapter zeros for the maps outside it (and no road weights)."""
+    from types import SimpleNamespace
+
+    from rslib.train.crs_diff import CRSDiffLoss
+
+    seen = []
+
+    def denoiser(noisy, t, text, conditions, *rest):
+        seen.append(conditions)
+        return torch.zeros_like(noisy)
+
+    g = torch.Generator().manual_seed(0)
+    maps = (torch.rand(2, 18, 32, 32, generator=g) * 255).to(torch.uint8)
+    batch = {"mean": torch.zeros(2, 4, 8, 8), "std": torch.ones(2, 4, 8, 8), "conditions": maps,
+             "captions": [["a port."], ["a farmland."]], "has_content": torch.ones(2, dtype=torch.bool),
+             "content": torch.zeros(2, TEXT_DIM), "metadata": torch.zeros(2, 7),
+             "metadata_valid": torch.ones(2, 7, dtype=torch.bool)}
+    model = SimpleNamespace(text_encoder=parts["text_encoder"], crs=denoiser)
+    keep_all = ConditionDropout(keep_all=1.0, drop_all=0.0)
+    for names in (CONDITION_NAMES, PIXEL_MAPS):
+        loss = CRSDiffLoss(parts["tokenizer"], 1.0, keep_all, road_loss_weight=5.0, condition_maps=names)
+        loss(model, batch, torch.Generator().manual_seed(0))
+        if names == PIXEL_MAPS:
+            assert loss.road_weights(keep_only(maps, names), (8, 8)).eq(1).all()  # the road map is zero
+    full, pixel = seen
+    assert torch.equal(full, maps.float() / 255)
+    assert torch.equal(pixel[:, :9], full[:, :9]) and not pixel[:, 9:].any()
+    with pytest.raises(ValueError, match="condition_maps"):
+        CRSDiffLoss(parts["tokenizer"], 1.0, condition_maps=("lines", "roads"))
+
+
+def test_condition_maps_subset_zeroes_the_other_maps_in_sampling(parts, tmp_path):
+    """A pipeline trained on a subset of the maps samples as if the others were zero; the subset is saved."""
+    pipe = _pipe(parts, use_metadata=False, use_content=False, perturb=True)
+    c = _conditions()
+    CRSDiffPipeline(**pipe.components, condition_maps=PIXEL_MAPS).save_pretrained(tmp_path / "pixel")
+    pixel = CRSDiffPipeline.from_pretrained(tmp_path / "pixel", local_files_only=True)
+    pixel.set_progress_bar_config(disable=True)
+    assert pixel.config.condition_maps == list(PIXEL_MAPS) and pipe.config.condition_maps is None
+    out = _run(pixel, conditions=c, num_inference_steps=1)
+    assert torch.equal(out, _run(pipe, conditions=keep_only(c, PIXEL_MAPS), num_inference_steps=1))
+    assert not torch.allclose(out, _run(pipe, conditions=c, num_inference_steps=1))
+
+
 def test_map_guidance_unconditional_branch_sees_no_maps(parts, tmp_path):
     """map_guidance: CFG's unconditional branch gets zero maps (training's "drop all"); saved with the folder."""
     pipe = _pipe(parts, use_metadata=False, use_content=False, perturb=True)

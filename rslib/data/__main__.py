@@ -1,4 +1,5 @@
-"""Command line: ``python -m rslib.data synthrs ...`` and ``python -m rslib.data convert ...``.
+"""Command line: ``python -m rslib.data synthrs ...``, ``python -m rslib.data convert ...`` and
+``python -m rslib.data conditions ...``.
 
 A mistake in the command (a bad value, a missing source folder, an output folder in the way) prints one line
 and exits with status 2; a problem in the data set's files prints one line naming the file and line and exits
@@ -60,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             path = write_split(args.out, n=args.n, size=args.size, seed=args.seed, split=args.split,
                                workers=args.workers, overwrite=args.overwrite)
             print(f"wrote {args.n} SynthRS images to {path}")
+        elif args.command == "conditions":
+            from rslib.data.condition_maps import compute_condition_maps
+
+            done = compute_condition_maps(args.root, args.road_model, args.depth_model, args.segmentation_model,
+                                          skip_missing=args.skip_missing, workers=args.workers)
+            for split, summary in done.items():
+                left_out = f"; left out: {', '.join(summary['missing'])}" if summary["missing"] else ""
+                print(f"{split}: {summary['records']} records with {', '.join(summary['maps'])} and content"
+                      f"{left_out}")
         else:
             from rslib.data.formats import convert, dataset_info
 
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataFormatError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (UsageError, FileExistsError) as e:
+    except (UsageError, FileExistsError, FileNotFoundError) as e:  # FileNotFoundError: a model file not given/found
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -79,6 +79,24 @@ def _as_map(path: Path, name: str, size: int | None) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
+class MissingConditionsError(ValueError):
+    """A split whose records lack condition maps (or content images) that training asks for: names the maps,
+    the first record lacking them and the command that computes them."""
+
+    def __init__(self, split_dir: Path, records: Sequence[Record], lacking: Sequence[tuple[int, list[str]]],
+                 asked: Sequence[str]):
+        first, missing = lacking[0]
+        self.missing = sorted({n for _, names in lacking for n in names}, key=list(asked).index)
+        self.first_record = records[first].file_name
+        data_root = split_dir.parent if split_dir.name in ("train", "val", "test") else split_dir
+        super().__init__(
+            f"{split_dir / 'metadata.jsonl'}: training asks for {', '.join(self.missing)} but {len(lacking)} of "
+            f"{len(records)} records lack them, the first {self.first_record!r} (record {first + 1}: no "
+            f"{', '.join(missing)}). Compute them with `python -m rslib.data conditions --root {data_root} "
+            f"--road-model P --depth-model P --segmentation-model P` (see data/README.md), or train without what "
+            f"the data set lacks (crs.condition_maps, crs.use_content)")
+
+
 class RSDataset(torch.utils.data.Dataset):
     """A split folder in the record format as torch tensors (see the module docstring)."""
 
@@ -101,6 +119,14 @@ class RSDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def require_conditions(self, names: Sequence[str]) -> None:
+        """Refuse (:class:`MissingConditionsError`) when a record lacks one of the conditions ``names``
+        (map names or ``content``), which this data set would otherwise hand out as zeros."""
+        lacking = [(i, [n for n in names if n not in rec.conditions]) for i, rec in enumerate(self.records)]
+        lacking = [(i, missing) for i, missing in lacking if missing]
+        if lacking:
+            raise MissingConditionsError(self.root, self.records, lacking, names)
 
     def _arrays(self, i: int) -> dict[str, np.ndarray]:
         if self._cache is not None and i in self._cache:

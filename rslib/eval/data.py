@@ -119,5 +119,7 @@ def load_folder(split_dir: str | os.PathLike, size: int | None = None, maps: Seq
 
 def preset_split(cfg: Preset, split: str = "train", maps: Sequence[str] = EVAL_MAPS) -> EvalSet:
     """One split of the preset's data set in memory (SynthRS is generated first when it is the data)."""
+    from rslib.train.cc_diff import dataset_classes  # CC-Diff's classes: one order for every split and model
+
     folder = split_dir(cfg, split)
-    return load_folder(folder, cfg.data.image_size, maps)
+    return load_folder(folder, cfg.data.image_size, maps, classes=dataset_classes(cfg))

@@ -3,8 +3,9 @@
 CC-Diff scores layout fidelity with *YOLOScore*: a detector trained on real images runs on the generated
 ones, and its detections are scored (COCO mAP) against the layouts the images were generated from. Its
 *trainability* experiment trains the same detector on real images plus generated ones and scores it on
-real held-out images. CC-Diff uses ultralytics YOLOv8 and mmdetection; here one torchvision detector,
-built from the preset and trained from scratch, plays both roles:
+real held-out images. CC-Diff uses ultralytics YOLOv8 and mmdetection's Faster R-CNN R50-FPN; here one
+torchvision detector built from the preset (``det.kind``) plays both roles (the paper preset's YOLOScore can
+use YOLOv8 itself: :mod:`rslib.eval.instruments`). At the small presets, ``fcos_tiny``, trained from scratch:
 
     torchvision FCOS (anchor-free, one location per FPN cell)
       backbone: conv stages at ``det.strides`` of the input (stride-2 convs), channels ``det.channels``
@@ -13,8 +14,10 @@ built from the preset and trained from scratch, plays both roles:
 
 SynthRS objects at 64 px are small (buildings ~5 px, vehicles ~1.3 px), so the finest level sits at stride 2
 and boxes under ``det.min_box_px`` pixels are *ignore regions*: not learned, and scored as COCO "crowd"
-boxes (a detection on one is neither a hit nor a false positive). Boxes are normalised ``x1, y1, x2, y2``
-in [0, 1] everywhere in this module's API, as in the record format.
+boxes (a detection on one is neither a hit nor a false positive). At the paper preset, ``faster_rcnn_r50_fpn``:
+torchvision's Faster R-CNN with a ResNet-50 FPN backbone, as the paper's mmdetection detector, its backbone from
+a local ImageNet weights file (``det.backbone_weights``). Boxes are normalised ``x1, y1, x2, y2`` in [0, 1]
+everywhere in this module's API, as in the record format.
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
 from rslib.config import DetectorConfig, Preset, resolve_path
 from rslib.data.synthrs import OBJECT_CLASSES
@@ -125,8 +129,68 @@ class _Head(FCOSHead):
         self.regression_head = _RegressionHead(channels, num_convs, norm_layer, box_activation)
 
 
-def build_detector(det: DetectorConfig, image_size: int, num_classes: int = len(OBJECT_CLASSES)) -> FCOS:
-    """A fresh FCOS detector for images of ``image_size`` (resized inside to ``det.input_size`` when set)."""
+DETECTOR_KINDS = ("fcos_tiny", "faster_rcnn_r50_fpn")
+RESNET50_HINT = ("torchvision's ResNet-50 ImageNet weights, resnet50-0676ba61.pth (ResNet50_Weights.IMAGENET1K_V1; "
+                 "download it once on a machine with network access), or det.backbone_weights='' to train from "
+                 "scratch")
+
+
+class FasterRCNNDetector(nn.Module):
+    """torchvision's Faster R-CNN behind the FCOS interface: class labels 0..K-1 in and out (Faster R-CNN
+    itself keeps 0 for the background)."""
+
+    def __init__(self, model: FasterRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: list[torch.Tensor], targets: list[Target] | None = None) -> Any:
+        """Losses (training, with targets) or detections per image (eval)."""
+        if self.training:
+            return self.model(images, [{**t, "labels": t["labels"] + 1} for t in targets or []])
+        return [{**d, "labels": d["labels"] - 1} for d in self.model(images)]
+
+
+def _resnet50_fpn(weights_file: str, load: bool = True) -> nn.Module:
+    """The ResNet-50 FPN backbone. From a local ImageNet weights file (read unless ``load`` is False): frozen
+    batch norms and first stage, mmdetection's and torchvision's choice for a pretrained backbone; without one,
+    from scratch with every layer trained, as torchvision builds it."""
+    if not weights_file:
+        return resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5)
+    path = resolve_path(weights_file)
+    if load and not path.is_file():
+        raise FileNotFoundError(f"ResNet-50 weights file {path} (det.backbone_weights) not found: it should hold "
+                                f"{RESNET50_HINT}")
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    if load:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, _ = backbone.body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
+                                                   strict=False)
+        if missing:
+            raise ValueError(f"{path} is no ResNet-50 state dict: it lacks {len(missing)} weights, e.g. "
+                             f"{missing[:3]}")
+    return backbone
+
+
+def build_faster_rcnn(det: DetectorConfig, image_size: int, num_classes: int,
+                      load_backbone: bool = True) -> FasterRCNNDetector:
+    """A fresh Faster R-CNN R50-FPN (torchvision.models.detection's fasterrcnn_resnet50_fpn, its backbone from
+    ``det.backbone_weights`` unless ``load_backbone`` is False) for images resized inside to ``det.input_size``."""
+    side = int(det.input_size or image_size)
+    backbone = _resnet50_fpn(det.backbone_weights, load_backbone)
+    model = FasterRCNN(backbone, num_classes + 1, min_size=side, max_size=side, box_score_thresh=det.score_thresh,
+                       box_nms_thresh=det.nms_thresh, box_detections_per_img=det.detections_per_img)
+    return FasterRCNNDetector(model)
+
+
+def build_detector(det: DetectorConfig, image_size: int, num_classes: int = len(OBJECT_CLASSES),
+                   load_backbone: bool = True) -> nn.Module:
+    """A fresh detector of ``det.kind`` for images of ``image_size`` (resized inside to ``det.input_size`` when
+    set); ``load_backbone`` False skips reading pretrained backbone weights (a saved detector replaces them)."""
+    if det.kind == "faster_rcnn_r50_fpn":
+        return build_faster_rcnn(det, image_size, num_classes, load_backbone)
+    if det.kind != "fcos_tiny":
+        raise ValueError(f"det.kind must be one of {', '.join(DETECTOR_KINDS)}, got {det.kind!r}")
     backbone = TinyBackbone(det.channels, det.strides, det.fpn_channels)
     f = det.fpn_channels
     norm = partial(nn.GroupNorm, _groups(f))
@@ -189,7 +253,8 @@ def collate_detections(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
 
 
 def detection_loss(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """FCOS losses (focal classification + GIoU regression + centre-ness) under a random flip/rotation per image."""
+    """The detector's losses (FCOS: focal classification + GIoU regression + centre-ness; Faster R-CNN: the RPN's
+    and the box head's) under a random flip/rotation per image."""
     images = batch["images"].float() / 255.0  # (B, 3, S, S) in [0, 1], as torchvision detectors take them
     s = images.shape[-1]
     ks = torch.randint(8, (images.shape[0],), generator=generator, device=generator.device).tolist()
@@ -277,7 +342,7 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
     return out_dir
 
 
-def load_detector(path: str | os.PathLike) -> FCOS:
+def load_detector(path: str | os.PathLike) -> nn.Module:
     """A trained detector from its folder (``model.safetensors`` + ``detector.json``), in eval mode on CPU."""
     path = resolve_path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -286,7 +351,7 @@ def load_detector(path: str | os.PathLike) -> FCOS:
     info = json.loads((path / CONFIG_FILE).read_text())
     d = {"box_activation": "relu", **info["det"]}  # folders from before the setting existed used relu
     det = DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-    model = build_detector(det, info["image_size"], len(info["classes"]))
+    model = build_detector(det, info["image_size"], len(info["classes"]), load_backbone=False)
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
     model.classes = tuple(info["classes"])  # type: ignore[attr-defined]
     model.min_box_px = float(det.min_box_px)  # type: ignore[attr-defined]

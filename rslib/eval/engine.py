@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rslib.config import Preset
+from rslib.data.datasets import split_dir
+from rslib.data.formats import read_records
 from rslib.eval.data import preset_split
 from rslib.eval.detector import detector_info, train_detector
 from rslib.eval.layout import layouts_of, sample_cc_diff, targets_of
@@ -32,8 +34,12 @@ STEPS_FRACTION = 0.25  # the real-only low-data model trains this fraction of th
 
 
 def default_real(cfg: Preset) -> int:
-    """Real training images of the low-data regime: a twentieth of the training split (at least 8)."""
-    return max(8, cfg.data.n_train // 20)
+    """Real training images of the experiments: on SynthRS the low-data regime, a twentieth of the training split
+    (at least 8); on a real data set whose size is its own (``data.n_train`` 0, the paper preset), every record of
+    its training split, as the paper trains on every real image."""
+    if cfg.data.n_train > 0:
+        return max(8, cfg.data.n_train // 20)
+    return len(read_records(split_dir(cfg, "train")))
 
 
 def low_data_preset(cfg: Preset, steps_fraction: float = STEPS_FRACTION, epochs_of: float = 1.0) -> Preset:
@@ -112,6 +118,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     from rslib.data.formats import CONDITION_NAMES
 
     ds = split_dataset(cfg, "train")
+    ds.require_conditions(("segmentation",))  # the labels of the generated images: never all-zero maps
     items = load_split_tensors(ds, n_gen)
     gen = sample_crs_diff(pipe, [c[0] for c in items["captions"]], seed, conditions=items["conditions"],
                           maps=CONDITION_NAMES, guidance_scale=cfg.crs.guidance_scale, steps=cfg.crs.sample_steps)

@@ -197,7 +197,8 @@ def _inception_weights(path: str | os.PathLike) -> str:
     try:
         import torch_fidelity  # noqa: F401
     except ImportError as e:
-        raise ImportError("the Inception metrics (FID, IS) need torch-fidelity: pip install torch-fidelity") from e
+        raise ImportError("the Inception metrics (FID, IS) need torch-fidelity: pip install torch-fidelity (the "
+                          "optional 'paper' extra of this project)") from e
     return str(p)
 
 
@@ -224,9 +225,10 @@ def inception_score_metric(feature_extractor_weights_path: str | os.PathLike, sp
 @torch.no_grad()
 def inception_scores(real_images: torch.Tensor, fake_images: torch.Tensor,
                      feature_extractor_weights_path: str | os.PathLike, batch_size: int = 64,
-                     splits: int = 10) -> dict[str, float]:
-    """FID (2048-d InceptionV3 pool features) and Inception Score of images in [-1, 1], from a local weights file."""
-    fid = inception_fid(feature_extractor_weights_path)
+                     splits: int = 10, feature: int = 2048) -> dict[str, float]:
+    """FID (on the 2048-d InceptionV3 pool features, as the papers; 64, 192 or 768: earlier layers) and Inception
+    Score of images in [-1, 1], from a local weights file."""
+    fid = inception_fid(feature_extractor_weights_path, feature)
     iscore = inception_score_metric(feature_extractor_weights_path, splits=min(splits, max(1, len(fake_images))))
     to01 = lambda x: ((x.float().clamp(-1, 1) + 1) / 2)  # noqa: E731
     for i in range(0, len(real_images), batch_size):

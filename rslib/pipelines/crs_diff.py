@@ -136,7 +136,8 @@ class CRSDiffPipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, scheduler: DDIMScheduler, adapter: CRSLocalAdapter,
                  metadata_encoder: MetadataEncoder | None = None, content_tokenizer: ContentTokenizer | None = None,
-                 image_encoder: CLIPVisionModelWithProjection | None = None, map_guidance: bool = False):
+                 image_encoder: CLIPVisionModelWithProjection | None = None, map_guidance: bool = False,
+                 condition_maps: Sequence[str] | None = None):
         super().__init__()
         if unet.config.class_embed_type != "identity":
             raise ValueError("CRSDiffPipeline needs the UNet with class_embed_type='identity' "
@@ -145,6 +146,8 @@ class CRSDiffPipeline(DiffusionPipeline):
                               scheduler=scheduler, adapter=adapter, metadata_encoder=metadata_encoder,
                               content_tokenizer=content_tokenizer, image_encoder=image_encoder)
         self.register_to_config(map_guidance=bool(map_guidance))  # the default of __call__, saved with the folder
+        # the maps the adapter was trained on (crs.condition_maps; None: all six): the others are always zero
+        self.register_to_config(condition_maps=None if condition_maps is None else list(condition_maps))
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def denoiser(self) -> CRSDiffModel:
@@ -182,6 +185,9 @@ class CRSDiffPipeline(DiffusionPipeline):
                 c = torch.nn.functional.interpolate(c, size=(size, size), mode="nearest")
         if c.shape[0] != batch or c.shape[1] != 3 * len(CONDITION_NAMES):
             raise ValueError(f"conditions must give (B={batch}, 18, H, W), got {tuple(c.shape)}")
+        trained = self.config.get("condition_maps")
+        if trained is not None and set(trained) != set(CONDITION_NAMES):
+            c = keep_only(c, trained)
         return c.to(self.device, self.unet.dtype)
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ from rslib.models.crs_diff import (
     load_frozen_unet,
 )
 from rslib.models.text import tokenize
-from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings
+from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings, keep_only
 from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
                               train_loop)
 from rslib.train.stage_one import encode_latents
@@ -167,6 +167,21 @@ class CRSTrainingData(torch.utils.data.Dataset):
         return {"mean": self.mean[i], "std": self.std[i], "conditions": self.maps(i),
                 "content": self.content[i], "has_content": self.has_content[i], "metadata": self.metadata[i],
                 "metadata_valid": self.metadata_valid[i], "captions": self.captions[i]}
+
+
+def check_condition_maps(names: Sequence[str]) -> tuple[str, ...]:
+    """``crs.condition_maps`` checked: known map names, each once."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in CONDITION_NAMES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"crs.condition_maps {names} must name each map at most once, from "
+                         f"{', '.join(CONDITION_NAMES)}")
+    return names
+
+
+def required_conditions(cfg: Preset, use_content: bool) -> tuple[str, ...]:
+    """What every training record must name: the maps of ``crs.condition_maps`` and, with content, its image."""
+    return check_condition_maps(cfg.crs.condition_maps) + (("content",) if use_content else ())
 
 
 def split_dataset(cfg: Preset, split: str) -> RSDataset:
@@ -299,7 +314,7 @@ class CRSDiffLoss:
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
                  x0_weight_max: float = 1.0, road_loss_weight: float = 1.0,
-                 noise_offset: float = 0.0):
+                 noise_offset: float = 0.0, condition_maps: Sequence[str] = CONDITION_NAMES):
         if road_loss_weight < 1.0:
             raise ValueError(f"road_loss_weight must be >= 1 (1 = every latent cell alike), not {road_loss_weight}")
         self.road_loss_weight = float(road_loss_weight)
@@ -308,6 +323,7 @@ class CRSDiffLoss:
         self.dropout = dropout or ConditionDropout()
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
         self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max, noise_offset)
+        self.condition_maps = check_condition_maps(condition_maps)
 
     def __call__(self, model: CRSTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -317,7 +333,10 @@ class CRSDiffLoss:
         keep = self.dropout.sample(b, g)  # local (B, 6), global (B, 2), caption (B,)
         z = torch.randn(mean.shape, generator=g).to(dev)
         latents = (mean + std * z) * self.scaling_factor
-        conditions = ConditionDropout.apply_local(batch["conditions"].float() / 255.0, keep["local"].to(dev))
+        maps = batch["conditions"]  # (B, 18, H, W) uint8
+        if set(self.condition_maps) != set(CONDITION_NAMES):
+            maps = keep_only(maps, self.condition_maps)  # the maps outside crs.condition_maps are zero
+        conditions = ConditionDropout.apply_local(maps.float() / 255.0, keep["local"].to(dev))
         captions = ConditionDropout.apply_captions(pick_captions(batch["captions"], g), keep["caption"])
         ids = tokenize(self.tokenizer, captions).to(dev)  # (B, L)
         with torch.no_grad():
@@ -328,7 +347,7 @@ class CRSDiffLoss:
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
-        loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(batch["conditions"], tuple(latents.shape[-2:])))
+        loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(maps, tuple(latents.shape[-2:])))
         return {"loss": loss, "noise_mse": noise_mse, "maps_kept": keep["local"].float().mean()}
 
     def road_weights(self, conditions: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor | None:
@@ -389,6 +408,8 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                                             steps=tcfg.steps), stage_one=input_stamp(s1))
     if not force and is_finished(out_dir, stamp):
         return out_dir
+    train = split_dataset(cfg, "train")
+    train.require_conditions(required_conditions(cfg, use_content))  # never train on zeros in their place
     work = out_dir / TRAINING_DIR
     fresh_work_dir(work, stamp, force)
     t0 = time.perf_counter()
@@ -396,7 +417,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     clip_path = resolve_clip_dir(cfg, clip_dir) if use_content else None
     image_encoder = load_image_encoder(clip_path) if use_content else None
     device = pick_device(cfg.device)
-    data = cached_training_data(cfg, split_dataset(cfg, "train"), s1, parts["vae"], image_encoder, clip_path, device)
+    data = cached_training_data(cfg, train, s1, parts["vae"], image_encoder, clip_path, device)
     encode_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.data.seed)  # the fresh trainable parts' initial weights
@@ -406,7 +427,8 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     model = CRSTrainModel(crs, parts["text_encoder"])
     loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor,
                           timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
-                          road_loss_weight=c.road_loss_weight, noise_offset=cfg.unet.noise_offset)
+                          road_loss_weight=c.road_loss_weight, noise_offset=cfg.unet.noise_offset,
+                          condition_maps=c.condition_maps)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
@@ -415,7 +437,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
               (("adapter", crs.adapter), ("metadata_encoder", crs.metadata_encoder),
                ("content_tokenizer", crs.content_tokenizer)) if m is not None}
     info = {"stamp": stamp, "preset": cfg.name, "fusion": fusion, "use_metadata": use_metadata,
-            "use_content": use_content, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
+            "use_content": use_content, "condition_maps": list(c.condition_maps), "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
             "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
             "final_loss": mean_tail(result.history), "n_train": len(data), "parameters": counts,
             "stage_one_dir": str(s1), "train": asdict(tcfg)}
@@ -423,7 +445,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                            tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
                            adapter=crs.adapter.cpu(), metadata_encoder=_cpu(crs.metadata_encoder),
                            content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder),
-                           map_guidance=c.map_guidance)
+                           map_guidance=c.map_guidance, condition_maps=c.condition_maps)
     save_pipeline(pipe, out_dir, info)
     return out_dir
 
@@ -464,7 +486,8 @@ def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["ABLATION_DIVISOR", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
-           "cached_training_data", "crs_history", "crs_info", "crs_train_config", "encode_training_data",
-           "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder", "load_split_tensors",
-           "load_stage_one_parts", "maps_fit_in_memory", "resolve_clip_dir", "resolve_stage_one", "split_dataset",
-           "train_crs_diff", "train_fusion_ablation", "variant_name"]
+           "cached_training_data", "check_condition_maps", "crs_history", "crs_info", "crs_train_config",
+           "encode_training_data", "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder",
+           "load_split_tensors", "load_stage_one_parts", "maps_fit_in_memory", "required_conditions",
+           "resolve_clip_dir", "resolve_stage_one", "split_dataset", "train_crs_diff", "train_fusion_ablation",
+           "variant_name"]
