@@ -45,6 +45,13 @@ def _parser() -> OneLineArgumentParser:
                    help="dota only: cut the images into PX x PX tiles named after their origin (CC-Diff: 512)")
     c.add_argument("--gap", type=int_at_least(0), metavar="PX",
                    help="dota only, with --tile: pixels neighbouring tiles share (default 100)")
+
+    m = sub.add_parser("conditions", help="compute the condition maps and content images of a converted data set")
+    m.add_argument("--root", required=True, help="the converted data set (its train/ val/ test/ splits)")
+    for kind in ("road", "depth", "segmentation"):
+        m.add_argument(f"--{kind}-model", help=f"local transformers folder or TorchScript file for the {kind} maps")
+    m.add_argument("--skip-missing", action="store_true", help="leave out the maps whose model is not given")
+    m.add_argument("--workers", type=int_at_least(0), default=1, help="processes (0 = one per core)")
     return parser
 
 
