@@ -84,7 +84,7 @@ REAL = Plan(
 DRY = Plan(
     preset="smoke", images={"train": 24, "val": 4, "test": 4}, stage_steps=2, grid=2, sample_steps=2,
     train_step=("--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--profile",
-                "--profile-steps", "1", "--mfu", "--fit-gib", "24", "--fit-batches", "1", "2"),
+                "--profile-steps", "1", "--mfu", "--fit-gib", "24", "--fit-batches", "1"),
     sampling=("--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--steps", "2",
               "--profile"),
 )
@@ -301,7 +301,7 @@ def summary_markdown(results: dict[str, Any], section: str = "##", title: bool =
                   f"{s['images'] / s['seconds']:.2f} | {s['file']} |" for s in samples]
     for name, title in (("train_step", "(b) training step"), ("sampling", "(b) sampling")):
         part = results.get(name)
-        if not part:
+        if not part or "table" not in part:
             continue
         st = part["settings"]
         lines += ["", f"{h} {title}: {st['size']} size ({st['image_size']} px, UNet {st['unet_channels']}), "
