@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class Plan:
     sample_steps: int  # DDIM steps of those samples
     train_step: tuple[str, ...]  # arguments of bench/train_step.py
     sampling: tuple[str, ...]  # arguments of bench/sampling.py
+    overrides: dict[str, Any] = field(default_factory=dict)  # of the preset, beyond the scratch folder and steps
 
 
 REAL = Plan(
@@ -87,6 +88,7 @@ DRY = Plan(
                 "--profile-steps", "1", "--mfu", "--fit-gib", "24", "--fit-batches", "1"),
     sampling=("--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--steps", "2",
               "--profile"),
+    overrides={"mixed_precision": "bf16"},  # as the gpu preset (in float32 on a CPU without bf16 units)
 )
 
 
@@ -106,7 +108,7 @@ def scratch_preset(plan: Plan, scratch: Path) -> Preset:
     """The plan's preset, reading SynthRS from and writing every stage into ``scratch``, ``stage_steps`` each."""
     steps = {f"{part}.steps": plan.stage_steps for _, _, part in STAGES.values()}
     return get_preset(plan.preset, runs_dir=str(scratch / "runs"), **{"data.root": str(scratch / "synthrs")},
-                      **steps)
+                      **steps, **plan.overrides)
 
 
 def write_synthrs(cfg: Preset, plan: Plan) -> dict[str, Any]:

@@ -195,3 +195,32 @@ def test_gpu_check_real_run_needs_a_gpu(bench, tmp_path, capsys):
     assert bench("gpu_check").main(["--out", str(tmp_path / "out")]) == 2
     assert "--dry-run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("which", ["crs", "cc"])
+def test_gradient_checkpointing_saves_fewer_activations_same_step(bench, which):
+    """train_step's checkpointed step of ours (the fit-in-24-GiB measurement) keeps fewer tensors for the
+    backward pass and trains to the same weights."""
+    import torch
+
+    ts, common = bench("train_step"), bench("common")
+    cfg, device = common.preset_for(common.SIZES["tiny"]), torch.device("cpu")
+    text_encoder, tokenizer = common.build_text_encoder(cfg, device, 0)
+    x = ts.bench_inputs(which, cfg, 2, text_encoder, tokenizer, device, 0)
+    saved, weights = {}, {}
+    for checkpointing in (False, True):
+        step, model, _ = ts.SIDES[which][1](ts.Setup(cfg, device, 0, False, text_encoder, checkpointing), x)
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+        saved[checkpointing] = count[0]
+        weights[checkpointing] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert saved[True] < saved[False] / 2
+    assert weights[True].keys() == weights[False].keys() and weights[True]
+    for name, w in weights[False].items():
+        assert torch.allclose(weights[True][name], w, atol=1e-6), name
