@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import shutil
 import sys
@@ -40,8 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
-from results import record, write_json
+from common import environment, free_memory, markdown
+from results import record, write_json, write_text
 
 from rslib.config import REPO_ROOT, Preset, get_preset
 from rslib.data.formats import CONDITION_NAMES, ObjectAnnotation
@@ -79,7 +82,7 @@ class Plan:
 REAL = Plan(
     preset="gpu", images={"train": 512, "val": 8, "test": 16}, stage_steps=40, grid=8, sample_steps=50,
     train_step=("--size", "sd15", "--device", "cuda", "--repeats", "10", "--warmup", "3", "--profile",
-                "--profile-steps", "3", "--fit-gib", "24", "--fit-batches", "4", "8", "12", "16", "24", "32"),
+                "--profile-steps", "3", "--fit-gib", "24", "--fit-batches", "1", "2", "4", "8", "12", "16", "24", "32"),
     sampling=("--size", "sd15", "--device", "cuda", "--repeats", "2", "--warmup", "1", "--profile"),
 )
 DRY = Plan(
@@ -144,8 +147,6 @@ def save_grid(name: str, real: Any, generated: Any, titles: list[str], folder: P
         for k, ax in enumerate(fig.axes[:2 * n]):
             figures.draw_boxes(ax, objects[k % n], real.shape[-1])
     path = figures.save_figure(fig, folder, name)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path
 
@@ -227,8 +228,12 @@ def _mfu(bench: str) -> Callable[[dict[str, Any]], float | None]:
 
 
 def _fit(bench: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda r: next((m["largest"] for m in r.get("train_step", {}).get("memory", []) if m["bench"] == bench),
-                          None)
+    def largest(r: dict[str, Any]) -> float | None:  # 0: measured, and no batch fits
+        fit = next((m for m in r.get("train_step", {}).get("memory", []) if m["bench"] == bench), None)
+        measured = fit is not None and any(row["peak_gib"] is not None or row.get("oom") for row in fit["rows"])
+        return (fit["largest"] or 0) if measured else None
+
+    return largest
 
 
 TARGETS = (
@@ -269,7 +274,7 @@ def _fmt(key: str, value: float | None) -> str:
     if key.startswith("mfu"):
         return f"{100 * value:.1f}%"
     if key.startswith("fit"):
-        return f"batch {value}"
+        return f"batch {value}" if value else "none fits"
     return f"{value:.2f}x"
 
 
@@ -337,10 +342,6 @@ def summary_markdown(results: dict[str, Any], section: str = "##", title: bool =
 
 def bench_result(module: str, args: list[str]) -> dict[str, Any]:
     """Run ``bench/<module>.py``'s main with ``args``; its result with its table as markdown."""
-    import importlib
-
-    from common import markdown
-
     result = importlib.import_module(module).main(args)
     return {**result, "table": markdown(result["rows"], result["ratio_ours_over_reference"])}
 
@@ -349,8 +350,6 @@ class Run:
     """The results of one check, written to ``out`` (atomically) after every part."""
 
     def __init__(self, plan: Plan, out: Path, dry_run: bool, device: torch.device, command: str):
-        from common import environment
-
         self.out = out
         self.t0 = time.perf_counter()
         self.results: dict[str, Any] = {
@@ -386,7 +385,7 @@ class Run:
         r["complete"] = complete
         r["targets"] = evaluate_targets(r)
         write_json(self.out / RESULTS_JSON, r)
-        (self.out / SUMMARY_MD).write_text(summary_markdown(r))
+        write_text(self.out / SUMMARY_MD, summary_markdown(r))
 
 
 def train_and_sample(run: Run, plan: Plan, figures_dir: Path, scratch: Path, device: torch.device,
@@ -417,6 +416,7 @@ def run_check(plan: Plan, out: Path, figures_dir: Path, scratch_root: Path | Non
         train_and_sample(run, plan, figures_dir, scratch, device, seed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    free_memory(device)  # (b)'s peak memory counts only its own models
     run.part("train_step", lambda: bench_result("train_step", list(plan.train_step)))
     run.part("sampling", lambda: bench_result("sampling", list(plan.sampling)))
     run.save(complete=True)

@@ -26,8 +26,12 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exit 0
 fi
 
+has() {  # whether python3 finds the package (without importing it)
+    python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"
+}
+
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if ! python3 -c 'import diffusers' 2>/dev/null; then
+if ! has diffusers; then
     if ! ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
         echo "gpu_check.sh: diffusers is not installed and $CARRY/wheels/ holds no wheel: run" \
              "'bash bench/gpu_check.sh --prepare' where pip reaches PyPI, and bring $CARRY along" >&2
@@ -38,7 +42,7 @@ if ! python3 -c 'import diffusers' 2>/dev/null; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 # the CLIP tokenizer is built from open_clip_torch's BPE file: a machine without it reads the carried copy
-if [[ -f "$CARRY/rslib_cache/clip_tokenizer/vocab.json" ]] && ! python3 -c 'import open_clip' 2>/dev/null; then
+if [[ -f "$CARRY/rslib_cache/clip_tokenizer/vocab.json" ]] && ! has open_clip; then
     export RSLIB_CACHE="$PWD/$CARRY/rslib_cache"
 fi
 exec python3 bench/gpu_check.py "$@"

@@ -27,12 +27,17 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join(["python", f"bench/{script}.py", *[a for a in args if a != "--record"]])
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON, atomically: a reader sees the old file or the whole new one, never half of it."""
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically: a reader sees the old file or the whole new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON, atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=1))
 
 
 def record(title: str, command: str, body: str, where: str | None = None) -> Path:

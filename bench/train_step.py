@@ -278,6 +278,7 @@ def step_peak(step: Callable[[], None], device: torch.device, batch: int) -> dic
     """Peak GPU memory (GiB; None on the CPU) of two steps at ``batch`` (the second with the optimizer's state),
     or ``oom`` when they do not fit on this card."""
     row: dict[str, Any] = {"batch": batch}
+    free_memory(device)  # the reserved peak then counts this batch's blocks alone
     try:
         with peak_memory(device, row):
             step()

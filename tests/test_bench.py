@@ -156,11 +156,21 @@ def test_gpu_check_summary_lists_every_target(dry_run, bench, monkeypatch, tmp_p
     assert "## GPU check, dry run (" in text and "\n### Targets\n" in text and "\n## Targets" not in text
 
 
+def _fit_rows(largest: int | None) -> list[dict]:
+    """Peak memory rows of the fit search: batches up to ``largest`` fit, the next does not (None: nothing fits,
+    "cpu": nothing was read)."""
+    if largest == "cpu":
+        return [{"batch": 1, "peak_gib": None}]
+    fits = [{"batch": b, "peak_gib": 2.0 * b} for b in (1, 2, 4, 8) if largest and b <= largest]
+    return fits + [{"batch": 16, "peak_gib": 30.0}]
+
+
 def _results_with(train_ratio: dict, mfu: dict, largest: dict, sampling_ratio: float | None) -> dict:
     rows = [{"bench": b, "side": "ours", "mfu": m} for b, m in mfu.items()]
     result = {"dry_run": False,
               "train_step": {"ratio_ours_over_reference": train_ratio, "rows": rows,
-                             "memory": [{"bench": b, "largest": n} for b, n in largest.items()],
+                             "memory": [{"bench": b, "largest": None if n == "cpu" else n, "rows": _fit_rows(n)}
+                                        for b, n in largest.items()],
                              "profiles": {"crs": "CRS PROFILE TABLE", "cc": "CC PROFILE TABLE"}}}
     if sampling_ratio is not None:
         result["sampling"] = {"ratio_ours_over_reference": {"crs sampling": sampling_ratio},
@@ -170,10 +180,13 @@ def _results_with(train_ratio: dict, mfu: dict, largest: dict, sampling_ratio: f
 
 def test_gpu_check_targets_met_missed_or_not_measured(bench):
     gpu_check = bench("gpu_check")
-    r = _results_with({"crs": 0.85, "cc": 0.45}, {"crs": 0.36, "cc": 0.2}, {"crs": 8, "cc": None}, None)
+    r = _results_with({"crs": 0.85, "cc": 0.45}, {"crs": 0.36, "cc": 0.2}, {"crs": 8, "cc": "cpu"}, None)
     status = {t["key"]: t["status"] for t in gpu_check.evaluate_targets(r)}
     assert status == {"crs_train": "met", "cc_train": "missed", "sampling": "not measured", "mfu_crs": "met",
                       "mfu_cc": "missed", "fit_crs": "met", "fit_cc": "not measured"}
+    r = _results_with({}, {}, {"crs": None}, None)  # measured, and not even batch 1 fits
+    fit = next(t for t in gpu_check.evaluate_targets(r) if t["key"] == "fit_crs")
+    assert (fit["value"], fit["status"]) == (0, "missed")
     r = _results_with({"crs": 0.8, "cc": 0.5}, {"crs": 0.35, "cc": 0.35}, {"crs": 1, "cc": 2}, 0.89)
     status = {t["key"]: t["status"] for t in gpu_check.evaluate_targets(r)}
     assert status == {**{k: "met" for k in status}, "sampling": "missed"}  # thresholds are inclusive
@@ -190,11 +203,27 @@ def test_gpu_check_summary_profiles_only_missed_targets(bench):
     assert "CC PROFILE TABLE" in md and "CRS PROFILE TABLE" not in md and "SAMPLING PROFILE TABLE" not in md
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the real run would start")
+NO_GPU = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: the real run would start")
+
+
+@NO_GPU
 def test_gpu_check_real_run_needs_a_gpu(bench, tmp_path, capsys):
     assert bench("gpu_check").main(["--out", str(tmp_path / "out")]) == 2
     assert "--dry-run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@NO_GPU
+def test_gpu_check_sh_runs_gpu_check_py(tmp_path):
+    """The wrapper for a bare GPU machine finds its Python and hands its options to gpu_check.py."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"}
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--out", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "gpu_check: no CUDA device here" in done.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("which", ["crs", "cc"])
