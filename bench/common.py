@@ -355,9 +355,12 @@ def markdown(rows: list[dict[str, Any]], ratio: dict[str, float]) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and the machine, for the JSON record."""
+    import accelerate
     import diffusers
+    import transformers
 
-    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__, "python": platform.python_version(),
            "machine": machine(), "threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class Plan:
     sample_steps: int  # DDIM steps of those samples
     train_step: tuple[str, ...]  # arguments of bench/train_step.py
     sampling: tuple[str, ...]  # arguments of bench/sampling.py
-    overrides: dict[str, Any] = field(default_factory=dict)  # of the preset, beyond the scratch folder and steps
 
 
 REAL = Plan(
@@ -87,11 +86,10 @@ REAL = Plan(
 )
 DRY = Plan(
     preset="smoke", images={"train": 24, "val": 4, "test": 4}, stage_steps=2, grid=2, sample_steps=2,
-    train_step=("--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--profile",
+    train_step=("--size", "tiny", "--device", "cpu", "--batch", "2", "--repeats", "1", "--warmup", "0", "--profile",
                 "--profile-steps", "1", "--mfu", "--fit-gib", "24", "--fit-batches", "1"),
     sampling=("--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--steps", "2",
               "--profile"),
-    overrides={"mixed_precision": "bf16"},  # as the gpu preset (in float32 on a CPU without bf16 units)
 )
 
 
@@ -111,7 +109,7 @@ def scratch_preset(plan: Plan, scratch: Path) -> Preset:
     """The plan's preset, reading SynthRS from and writing every stage into ``scratch``, ``stage_steps`` each."""
     steps = {f"{part}.steps": plan.stage_steps for _, _, part in STAGES.values()}
     return get_preset(plan.preset, runs_dir=str(scratch / "runs"), **{"data.root": str(scratch / "synthrs")},
-                      **steps, **plan.overrides)
+                      **steps)
 
 
 def write_synthrs(cfg: Preset, plan: Plan) -> dict[str, Any]:
@@ -287,7 +285,8 @@ def summary_markdown(results: dict[str, Any], section: str = "##", title: bool =
         lines += ["Dry run: the same code on the CPU at toy sizes (smoke preset, tiny benchmark size); its numbers "
                   "say nothing about a GPU and the targets are not checked.", ""]
     lines += [f"`{results['command']}`", "",
-              f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, CUDA {env.get('cuda')}; "
+              f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, "
+              f"accelerate {env.get('accelerate')}, CUDA {env.get('cuda')}; "
               f"{results.get('total_seconds', 0):.0f} s in all (real run planned under {BUDGET_S} s on one H100): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("seconds", {}).items()), ""]
     lines += [f"{h} Targets", "", "| target | value | status |", "| --- | ---: | --- |"]
@@ -303,7 +302,8 @@ def summary_markdown(results: dict[str, Any], section: str = "##", title: bool =
                   for s in stages]
     samples = results.get("samples", [])
     if samples:
-        lines += ["", "| pipeline | images | steps | seconds | images/s | grid |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        lines += ["", "| pipeline | images | steps | seconds | images/s | grid |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
         lines += [f"| {s['pipeline']} | {s['images']} | {s['steps']} | {s['seconds']:.1f} | "
                   f"{s['images'] / s['seconds']:.2f} | {s['file']} |" for s in samples]
     for name, title in (("train_step", "(b) training step"), ("sampling", "(b) sampling")):
@@ -430,7 +430,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="folder of gpu_check.json and gpu_check.md (default runs/gpu_check; dry run: a new "
                         "temporary folder)")
-    p.add_argument("--figures", type=Path, default=None, help="folder of the grids (default figures/gpu; dry run: --out)")
+    p.add_argument("--figures", type=Path, default=None,
+                   help="folder of the grids (default figures/gpu; dry run: --out)")
     p.add_argument("--scratch", type=Path, default=None,
                    help="where the scratch folder of part (a) is made, and removed at the end (default: the "
                         "system's temporary folder)")
