@@ -3,7 +3,7 @@
     python bench/gpu_check.py [--dry-run] [--out DIR] [--figures DIR] [--scratch DIR] [--record]
     python bench/gpu_check.py --summary-of DIR/gpu_check.json [--record]
 
-A real run (one CUDA GPU; about 5 minutes on one H100, planned to stay under 8) does three things:
+A real run (one CUDA GPU; estimated at 4 to 5 minutes on one H100, planned to stay under 8) does three things:
 
 (a) trains the gpu preset's five stages (RS-CLIP text encoder, autoencoder, stage one, CRS-Diff, CC-Diff) on
     256-px SynthRS for :data:`REAL`'s fixed number of steps each, in a scratch folder holding its own SynthRS
@@ -276,36 +276,44 @@ def _fmt(key: str, value: float | None) -> str:
     return f"{value:.2f}x"
 
 
-def summary_markdown(results: dict[str, Any], section: str = "##", title: bool = True) -> str:
-    """The results as markdown: a title (unless ``title`` is False), then sections headed by ``section``."""
-    h = section
-    env = results.get("environment", {})
-    lines = [f"# GPU check ({results['date']}, {results['device']})", ""] if title else []
-    if results.get("dry_run"):
-        lines += ["Dry run: the same code on the CPU at toy sizes (smoke preset, tiny benchmark size); its numbers "
-                  "say nothing about a GPU and the targets are not checked.", ""]
-    lines += [f"`{results['command']}`", "",
-              f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, "
-              f"accelerate {env.get('accelerate')}, CUDA {env.get('cuda')}; "
-              f"{results.get('total_seconds', 0):.0f} s in all (real run planned under {BUDGET_S} s on one H100): "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("seconds", {}).items()), ""]
-    lines += [f"{h} Targets", "", "| target | value | status |", "| --- | ---: | --- |"]
-    lines += [f"| {t['target']} | {_fmt(t['key'], t['value'])} | {t['status']} |" for t in results.get("targets", [])]
-    stages = results.get("stages", [])
-    if stages:
-        lines += ["", f"{h} (a) {results['preset']} preset, {results['plan']['stage_steps']} steps per stage on "
-                  f"SynthRS {results.get('synthrs', {}).get('image_size')} px", "",
-                  "| stage | steps | batch | train loop s | images/s | wall s | final loss |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {s['stage']} | {s['steps']} | {s['batch']} | {s['loop_s']:.1f} | {s['images_per_s']:.1f} | "
-                  f"{s['wall_s']:.1f} | {s['final_loss'] if s['final_loss'] is None else round(s['final_loss'], 4)} |"
-                  for s in stages]
-    samples = results.get("samples", [])
+def _targets_md(results: dict[str, Any], h: str) -> list[str]:
+    lines = [f"{h} Targets", "", "| target | value | status |", "| --- | ---: | --- |"]
+    return lines + [f"| {t['target']} | {_fmt(t['key'], t['value'])} | {t['status']} |"
+                    for t in results.get("targets", [])]
+
+
+def _stages_md(results: dict[str, Any], h: str) -> list[str]:
+    stages, samples = results.get("stages", []), results.get("samples", [])
+    if not stages:
+        return []
+    lines = ["", f"{h} (a) {results['preset']} preset, {results['plan']['stage_steps']} steps per stage on SynthRS "
+             f"{results.get('synthrs', {}).get('image_size')} px", "",
+             "| stage | steps | batch | train loop s | images/s | wall s | final loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {s['stage']} | {s['steps']} | {s['batch']} | {s['loop_s']:.1f} | {s['images_per_s']:.1f} | "
+              f"{s['wall_s']:.1f} | {s['final_loss'] if s['final_loss'] is None else round(s['final_loss'], 4)} |"
+              for s in stages]
     if samples:
         lines += ["", "| pipeline | images | steps | seconds | images/s | grid |",
                   "| --- | ---: | ---: | ---: | ---: | --- |"]
         lines += [f"| {s['pipeline']} | {s['images']} | {s['steps']} | {s['seconds']:.1f} | "
                   f"{s['images'] / s['seconds']:.2f} | {s['file']} |" for s in samples]
+    return lines
+
+
+def _memory_md(fit: dict[str, Any]) -> str:
+    def peak(row: dict[str, Any]) -> str:
+        if row.get("oom"):
+            return "out of memory"
+        return "not read (CPU)" if row["peak_gib"] is None else f"{row['peak_gib']:.1f} GiB"
+
+    rows = ", ".join(f"batch {r['batch']}: {peak(r)}" for r in fit["rows"])
+    return (f"{fit['bench']} ours with gradient checkpointing, peak allocated ({rows}); the largest batch within "
+            f"{fit['budget_gib']:g} GiB less {fit['headroom_gib']:g} for the CUDA context: {fit['largest']}")
+
+
+def _benchmarks_md(results: dict[str, Any], h: str) -> list[str]:
+    lines = []
     for name, title in (("train_step", "(b) training step"), ("sampling", "(b) sampling")):
         part = results.get(name)
         if not part or "table" not in part:
@@ -317,22 +325,41 @@ def summary_markdown(results: dict[str, Any], section: str = "##", title: bool =
             pm = part["peak_matmul"]
             lines.append(f"MFU against a {pm['dtype']} {pm['n']}^3 matmul timed in the same run: "
                          f"{pm['tflops']:.1f} TFLOP/s")
-        for m in part.get("memory", []):
-            rows = ", ".join(f"batch {r['batch']}: " + ("out of memory" if r.get("oom") else
-                                                         "not read (CPU)" if r["peak_gib"] is None else
-                                                         f"{r['peak_gib']:.1f} GiB")
-                             for r in m["rows"])
-            lines.append(f"\n{m['bench']} ours with gradient checkpointing, peak allocated ({rows}); largest batch "
-                         f"within {m['budget_gib']:g} GiB less {m['headroom_gib']:g} for the CUDA context: "
-                         f"{m['largest']}")
+        lines += ["\n" + _memory_md(fit) for fit in part.get("memory", [])]
+    return lines
+
+
+def _profiles_md(results: dict[str, Any], h: str) -> list[str]:
+    """One profile of ours per benchmark behind a missed target."""
+    missed: dict[tuple[str, str], list[str]] = {}
     for t in results.get("targets", []):
         if t["status"] == "missed" and t["profile"]:
-            part, bench = t["profile"]
-            table = results.get(part, {}).get("profiles", {}).get(bench)
-            if table:
-                lines += ["", f"{h} Where the time goes: {t['target']} (missed)", "", "```", table.strip(), "```"]
+            missed.setdefault(tuple(t["profile"]), []).append(t["target"])
+    lines = []
+    for (part, bench), targets in missed.items():
+        table = results.get(part, {}).get("profiles", {}).get(bench)
+        if table:
+            lines += ["", f"{h} Where the time goes ({part}, {bench}): missed " + "; ".join(targets), "", "```",
+                      table.strip(), "```"]
+    return lines
+
+
+def summary_markdown(results: dict[str, Any], section: str = "##", title: bool = True) -> str:
+    """The results as markdown: a title (unless ``title`` is False), then sections headed by ``section``."""
+    env = results.get("environment", {})
+    lines = [f"# GPU check ({results['date']}, {results['device']})", ""] if title else []
+    if results.get("dry_run"):
+        lines += ["Dry run: the same code on the CPU at toy sizes (smoke preset, tiny benchmark size); its numbers "
+                  "say nothing about a GPU and the targets are not checked.", ""]
+    lines += [f"`{results['command']}`", "",
+              f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, "
+              f"accelerate {env.get('accelerate')}, CUDA {env.get('cuda')}; "
+              f"{results.get('total_seconds', 0):.0f} s in all (real run planned under {BUDGET_S} s on one H100): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("seconds", {}).items()), ""]
+    lines += _targets_md(results, section) + _stages_md(results, section) + _benchmarks_md(results, section)
+    lines += _profiles_md(results, section)
     for part, tb in results.get("errors", {}).items():
-        lines += ["", f"{h} Error in {part}", "", "```", tb.strip()[-3000:], "```"]
+        lines += ["", f"{section} Error in {part}", "", "```", tb.strip()[-3000:], "```"]
     return "\n".join(lines) + "\n"
 
 
