@@ -37,21 +37,15 @@ def test_train_step(bench, tmp_path, capsys):
     assert "ours / reference" in capsys.readouterr().out
 
 
-def test_sampling(bench, tmp_path):
-    out = tmp_path / "sampling.json"
-    result = bench("sampling").main(TINY + ["--json", str(out)])
-    _check(result, {"crs sampling"}, out)
-    assert result["settings"]["steps"] == 3 and result["settings"]["batch"] == 2
-
-
-def test_sampling_records_only_when_asked(bench, tmp_path, monkeypatch):
+def test_sampling(bench, tmp_path, monkeypatch):
     results = bench("results")
     committed = (BENCH / "RESULTS.md").read_bytes()
     monkeypatch.setattr(results, "RESULTS_MD", tmp_path / "RESULTS.md")
-    bench("sampling").main(TINY + ["--steps", "1"])
-    assert not (tmp_path / "RESULTS.md").exists()
-    bench("sampling").main(TINY + ["--steps", "1", "--record"])
-    text = (tmp_path / "RESULTS.md").read_text()
+    out = tmp_path / "sampling.json"
+    result = bench("sampling").main(TINY + ["--json", str(out), "--record"])
+    _check(result, {"crs sampling"}, out)
+    assert result["settings"]["steps"] == 3 and result["settings"]["batch"] == 2
+    text = (tmp_path / "RESULTS.md").read_text()  # --record: a section in (here, the patched) RESULTS.md
     assert "## sampling (tiny size, float32)" in text and "| crs sampling | ours |" in text
     assert "`python bench/sampling.py --size tiny" in text and "--record" not in text
     assert (BENCH / "RESULTS.md").read_bytes() == committed
@@ -78,15 +72,15 @@ def test_synthrs_throughput_writes_no_committed_file(bench, tmp_path, monkeypatc
 # bench/gpu_check.py: its dry run (the same code as on a GPU, on the CPU at toy sizes), its targets, its summary
 
 REPO = BENCH.parent
-WATCHED = ("runs", "data/synthrs", "figures", "bench")  # what a dry run must leave as it found it
+WATCHED = ("runs", "data/synthrs", "figures", "bench/RESULTS.md")  # what a dry run must leave as it found it
 GRIDS = {f"gpu_check_{p}.png" for p in ("stage_one", "crs_diff", "cc_diff")}
 
 
 def _snapshot() -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every file under the watched folders of the repository (caches left out)."""
+    """(size, mtime) of every watched file of the repository and every file under a watched folder (caches left out)."""
     files = {}
     for top in WATCHED:
-        for f in (REPO / top).rglob("*"):
+        for f in [REPO / top, *(REPO / top).rglob("*")]:
             if f.is_file() and "__pycache__" not in f.parts:
                 st = f.stat()
                 files[str(f.relative_to(REPO))] = (st.st_size, st.st_mtime_ns)
