@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast reproduce notebooks-clean bench clean
+.PHONY: install test test-fast reproduce notebooks-clean bench gpu-check gpu-check-dry clean
 
 install: $(VENV)/.installed
 
@@ -42,10 +42,21 @@ reproduce: install
 notebooks-clean: install
 	$(BIN)/python -m rslib.notebooks --strip
 
+# results to stdout and runs/bench/*.json; bench/RESULTS.md changes only when a script is given --record
 bench: install
-	$(BIN)/python bench/synthrs_throughput.py
-	$(BIN)/python bench/train_step.py --size small --repeats 5
-	$(BIN)/python bench/sampling.py --size small --repeats 5
+	$(BIN)/python bench/synthrs_throughput.py --json runs/bench/synthrs_throughput.json
+	$(BIN)/python bench/train_step.py --size small --repeats 5 --json runs/bench/train_step.json
+	$(BIN)/python bench/sampling.py --size small --repeats 5 --json runs/bench/sampling.json
+
+# one GPU, under 8 minutes on an H100: the gpu preset's stages, sample grids (figures/gpu) and the SD 1.5-size
+# benchmarks, summarised in runs/gpu_check/gpu_check.{json,md} (bench/gpu_check.py; GPU_CHECK_ARGS=--record also
+# appends the summary to bench/RESULTS.md). gpu-check-dry runs the same code on the CPU at toy sizes (make test
+# runs it too, in tests/test_bench.py)
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-dry: install
+	$(BIN)/python bench/gpu_check.py --dry-run $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs data/synthrs .pytest_cache

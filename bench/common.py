@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from results import command_line, machine, record, write_json  # noqa: E402
 
 from rslib.config import Preset, get_preset  # noqa: E402
 from rslib.models.base import build_unet, build_vae, latent_size, vae_scale_factor  # noqa: E402
@@ -75,6 +76,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks of both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results to this file")
+    p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
 
 
 def preset_for(size: Size, name: str | None = None) -> Preset:
@@ -251,10 +253,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def bf16_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> float:
-    """The device's measured bf16 matmul rate (TFLOP/s) on n x n x n products: the MFU denominator."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    """The measured rate (TFLOP/s) of n x n x n matrix products of random ``dtype`` data on ``device``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -266,6 +268,14 @@ def bf16_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> 
     del a, b
     free_memory(device)
     return rate
+
+
+def peak_matmul(device: torch.device) -> dict[str, Any]:
+    """The MFU denominator, timed now in the precision the benchmarks compute in: bf16 8192^3 products on CUDA,
+    float32 1024^3 ones on the CPU (where the steps run in float32)."""
+    if device.type == "cuda":
+        return {"tflops": matmul_tflops(device, torch.bfloat16, 8192, 30), "dtype": "bfloat16", "n": 8192}
+    return {"tflops": matmul_tflops(device, torch.float32, 1024, 5), "dtype": "float32", "n": 1024}
 
 
 def print_profile(fn: Callable[[], Any], device: torch.device, title: str, steps: int = 3, rows: int = 15) -> str:
@@ -345,28 +355,38 @@ def markdown(rows: list[dict[str, Any]], ratio: dict[str, float]) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and the machine, for the JSON record."""
+    import accelerate
     import diffusers
+    import transformers
 
-    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "threads": torch.get_num_threads(), "device": str(device)}
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__, "python": platform.python_version(),
+           "machine": machine(), "threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
     return env
 
 
 def report(script: str, args: argparse.Namespace, settings: dict[str, Any], rows: list[dict[str, Any]],
-           device: torch.device, peak_tflops: float | None = None) -> dict[str, Any]:
-    """Print the table and the ratios; write them to ``--json``; return them."""
+           device: torch.device, peak: dict[str, Any] | None = None, argv: list[str] | None = None,
+           **extra: Any) -> dict[str, Any]:
+    """Print the table and the ratios; write them to ``--json`` (and ``bench/RESULTS.md`` with ``--record``);
+    return them. ``peak``: the matmul rate MFU was computed against (:func:`peak_matmul`)."""
     ratio = ratios(rows)
-    print(markdown(rows, ratio))
-    if peak_tflops:
-        print(f"measured bf16 matmul rate (MFU denominator): {peak_tflops:.0f} TFLOP/s")
+    table = markdown(rows, ratio)
+    print(table)
+    if peak:
+        print(f"measured {peak['dtype']} matmul rate (MFU denominator): {peak['tflops']:.1f} TFLOP/s")
+    env = environment(device)
     result = {"script": script, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "settings": settings, "environment": environment(device), "bf16_matmul_tflops": peak_tflops,
-              "rows": rows, "ratio_ours_over_reference": ratio}
+              "settings": settings, "environment": env, "peak_matmul": peak, "rows": rows,
+              "ratio_ours_over_reference": ratio, **extra}
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
+    if args.record:
+        where = env.get("gpu") or env["machine"]
+        title = f"{script} ({settings.get('size')} size, {settings.get('precision') or settings.get('dtype')})"
+        record(title, command_line(script, argv), table, where)
     return result

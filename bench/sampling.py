@@ -1,7 +1,7 @@
 """Sampling throughput of ``CRSDiffPipeline`` against diffusers' ``StableDiffusionControlNetPipeline``.
 
     python bench/sampling.py [--size small|sd15|tiny] [--device auto|cpu|cuda] [--repeats 5] [--warmup 1]
-                             [--steps N] [--dtype auto|fp32|bf16] [--compile] [--json OUT]
+                             [--steps N] [--dtype auto|fp32|bf16] [--compile] [--profile] [--json OUT] [--record]
 
 Both pipelines share one VAE, text tower and tokenizer (built from config, random weights); their UNets come
 from the same seed, and the reference's ``ControlNetModel.from_unet`` reads the same 18-channel condition stack
@@ -33,6 +33,7 @@ from common import (
     free_memory,
     measure,
     preset_for,
+    print_profile,
     report,
     setup_device,
     to_dtype,
@@ -117,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the size's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's crs one)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, else fp32")
+    p.add_argument("--profile", action="store_true", help="profile one call of ours and print the top 15 ops")
     return p.parse_args(argv)
 
 
@@ -140,13 +142,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "sampler": "DDIM", "dtype": str(dtype).replace("torch.", "")}
     print(f"sampling, {settings}")
 
-    rows = []
+    rows, profiles = [], {}
     for side, build in (("reference", reference), ("ours", ours)):
         call, keep, info = build(shared)
         rows.append(measure("crs sampling", side, call, batch, args, device, **info))
+        if args.profile and side == "ours":
+            profiles["crs sampling"] = print_profile(call, device, f"CRSDiffPipeline, batch {batch}, {steps} steps", 1)
         del call, keep
         free_memory(device)
-    return report("sampling", args, settings, rows, device)
+    return report("sampling", args, settings, rows, device, argv=argv, profiles=profiles)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training-step throughput of CRS-Diff and CC-Diff against diffusers references, models built from config.
 
     python bench/train_step.py [--size small|sd15|tiny] [--device auto|cpu|cuda] [--repeats 5] [--warmup 2]
-                               [--bench crs cc] [--compile] [--profile] [--json OUT]
+                               [--bench crs cc] [--compile] [--profile] [--mfu] [--fit-gib 24] [--json OUT] [--record]
 
 One step = noise-prediction MSE forward, backward and an AdamW step of the trainable parts, on one fixed
 batch (the same latents, noise, uniform timesteps and text states on both sides of a comparison; the text
@@ -15,23 +15,29 @@ negligible work on both sides):
   reference tokens of the preset's shapes) vs a plain forward and backward of the frozen UNet to its input.
 
 On CUDA: bf16 autocast, TF32, SDPA; peak memory per side; FLOPs per step (FlopCounterMode) and MFU against
-the bf16 matmul rate measured in the same run. The ratio is ours' images/s over the reference's.
+the bf16 matmul rate measured in the same run (``--mfu`` does the same on the CPU, against a float32 matmul).
+The ratio is ours' images/s over the reference's.
+
+``--fit-gib G``: then the largest of ``--fit-batches`` whose step of ours, with gradient checkpointing (the
+frozen UNet's blocks, diffusers'; CRS-Diff's adapter as one segment), peaks under G GiB of GPU memory less
+:data:`HEADROOM_GIB` for the CUDA context (on the CPU the steps run and no memory is read).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from common import (
     PROMPT,
     SIZES,
     add_common_args,
     autocast,
-    bf16_matmul_tflops,
     build_controlnet_on,
     build_crs_on,
     build_text_encoder,
@@ -41,6 +47,8 @@ from common import (
     describe,
     free_memory,
     measure,
+    peak_matmul,
+    peak_memory,
     preset_for,
     print_profile,
     report,
@@ -58,6 +66,7 @@ from rslib.models.references import phrase_for
 from rslib.train.cc_diff import build_adapter
 
 LossFn = Callable[[], torch.Tensor]
+HEADROOM_GIB = 1.5  # of a card's memory, left to the CUDA context and the allocator's fragmentation
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,12 @@ class Setup:
     seed: int
     compile: bool
     text_encoder: torch.nn.Module
+    checkpointing: bool = False  # gradient checkpointing (see checkpoint_whole and the UNets' own)
+
+
+def checkpoint_whole(module: torch.nn.Module) -> None:
+    """Recompute ``module``'s activations in the backward pass instead of keeping them (one checkpoint segment)."""
+    module.forward = functools.partial(torch.utils.checkpoint.checkpoint, module.forward, use_reentrant=False)
 
 
 def make_step(loss_fn: LossFn, params: list[torch.nn.Parameter], device: torch.device, lr: float) -> Callable[[], None]:
@@ -117,14 +132,17 @@ def crs_ours(s: Setup, x: dict[str, torch.Tensor]):
     model = build_crs_on(cfg, device, s.seed)
     model.train()
     model.unet.eval()
+    if s.checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        checkpoint_whole(model.adapter)
     if s.compile:
         compile_modules(model.unet, model.adapter)
     sched = build_noise_scheduler()
-    b = x["t"].shape[0]
-    keep_c = torch.ones(b, dtype=torch.bool, device=device)
-    keep_m = torch.ones(b, N_METADATA, dtype=torch.bool, device=device)
 
-    def loss() -> torch.Tensor:
+    def loss() -> torch.Tensor:  # reads its batch from x when called: refilling x changes the batch
+        b = x["t"].shape[0]
+        keep_c = torch.ones(b, dtype=torch.bool, device=device)
+        keep_m = torch.ones(b, N_METADATA, dtype=torch.bool, device=device)
         noisy = sched.add_noise(x["latents"], x["noise"], x["t"])
         pred = model(noisy, x["t"], x["text"], x["conditions"], x["content"], keep_c, x["metadata"], keep_m)
         return mse_to_noise(pred, x)
@@ -139,6 +157,9 @@ def crs_reference(s: Setup, x: dict[str, torch.Tensor]):
     cfg, device = s.cfg, s.device
     unet, controlnet = build_controlnet_on(cfg, device, s.seed)
     controlnet.train()
+    if s.checkpointing:
+        unet.enable_gradient_checkpointing()
+        controlnet.enable_gradient_checkpointing()
     if s.compile:
         compile_modules(unet, controlnet)
     sched = build_noise_scheduler()
@@ -203,12 +224,14 @@ def cc_ours(s: Setup, x: dict[str, torch.Tensor]):
         adapter = build_adapter(cfg, unet, x["fg_refs"].shape[-1], "cc_diff")
     model = CCDiffModel(unet, s.text_encoder, adapter)  # the text tower is not run: phrase states are given
     adapter.train()
+    if s.checkpointing:
+        unet.enable_gradient_checkpointing()
     if s.compile:
         compile_modules(model.unet)
     sched = build_noise_scheduler()
-    hw = tuple(x["latents"].shape[-2:])
 
-    def loss() -> torch.Tensor:
+    def loss() -> torch.Tensor:  # reads its batch from x when called: refilling x changes the batch
+        hw = tuple(x["latents"].shape[-2:])
         ctx = adapter.encode(x["obb"], x["valid"], x["phrase_hidden"], x["phrase_pooled"], x["pooled"], hw,
                              fg_refs=x["fg_refs"], bg_ref=x["bg_ref"], boxes=x["boxes"])
         noisy = sched.add_noise(x["latents"], x["noise"], x["t"])
@@ -222,6 +245,8 @@ def cc_ours(s: Setup, x: dict[str, torch.Tensor]):
 def cc_reference(s: Setup, x: dict[str, torch.Tensor]):
     """The plain frozen UNet, forward and backward to its input (no optimizer: nothing is trained)."""
     unet = build_unet_on(s.cfg, s.device, s.seed)
+    if s.checkpointing:
+        unet.enable_gradient_checkpointing()
     if s.compile:
         compile_modules(unet)
     sched = build_noise_scheduler()
@@ -237,6 +262,58 @@ def cc_reference(s: Setup, x: dict[str, torch.Tensor]):
 # ---------------------------------------------------------------------------
 
 
+SIDES = {"crs": (crs_reference, crs_ours), "cc": (cc_reference, cc_ours)}
+
+
+def bench_inputs(bench: str, cfg: Preset, batch: int, text_encoder: torch.nn.Module, tokenizer: Any,
+                 device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """One fixed batch of ``batch`` items for a comparison (both sides get the same)."""
+    if bench == "crs":
+        text, _ = text_states(text_encoder, tokenizer, [PROMPT] * batch)
+        return crs_inputs(cfg, batch, text, device, seed)
+    return cc_inputs(cfg, batch, text_encoder, tokenizer, device, seed)
+
+
+def step_peak(step: Callable[[], None], device: torch.device, batch: int) -> dict[str, Any]:
+    """Peak GPU memory (GiB; None on the CPU) of two steps at ``batch`` (the second with the optimizer's state),
+    or ``oom`` when they do not fit on this card."""
+    row: dict[str, Any] = {"batch": batch}
+    free_memory(device)  # the reserved peak then counts this batch's blocks alone
+    try:
+        with peak_memory(device, row):
+            step()
+            step()
+    except torch.cuda.OutOfMemoryError:
+        row.update(peak_gib=None, oom=True)
+    if device.type == "cuda":
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
+    return row
+
+
+def fit_memory(setup: Setup, bench: str, batches: list[int], budget_gib: float, make_inputs) -> dict[str, Any]:
+    """Peak memory of ours' step with gradient checkpointing at each batch, up to the first that does not fit
+    ``budget_gib`` less :data:`HEADROOM_GIB`; ``largest``: the largest batch that fits (None when nothing was
+    measured, on the CPU)."""
+    limit = budget_gib - HEADROOM_GIB
+    x = make_inputs(min(batches))
+    step, keep, _ = SIDES[bench][1](replace(setup, checkpointing=True), x)
+    rows, largest = [], None
+    for batch in sorted(batches):
+        x.clear()
+        x.update(make_inputs(batch))  # the step reads its batch from x
+        row = step_peak(step, setup.device, batch)
+        rows.append(row)
+        print(f"{bench} ours, gradient checkpointing, batch {batch}: peak {row['peak_gib']} GiB")
+        if row["peak_gib"] is None and not row.get("oom"):
+            continue  # the CPU: the step ran, there is no GPU memory to read
+        if row.get("oom") or row["peak_gib"] > limit:
+            break
+        largest = batch
+    del step, keep, x
+    free_memory(setup.device)
+    return {"bench": bench, "budget_gib": budget_gib, "headroom_gib": HEADROOM_GIB, "rows": rows, "largest": largest}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -244,6 +321,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bench", nargs="+", choices=("crs", "cc"), default=["crs", "cc"])
     p.add_argument("--profile", action="store_true", help="profile a few steps of ours and print the top 15 ops")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--mfu", action="store_true", help="FLOPs and MFU on the CPU too (always on CUDA)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="time both sides with gradient checkpointing")
+    p.add_argument("--fit-gib", type=float, default=None,
+                   help="also find the largest --fit-batches batch of ours that fits this many GiB (see above)")
+    p.add_argument("--fit-batches", type=int, nargs="+", default=[4, 8, 12, 16, 24, 32])
     return p.parse_args(argv)
 
 
@@ -254,29 +336,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = preset_for(size, args.preset)
     device = setup_device(args.device, size)
     batch = args.batch or size.train_batch
-    peak = bf16_matmul_tflops(device) if device.type == "cuda" else None
+    peak = peak_matmul(device) if device.type == "cuda" or args.mfu else None
     text_encoder, tokenizer = build_text_encoder(cfg, device, args.seed)
-    settings = {**describe(cfg), "size": size.name, "batch": batch,
+    settings = {**describe(cfg), "size": size.name, "batch": batch, "gradient_checkpointing": args.grad_checkpointing,
                 "precision": "bf16 autocast, TF32" if device.type == "cuda" else "fp32"}
     print(f"training step, {settings}")
 
-    setup = Setup(cfg, device, args.seed, args.compile, text_encoder)
-    sides = {"crs": (crs_reference, crs_ours), "cc": (cc_reference, cc_ours)}
-    rows = []
+    setup = Setup(cfg, device, args.seed, args.compile, text_encoder, args.grad_checkpointing)
+    rows, profiles, memory = [], {}, []
     for bench in args.bench:
-        if bench == "crs":
-            text, _ = text_states(text_encoder, tokenizer, [PROMPT] * batch)
-            x = crs_inputs(cfg, batch, text, device, args.seed)
-        else:
-            x = cc_inputs(cfg, batch, text_encoder, tokenizer, device, args.seed)
-        for side, build in zip(("reference", "ours"), sides[bench]):
+        x = bench_inputs(bench, cfg, batch, text_encoder, tokenizer, device, args.seed)
+        for side, build in zip(("reference", "ours"), SIDES[bench]):
             step, keep, info = build(setup, x)
-            rows.append(measure(bench, side, step, batch, args, device, peak, **info))
+            rows.append(measure(bench, side, step, batch, args, device, peak and peak["tflops"], **info))
             if args.profile and side == "ours":
-                print_profile(step, device, f"{bench} ours, batch {batch}", args.profile_steps)
+                profiles[bench] = print_profile(step, device, f"{bench} ours, batch {batch}", args.profile_steps)
             del step, keep
             free_memory(device)
-    return report("train_step", args, settings, rows, device, peak)
+        if args.fit_gib:
+            make = functools.partial(bench_inputs, bench, cfg, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     device=device, seed=args.seed)
+            memory.append(fit_memory(setup, bench, args.fit_batches, args.fit_gib, make))
+    return report("train_step", args, settings, rows, device, peak, argv, profiles=profiles, memory=memory)
 
 
 if __name__ == "__main__":
