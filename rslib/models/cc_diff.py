@@ -672,7 +672,8 @@ class FusionHook:
     GLIGEN-style gated attention) on top of the frozen cross-attention's output.
 
     The layer's own processor computes that output and, for CC-Diff, the cross-attention to each instance
-    phrase; rows with ``context.active == False`` keep the plain output (the unconditional half of guidance).
+    phrase (with the call's ``cross_attention_kwargs``); rows with ``context.active == False`` keep the plain
+    output (the unconditional half of guidance).
     """
 
     def __init__(self, module: nn.Module, context: CCDiffContext):
@@ -691,7 +692,9 @@ class FusionHook:
             b, n = cc.valid.shape
             h_rep = hidden_states[:, None].expand(b, n, *hidden_states.shape[1:]).flatten(0, 1)  # (B*N, HW, C)
             phr = cc.phrase_hidden.flatten(0, 1).to(hidden_states.dtype)  # (B*N, L, D)
-            ca_inst = attn.processor(attn, h_rep, encoder_hidden_states=phr).unflatten(0, (b, n)) if n else None
+            extra = {k: v for k, v in kwargs.items() if k not in ("encoder_hidden_states", "attention_mask")}
+            # the layer's own attention (its processor, the call's cross_attention_kwargs), without this hook
+            ca_inst = attn.forward(h_rep, encoder_hidden_states=phr, **extra).unflatten(0, (b, n)) if n else None
             fused = self.module(hidden_states, out, ca_inst, cc, cc.level_hw(hidden_states.shape[1]))
         if cc.active is not None:
             fused = torch.where(cc.active.to(fused.device)[:, None, None], fused, out)

@@ -25,6 +25,7 @@ and an empty layout the pipeline therefore reproduces the stage-one ``StableDiff
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, ImagePipelineOutput, UNet2DConditionModel
-from diffusers.utils import logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from rslib.models.cc_diff import (
@@ -56,7 +56,7 @@ from rslib.pipelines.common import (
 
 Layout = Sequence[Mapping[str, Any]]
 BOX_AGREEMENT = 0.01  # how far (normalised) an object's 'bbox' may lie from its 'obb''s enclosing box
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def _numbers(value: Any, n: int, where: str) -> list[float]:
@@ -322,6 +322,9 @@ class CCDiffPipeline(RSPipeline):
                                  f"{tuple(pooled_prompt_embeds.shape)}")
             check_finite("pooled_prompt_embeds", pooled_prompt_embeds)
         # the layout and the references parsed and checked before any compute
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("CC-Diff needs its text_encoder and tokenizer (they encode each instance's phrase), "
+                             "also when given prompt_embeds")
         if self._uses_references() and not self.references.has_tokens:
             raise ValueError("this pipeline's reference bank holds no tokens: CC-Diff needs references")
         lay = layout_tensors(_per_image_layouts(layout, batch), self.references)

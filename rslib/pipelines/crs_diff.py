@@ -70,7 +70,7 @@ def _unit_range(t: torch.Tensor, name: str, low: float = 0.0) -> torch.Tensor:
 def _array_image(image: Any, name: str) -> torch.Tensor:
     """One PIL image or numpy array (H, W, 3) / (B, H, W, 3), in [0, 1] or uint8 -> (B, 3, H, W) in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     a = torch.from_numpy(np.ascontiguousarray(image))
     if a.dtype == torch.bool:
         a = a.float()
@@ -121,7 +121,7 @@ def map_to_tensor(m: Any, size: int | tuple[int, int] | None = None, name: str =
     (channels last) or a tensor (H, W) / (1 or 3, H, W) (channels first), uint8 or in [0, 1]; resized to
     ``size`` ((H, W) or a side) when given."""
     if isinstance(m, PIL.Image.Image):
-        m = np.asarray(m.convert("RGB"))
+        m = np.array(m.convert("RGB"))
     if isinstance(m, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(m))
         if t.ndim == 3:
@@ -205,7 +205,9 @@ def _raw_metadata(metadata: Mapping[str, Any], name: str) -> tuple[torch.Tensor,
         if v is None:
             continue
         lo, hi = METADATA_RANGES[key]
-        if not isinstance(v, (int, float, np.number)) or not math.isfinite(float(v)) or not lo <= float(v) <= hi:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(float(v)):
+            raise ValueError(f"{name}[{key!r}] must be a finite number (or None for 'unknown'), not {v!r}")
+        if not lo <= float(v) <= hi:
             raise ValueError(f"{name}[{key!r}] = {v!r} is outside the range the model knows, {lo:g}..{hi:g}; "
                              f"leave the field out (or None) for 'unknown'")
     v, k = normalise_metadata(dict(metadata))
