@@ -571,7 +571,7 @@ def concat_contexts(contexts: Sequence[CCDiffContext]) -> CCDiffContext:
 
 
 # ---------------------------------------------------------------------------
-# The trainable adapter and the attention processors
+# The trainable adapter and the fusion hooks
 
 
 def fusion_layer_names(unet: UNet2DConditionModel, blocks: Sequence[str]) -> list[str]:
