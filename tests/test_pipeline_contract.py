@@ -230,6 +230,18 @@ def test_step_callback_reads_and_replaces_the_running_tensors(parts, kind):
     guided = run(pipe, kind, callback_on_step_end=more_guidance)
     assert pipe.guidance_scale == 3.0 + 2 and np.abs(guided - run(pipe, kind)).max() > 1e-4
 
+    calls = []
+
+    def interrupt(p, i, t, kwargs):  # diffusers' interrupt: the remaining steps are skipped
+        calls.append(i)
+        p._interrupt = True
+        return kwargs
+
+    run(pipe, kind, num_inference_steps=3, callback_on_step_end=interrupt)
+    assert calls == [0] and pipe.interrupt
+    run(pipe, kind, num_inference_steps=1)
+    assert not pipe.interrupt  # a new call starts afresh
+
 
 class ProbeProcessor(AttnProcessor2_0):
     """SDPA attention that records the ``probe`` keyword it is given."""
