@@ -213,7 +213,8 @@ def test_step_callback_reads_and_replaces_the_running_tensors(parts, kind):
     run(pipe, kind, num_inference_steps=3, callback_on_step_end=record, callback_on_step_end_tensor_inputs=names)
     assert [s[0] for s in seen] == [0, 1, 2] and [s[1] for s in seen] == pipe.scheduler.timesteps.tolist()
     assert seen[0][2]["latents"] == (2, 4, 8, 8)
-    assert seen[0][2]["prompt_embeds"] == (4, 77, TEXT_DIM) and seen[0][2]["negative_prompt_embeds"] == (2, 77, TEXT_DIM)
+    assert seen[0][2]["prompt_embeds"] == (4, 77, TEXT_DIM)  # [unconditional ; conditional], as diffusers'
+    assert seen[0][2]["negative_prompt_embeds"] == (2, 77, TEXT_DIM)
 
     def zero_last(p, i, t, kwargs):  # diffusers' test_callback_inputs: the returned latents replace the running ones
         if i == p.num_timesteps - 1:
@@ -547,8 +548,8 @@ BAD_INPUTS = [
     ("crs", {"content_embeds": torch.full((2, TEXT_DIM), float("nan"))}, r"content_embeds must be finite"),
     # CC-Diff: layouts and references
     ("cc", {"layout": [LAYOUT, LAYOUT, LAYOUT]}, r"layout gives 3 per-image layouts for 2 prompts"),
-    ("cc", {"layout": [{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.5], "obb": [0.6, 0.6, 0.9, 0.6, 0.9, 0.9, 0.6, 0.9]}]},
-     r"layout\[0\]\[0\]: 'bbox' .* and 'obb' disagree"),
+    ("cc", {"layout": [{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.5],
+                        "obb": [0.6, 0.6, 0.9, 0.6, 0.9, 0.9, 0.6, 0.9]}]}, r"layout\[0\]\[0\]: 'bbox' .* and 'obb' disagree"),
     ("cc", {"layout": [{"label": "ship", "bbox": [0.1, float("nan"), 0.5, 0.5]}]}, r"\['bbox'\] must be finite"),
     ("cc", {"fg_refs": torch.zeros(3, 2, 3, DIMG)}, r"fg_refs has 3 rows for 2 prompts"),
     ("cc", {"fg_refs": torch.full((2, 2, 3, DIMG), float("nan"))}, r"fg_refs must be finite"),

@@ -30,7 +30,7 @@ from rslib.eval.detector import coco_inputs, detect, detection_map
 from rslib.eval.fidelity import context_hits, on_context_fraction
 from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
-from rslib.pipelines.cc_diff import sample_cc_diff  # noqa: F401 (notebooks call layout.sample_cc_diff)
+from rslib.pipelines.cc_diff import sample_cc_diff
 
 
 def polygon_area(points: Sequence[float]) -> float:

@@ -423,8 +423,9 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                            tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
                            adapter=crs.adapter.cpu(), metadata_encoder=_cpu(crs.metadata_encoder),
                            content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder),
+                           # the defaults of from_pretrained(...)(prompt): how this preset samples
                            map_guidance=c.map_guidance, guidance_scale=c.guidance_scale,
-                           num_inference_steps=c.sample_steps)  # the sampling defaults of from_pretrained(...)(prompt)
+                           num_inference_steps=c.sample_steps)
     save_pipeline(pipe, out_dir, info)
     return out_dir
 
