@@ -11,7 +11,7 @@ negligible work on both sides):
 * ``crs``: CRS-Diff stage two (adapter with its feature extractor and FF/AFF fusion, metadata encoder, content
   tokenizer; frozen UNet) vs ``diffusers.ControlNetModel.from_unet`` on the same frozen UNet, fed the same
   18-channel condition stack (six maps).
-* ``cc``: CC-Diff (its adapter's processors installed on the frozen UNet; synthetic boxes, phrase states and
+* ``cc``: CC-Diff (its adapter's fusion hooked into the frozen UNet; synthetic boxes, phrase states and
   reference tokens of the preset's shapes) vs a plain forward and backward of the frozen UNet to its input.
 
 On CUDA: bf16 autocast, TF32, SDPA; peak memory per side; FLOPs per step (FlopCounterMode) and MFU against

@@ -269,7 +269,8 @@ def test_direction_of_conditioning():
 def _run(unet, adapter, inputs, layout, active=None):
     x, t, text = inputs
     ctx = adapter.encode(latent_hw=(8, 8), active=active, **layout)
-    return unet(x, t, encoder_hidden_states=text, cross_attention_kwargs={"cc": ctx}).sample
+    with cc.fusion_hooks(unet, adapter, ctx):
+        return unet(x, t, encoder_hidden_states=text).sample
 
 
 @pytest.mark.parametrize("mode", ["cc_diff", "gligen"])
@@ -277,7 +278,6 @@ def test_padding_changes_nothing_and_batches_work(mode):
     unet = tiny_unet()
     adapter = tiny_adapter(unet, mode=mode)
     randomise_outputs(adapter)
-    cc.install_processors(unet, adapter)
     inputs = unet_inputs()
     base = layout_batch(n=2)
     padded = layout_batch(n=4, seed=5, n_valid=2)  # two padded instances full of random values
@@ -303,8 +303,7 @@ def test_no_instances_and_zero_init_equal_plain_unet():
         plain = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
     for mode in ("cc_diff", "gligen"):
         adapter = tiny_adapter(unet, mode=mode)
-        counts = cc.install_processors(unet, adapter)
-        assert counts["total"] == len(unet.attn_processors) and counts["fusion"] == len(adapter.fusion)
+        assert len(cc.fused_layers(unet, adapter)) == len(adapter.fusion)
         with torch.no_grad():
             y = _run(unet, adapter, inputs, layout_batch(n_valid=0))
         assert torch.equal(y, plain)
@@ -317,15 +316,13 @@ def test_unconditional_rows_equal_plain_unet():
     unet = tiny_unet()
     adapter = tiny_adapter(unet)
     randomise_outputs(adapter)
-    cc.install_processors(unet, adapter)
     inputs = unet_inputs()
     with torch.no_grad():
         plain = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
         y = _run(unet, adapter, inputs, layout_batch(), active=torch.tensor([False, True]))
     assert torch.equal(y[0], plain[0])  # the unconditional half is the plain UNet
     assert (y[1] - plain[1]).abs().max() > 1e-3
-    cc.uninstall_processors(unet)
-    with torch.no_grad():
+    with torch.no_grad():  # after the call the hooks are gone: the UNet is the plain UNet again
         assert torch.equal(unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample, plain)
 
 
@@ -338,12 +335,11 @@ SD14_UNET = dict(
 )
 
 
-def test_install_counts_on_the_sd14_unet():
+def test_fused_layer_counts_on_the_sd14_unet():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD14_UNET)
         adapter = cc.CCDiffAdapter.from_unet(unet, ("mid_block", "up_blocks.1"), image_dim=1024)
-    counts = cc.install_processors(unet, adapter)
-    assert counts == {"total": 32, "fusion": 4}
+    assert len(unet.attn_processors) == 32 and len(cc.fused_layers(unet, adapter)) == 4
     assert set(adapter.config.layer_channels.values()) == {1280}
     n = cc.trainable_parameter_count(adapter)
     assert 150e6 < n["total"] < 350e6  # the paper-scale adapter: about 261M trainable parameters

@@ -142,6 +142,9 @@ def test_sampling_settings_do_not_retrain(inputs, runs):
 def test_pipeline_round_trip(runs, tmp_path):
     cfg, out, _ = runs
     pipe = load_cc_diff(out, "cpu")
+    # the preset's sampling defaults travel with the folder: from_pretrained(...)(prompt) samples as notebook 04 does
+    assert (pipe.config.guidance_scale, pipe.config.num_inference_steps, pipe.config.max_instances) == (
+        cfg.cc.guidance_scale, cfg.cc.sample_steps, cfg.cc.max_instances)
     args = dict(prompt=["an aerial image of a port.", "a river."], layout=LAYOUT, num_inference_steps=2,
                 guidance_scale=3.0, output_type="np")
     a = pipe(**args, generator=torch.Generator().manual_seed(0)).images

@@ -172,6 +172,30 @@ def test_fresh_adapter_equals_stage_one_pipeline(parts):
     assert torch.equal(_run(pipe, text_only=True), ref)
 
 
+def test_the_pipeline_denoises_with_the_model_training_optimises(parts):
+    """One pipeline step predicts the noise that CRSDiffModel.forward (the training objective's model) predicts
+    from the same inputs: the pipeline calls the model's encode and denoise, it does not rebuild them."""
+    from rslib.pipelines.crs_diff import metadata_tensors
+
+    pipe = _pipe(parts, perturb=True)
+    steps = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, out: steps.append((args[0], args[1], out[0])))
+    embeds = torch.randn(2, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    meta = {"cloud_cover": 30, "month": 4}
+    try:
+        _run(pipe, conditions=_conditions(), metadata=meta, content_embeds=embeds, guidance_scale=1.0,
+             num_inference_steps=1, global_strength=0.7)
+    finally:
+        handle.remove()
+    (x, t, eps), = steps
+    text = pipe.encode_prompt(["an aerial image of a port.", "a farmland."], torch.device("cpu"), 1, False)[0]
+    values, keep = metadata_tensors(meta, 2)
+    with torch.no_grad():
+        expected = pipe.denoiser()(x, t, text, _conditions(), embeds, torch.ones(2, dtype=torch.bool), values, keep,
+                                   global_strength=0.7)
+    assert torch.equal(eps, expected)
+
+
 def test_control_scale_zero_is_the_frozen_model(parts):
     """With a trained (perturbed) adapter, control_scale=0 leaves exactly the frozen model's output."""
     pipe = _pipe(parts, use_metadata=False, use_content=False, perturb=True)

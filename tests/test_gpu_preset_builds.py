@@ -24,7 +24,7 @@ from rslib.config import get_preset
 from rslib.data.formats import ObjectAnnotation
 from rslib.data.synthrs import OBJECT_CLASSES
 from rslib.models.base import build_unet, build_vae, latent_size, vae_scale_factor
-from rslib.models.cc_diff import boxes_to_obb, fusion_layer_names, processor_counts, uninstall_processors
+from rslib.models.cc_diff import boxes_to_obb, fused_layers, fusion_hooks, fusion_layer_names
 from rslib.models.crs_diff import with_identity_class_embedding
 from rslib.models.text import build_rs_clip, clip_tokenizer, image_features, text_features, tokenize
 
@@ -352,8 +352,8 @@ def test_cc_diff_trains_one_step(cfg, unet, text_tower, cc_references, mode):
     adapter = build_adapter(cfg, unet, image_dim, mode)
     assert set(adapter.config.layer_channels) == set(names)
     try:
-        model = CCTrainModel(unet, text, tok, adapter, bank.phrases)  # installs the processors
-        assert processor_counts(unet)["fusion"] == len(names)
+        model = CCTrainModel(unet, text, tok, adapter, bank.phrases)
+        assert len(fused_layers(unet, adapter)) == len(names)
         batch = _cc_batch(cfg, cc_references[1][0])
         boxes, labels, valid = batch["boxes"], batch["labels"], batch["valid"]
         out = _cc_loss(cfg, model, text_tower, bank, batch)
@@ -380,11 +380,10 @@ def test_cc_diff_trains_one_step(cfg, unet, text_tower, cc_references, mode):
                 assert ctx.fg_tokens.shape == (1, 2, c.num_fg_queries, text.config.hidden_size)
                 assert ctx.bg_tokens.shape == (1, c.num_bg_queries + c.num_bridge_queries, text.config.hidden_size)
             x = torch.randn(1, cfg.vae.latent_channels, h, h)
-            eps = unet(x, torch.tensor([500]), encoder_hidden_states=o.last_hidden_state,
-                       cross_attention_kwargs={"cc": ctx}).sample
+            with fusion_hooks(unet, adapter, ctx):
+                eps = unet(x, torch.tensor([500]), encoder_hidden_states=o.last_hidden_state).sample
         assert eps.shape == x.shape and torch.isfinite(eps).all()
     finally:
-        uninstall_processors(unet)
         _free_grads(adapter)
 
 
@@ -411,16 +410,13 @@ def test_stage_two_losses_run_under_bf16_autocast(cfg, unet, crs_unet, text_towe
 
     bank, retrieved = cc_references
     adapter = build_adapter(cfg, unet, bank.config.image_dim, cfg.cc.mode)
-    try:
-        model = CCTrainModel(unet, text, tok, adapter, bank.phrases)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = _cc_loss(cfg, model, text_tower, bank, _cc_batch(cfg, retrieved[0]))
-        assert torch.isfinite(out["loss"])
-        out["loss"].backward()
-        grads = [p.grad for p in adapter.parameters() if p.grad is not None]
-        assert grads and all(torch.isfinite(g).all() for g in grads)
-    finally:
-        uninstall_processors(unet)
+    model = CCTrainModel(unet, text, tok, adapter, bank.phrases)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _cc_loss(cfg, model, text_tower, bank, _cc_batch(cfg, retrieved[0]))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in adapter.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 # ---------------------------------------------------------------------------

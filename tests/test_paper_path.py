@@ -150,6 +150,8 @@ def test_crs_diff_on_the_sd_unet(cfg, stage_one):
     assert all(np.isfinite(h["loss"]) for h in crs_history(out))
     pipe = load_crs_diff(out, "cpu")
     assert pipe.config.map_guidance is False  # the paper's guidance: both CFG branches see the maps
+    assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (cfg.crs.guidance_scale,
+                                                                             cfg.crs.sample_steps)
     tuned = load_file(str(stage_one / UNET_FILE))
     assert all(torch.equal(v, tuned[k]) for k, v in pipe.unet.state_dict().items())  # stage one, frozen
     assert torch.allclose(pipe.adapter.conv_in.weight, tuned["conv_in.weight"], atol=1e-3)  # its encoder copy

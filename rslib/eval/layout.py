@@ -30,6 +30,7 @@ from rslib.eval.detector import coco_inputs, detect, detection_map
 from rslib.eval.fidelity import context_hits, on_context_fraction
 from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
+from rslib.pipelines.cc_diff import sample_cc_diff
 
 
 def polygon_area(points: Sequence[float]) -> float:
@@ -60,25 +61,6 @@ def targets_of(layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[st
     index = {c: i for i, c in enumerate(classes)}
     return [{"boxes": torch.tensor([o["bbox"] for o in lay], dtype=torch.float32).reshape(-1, 4),
              "labels": torch.tensor([index[o["label"]] for o in lay], dtype=torch.long)} for lay in layouts]
-
-
-@torch.no_grad()
-def sample_cc_diff(pipe: Any, prompts: Sequence[str], layouts: Sequence[Sequence[dict[str, Any]]], seed: int,
-                   guidance_scale: float = 4.0, steps: int = 20, batch_size: int = 32,
-                   same_noise: bool = False) -> torch.Tensor:
-    """Images (N, 3, S, S) in [-1, 1]; image i starts from noise seeded by ``seed + i`` (``seed`` if same_noise)."""
-    prompts, layouts = list(prompts), [[{k: v for k, v in o.items() if k != "bbox" or "obb" not in o} for o in lay]
-                                       for lay in layouts]
-    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        sl = slice(i, min(i + batch_size, len(prompts)))
-        gens = [torch.Generator(device=gen_device).manual_seed(seed + (0 if same_noise else k))
-                for k in range(sl.start, sl.stop)]
-        res = pipe(prompts[sl], layout=layouts[sl], guidance_scale=guidance_scale, num_inference_steps=steps,
-                   generator=gens, output_type="pt")
-        out.append(res.images.cpu() * 2 - 1)
-    return torch.cat(out)
 
 
 def box_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, min_px: float = 8.0) -> torch.Tensor:

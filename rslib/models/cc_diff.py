@@ -1,8 +1,10 @@
 """CC-Diff: layout-to-image generation whose background is conditioned on the foreground.
 
 Everything here sits on a frozen Stable-Diffusion-style ``UNet2DConditionModel`` and reaches it only through
-diffusers attention processors (:func:`install_processors`); the layout, the reference tokens and the region
-masks travel in ``cross_attention_kwargs={"cc": CCDiffContext(...)}``.
+forward hooks on its fused cross-attention layers, attached for the duration of a call (:func:`fusion_hooks`) and
+holding the layout, the reference tokens and the region masks (a :class:`CCDiffContext`). The UNet's attention
+processors are never replaced: whatever they are (PyTorch SDPA, diffusers' sliced attention, xFormers, a user's),
+they compute the frozen attentions inside CC-Diff's fusion, and the UNet at rest is the stage-one UNet.
 
 Parts (shapes at the paper scale: N <= 6 instances, Qf = 16, Qb = Qc = 8, D_img = 1024, D = 768, C = 1280):
 
@@ -26,7 +28,8 @@ attention and every sum, so they change nothing and batches larger than one work
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -478,12 +481,12 @@ class GatedGroundingModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# What cross_attention_kwargs["cc"] carries
+# What the fusion hooks carry
 
 
 @dataclass
 class CCDiffContext:
-    """Layout, tokens and lazily built region masks for one UNet forward (``cross_attention_kwargs["cc"]``).
+    """Layout, tokens and lazily built region masks for the UNet forwards of one batch (see :func:`fusion_hooks`).
 
     ``boxes`` (B, N, 4), ``obb`` (B, N, 8), ``valid`` (B, N) bool; ``phrase_hidden`` (B, N, L, D) and
     ``phrase_pooled`` (B, N, D) from the frozen text encoder; ``fg_tokens`` (B, N, Qf, D), ``box_tokens``
@@ -510,8 +513,8 @@ class CCDiffContext:
     def level_hw(self, tokens: int) -> tuple[int, int]:
         """The (h, w) of a feature map of ``tokens`` = h*w cells at some downsampling of ``latent_hw``."""
         h, w = self.latent_hw
-        while h * w > tokens and h > 1 and w > 1:
-            h, w = (h + 1) // 2, (w + 1) // 2
+        while h * w > tokens and (h > 1 or w > 1):
+            h, w = (h + 1) // 2, (w + 1) // 2  # a UNet downsampler halves each side, rounding up
         if h * w != tokens:
             raise ValueError(f"cannot place {tokens} tokens on a downsampling of the {self.latent_hw} latent grid")
         return h, w
@@ -568,7 +571,7 @@ def concat_contexts(contexts: Sequence[CCDiffContext]) -> CCDiffContext:
 
 
 # ---------------------------------------------------------------------------
-# The trainable adapter and the attention processors
+# The trainable adapter and the fusion hooks
 
 
 def fusion_layer_names(unet: UNet2DConditionModel, blocks: Sequence[str]) -> list[str]:
@@ -638,7 +641,16 @@ class CCDiffAdapter(ModelMixin, ConfigMixin):
                bg_ref: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
                active: torch.Tensor | None = None) -> CCDiffContext:
         """Build the UNet context: obb (B, N, 8), valid (B, N), phrase_hidden (B, N, L, D), phrase_pooled (B, N, D),
-        global_pooled (B, D), fg_refs (B, N, T, D_img), bg_ref (B, T', D_img) (both CC-Diff only)."""
+        global_pooled (B, D), fg_refs (B, N, T, D_img), bg_ref (B, T', D_img) (both CC-Diff only).
+
+        It is the adapter's ``forward``, so that the offload hooks diffusers attaches to the adapter see it."""
+        return self(obb, valid, phrase_hidden, phrase_pooled, global_pooled, latent_hw, fg_refs, bg_ref, boxes, active)
+
+    def forward(self, obb: torch.Tensor, valid: torch.Tensor, phrase_hidden: torch.Tensor,
+                phrase_pooled: torch.Tensor, global_pooled: torch.Tensor, latent_hw: tuple[int, int],
+                fg_refs: torch.Tensor | None = None, bg_ref: torch.Tensor | None = None,
+                boxes: torch.Tensor | None = None, active: torch.Tensor | None = None) -> CCDiffContext:
+        """The UNet context of a batch of layouts (see :meth:`encode`)."""
         valid = valid.bool()
         boxes = obb_to_boxes(obb) if boxes is None else boxes
         box_tokens = self.box_net(obb)  # (B, N, D)
@@ -655,74 +667,60 @@ class CCDiffAdapter(ModelMixin, ConfigMixin):
         return ctx
 
 
-class CCDiffAttnProcessor:
-    """A diffusers attention processor that accepts ``cc`` (a :class:`CCDiffContext`) in cross_attention_kwargs.
+class FusionHook:
+    """A forward hook on one fused cross-attention layer (``attn2``) of the UNet: CC-Diff's CGM (or the
+    GLIGEN-style gated attention) on top of the frozen cross-attention's output.
 
-    Without a fusion module (every self-attention, and cross-attentions outside the fusion blocks) it runs the
-    UNet's original processor unchanged. With one, it adds CC-Diff's CGM (or the GLIGEN-style gated attention)
-    to the frozen cross-attention; rows with ``cc.active == False`` (and calls without ``cc``) are plain.
-    The processor holds the fusion module by reference: the UNet's own state dict is unchanged.
+    The layer's own processor computes that output and, for CC-Diff, the cross-attention to each instance
+    phrase (with the call's ``cross_attention_kwargs``); rows with ``context.active == False`` keep the plain
+    output (the unconditional half of guidance).
     """
 
-    def __init__(self, base: Any, name: str, module: nn.Module | None = None):
-        self.base = base
-        self.name = name
+    def __init__(self, module: nn.Module, context: CCDiffContext):
         self.module = module
+        self.context = context
 
-    @property
-    def is_fusion(self) -> bool:
-        """True if this processor runs a fusion module."""
-        return self.module is not None
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 cc: CCDiffContext | None = None, **kwargs: Any) -> torch.Tensor:
-        """hidden_states (B, HW, C), encoder_hidden_states (B, L, D) -> (B, HW, C)."""
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if self.module is None or cc is None or encoder_hidden_states is None:
+    def __call__(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+        """hidden_states (B, HW, C), encoder_hidden_states (B, L, D), the layer's output (B, HW, C) -> (B, HW, C)."""
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None) is None:
             return out
-        hw = cc.level_hw(hidden_states.shape[1])
+        cc = self.context
         if isinstance(self.module, GatedGroundingModule):
             fused = self.module(hidden_states, out, cc)
         else:
             b, n = cc.valid.shape
             h_rep = hidden_states[:, None].expand(b, n, *hidden_states.shape[1:]).flatten(0, 1)  # (B*N, HW, C)
             phr = cc.phrase_hidden.flatten(0, 1).to(hidden_states.dtype)  # (B*N, L, D)
-            ca_inst = self.base(attn, h_rep, phr).unflatten(0, (b, n)) if n else None  # (B, N, HW, C)
-            fused = self.module(hidden_states, out, ca_inst, cc, hw)
+            extra = {k: v for k, v in kwargs.items() if k not in ("encoder_hidden_states", "attention_mask")}
+            # the layer's own attention (its processor, the call's cross_attention_kwargs), without this hook
+            ca_inst = attn.forward(h_rep, encoder_hidden_states=phr, **extra).unflatten(0, (b, n)) if n else None
+            fused = self.module(hidden_states, out, ca_inst, cc, cc.level_hw(hidden_states.shape[1]))
         if cc.active is not None:
             fused = torch.where(cc.active.to(fused.device)[:, None, None], fused, out)
         return fused
 
 
-def install_processors(unet: UNet2DConditionModel, adapter: CCDiffAdapter) -> dict[str, int]:
-    """Replace every attention processor of ``unet`` by a :class:`CCDiffAttnProcessor`; those of the adapter's
-    layers run its fusion modules. Returns counts ``{"total": ..., "fusion": ...}``."""
-    current = unet.attn_processors
-    layers = set(adapter.config.layer_channels)
-    procs = {}
-    for full, base in current.items():
-        base = base.base if isinstance(base, CCDiffAttnProcessor) else base
-        name = full[: -len(".processor")]
-        procs[full] = CCDiffAttnProcessor(base, name, adapter.module_for(name) if name in layers else None)
-    missing = layers - {p.name for p in procs.values()}
+def fused_layers(unet: UNet2DConditionModel, adapter: CCDiffAdapter) -> dict[str, nn.Module]:
+    """The UNet's attention modules that the adapter fuses, by name (an error when the UNet lacks one)."""
+    modules = dict(unet.named_modules())
+    missing = sorted(set(adapter.config.layer_channels) - set(modules))
     if missing:
-        raise ValueError(f"the adapter has fusion layers the UNet lacks: {sorted(missing)[:3]}")
-    unet.set_attn_processor(procs)
-    return processor_counts(unet)
+        raise ValueError(f"the adapter has fusion layers the UNet lacks: {missing[:3]}")
+    return {name: modules[name] for name in adapter.config.layer_channels}
 
 
-def uninstall_processors(unet: UNet2DConditionModel) -> None:
-    """Put the UNet's original processors back."""
-    unet.set_attn_processor({k: (p.base if isinstance(p, CCDiffAttnProcessor) else p)
-                             for k, p in unet.attn_processors.items()})
-
-
-def processor_counts(unet: UNet2DConditionModel) -> dict[str, int]:
-    """How many processors the UNet has, and how many of them run a CC-Diff fusion module."""
-    procs = unet.attn_processors.values()
-    return {"total": len(procs),
-            "fusion": sum(isinstance(p, CCDiffAttnProcessor) and p.is_fusion for p in procs)}
+@contextmanager
+def fusion_hooks(unet: UNet2DConditionModel, adapter: CCDiffAdapter, context: CCDiffContext) -> Iterator[None]:
+    """CC-Diff's conditioning on ``unet`` while the block runs: one :class:`FusionHook` per fused layer, all
+    removed at the end (also on an error), so that the UNet and its attention processors are left as found."""
+    handles = [attn.register_forward_hook(FusionHook(adapter.module_for(name), context), with_kwargs=True)
+               for name, attn in fused_layers(unet, adapter).items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------
@@ -737,13 +735,15 @@ class CCDiffModel(nn.Module):
         self.unet = unet.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.adapter = adapter
-        install_processors(self.unet, adapter)
+        fused_layers(self.unet, adapter)  # the adapter fits this UNet
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, text_hidden: torch.Tensor,
                 context: CCDiffContext | None) -> torch.Tensor:
         """noisy latents (B, C, h, w), t (B,), text_hidden (B, L, D) -> predicted noise (B, C, h, w)."""
-        kwargs = {"cc": context} if context is not None else None
-        return self.unet(noisy, t, encoder_hidden_states=text_hidden, cross_attention_kwargs=kwargs).sample
+        if context is None:
+            return self.unet(noisy, t, encoder_hidden_states=text_hidden).sample
+        with fusion_hooks(self.unet, self.adapter, context):
+            return self.unet(noisy, t, encoder_hidden_states=text_hidden).sample
 
 
 def trainable_parameter_count(adapter: CCDiffAdapter) -> dict[str, int]:

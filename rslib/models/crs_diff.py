@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -397,11 +398,22 @@ class CRSLocalAdapter(ModelMixin, ConfigMixin):
         emb = self.time_embedding(self.time_proj(t).to(sample.dtype))  # (B, E)
         return emb
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
-                conditions: torch.Tensor, metadata_emb: torch.Tensor | None = None,
-                control_scale: float | Sequence[float] = 1.0,
-                features: list[torch.Tensor] | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Residuals for the frozen UNet: sample (B, C, h, w), conditions (B, 18, H, W) -> (down tuple, mid)."""
+    def features(self, conditions: torch.Tensor) -> list[torch.Tensor]:
+        """The extractor's features [(B, L_i, h_i, w_i) per level] of a condition stack (B, 18, H, W).
+
+        Computed through ``forward`` (with ``sample=None``), so that the offload hooks diffusers attaches to the
+        adapter see the call; a pipeline computes them once and passes them to every step (``features=``)."""
+        return self(None, None, None, conditions)
+
+    def forward(self, sample: torch.Tensor | None, timestep: torch.Tensor | float | int | None,
+                encoder_hidden_states: torch.Tensor | None, conditions: torch.Tensor | None,
+                metadata_emb: torch.Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
+                features: list[torch.Tensor] | None = None) -> Any:
+        """Residuals for the frozen UNet: sample (B, C, h, w), conditions (B, 18, H, W) -> (down tuple, mid).
+
+        ``sample=None``: only the features of ``conditions`` (see :meth:`features`)."""
+        if sample is None:
+            return self.extractor(conditions)
         emb = self.time_embed(sample, timestep)
         if metadata_emb is not None and self.config.metadata_to_adapter:
             emb = emb + metadata_emb.to(emb.dtype)
@@ -431,7 +443,7 @@ class CRSLocalAdapter(ModelMixin, ConfigMixin):
                 h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
             else:
                 h = self.mid_block(h, emb)
-        scales = _scales(control_scale, self.num_residuals)
+        scales = control_scales(control_scale, self.num_residuals)
         down = tuple(conv(o) * s for conv, o, s in zip(self.zero_convs, outs, scales[:-1]))
         mid = self.mid_zero_conv(h) * scales[-1]
         return down, mid
@@ -446,13 +458,19 @@ def _to_like(module: nn.Module, like: nn.Module) -> nn.Module:
     return module
 
 
-def _scales(control_scale: float | Sequence[float], n: int) -> list[float]:
-    """One scale per residual from a float or a sequence of n floats."""
+def control_scales(control_scale: float | Sequence[float], n: int) -> list[float]:
+    """One finite scale per residual from a number or a sequence of n numbers (else a ValueError)."""
     if isinstance(control_scale, (int, float)):
-        return [float(control_scale)] * n
-    scales = [float(s) for s in control_scale]
+        scales = [float(control_scale)] * n
+    else:
+        try:
+            scales = [float(s) for s in control_scale]
+        except (TypeError, ValueError):
+            raise ValueError(f"control_scale must be a number or {n} numbers, not {control_scale!r}") from None
     if len(scales) != n:
         raise ValueError(f"control_scale needs {n} values (one per residual, mid last), got {len(scales)}")
+    if not all(math.isfinite(v) for v in scales):
+        raise ValueError(f"control_scale must be finite numbers, got {control_scale!r}")
     return scales
 
 
@@ -477,12 +495,38 @@ def with_identity_class_embedding(unet: UNet2DConditionModel) -> UNet2DCondition
     return _to_like(new, unet)
 
 
+def join_context(text_states: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The cross-attention context: text states (B, L, D) followed by the content tokens (B, K, D), if any."""
+    return text_states if tokens is None else torch.cat([text_states, tokens.to(text_states.dtype)], dim=1)
+
+
+@dataclass
+class CRSConditions:
+    """What every denoising step of one batch needs, computed once: the ``text`` states (B, L, D) and the content
+    ``tokens`` (B, K, D) (None without a content tokenizer) that make the cross-attention context, the ``metadata``
+    vector (B, E) for the time embedding, the adapter's ``features`` (None: the adapter is off) and its
+    per-residual ``scales``."""
+
+    text: torch.Tensor
+    tokens: torch.Tensor | None
+    metadata: torch.Tensor
+    features: list[torch.Tensor] | None
+    scales: list[float]
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The cross-attention context (B, L + K, D)."""
+        return join_context(self.text, self.tokens)
+
+
 class CRSDiffModel(nn.Module):
     """The conditional denoiser: frozen UNet + adapter + metadata encoder + content tokenizer.
 
     ``forward`` predicts the noise of ``sample`` (B, C, h, w) from the text states (B, L, D), the condition
     stack (B, 18, H, W), CLIP content embeddings (B, D_img) with a keep mask, and metadata (B, 7) with a keep
     mask. ``metadata_encoder`` / ``content_tokenizer`` may be None (ablations "metadata off" / "content off").
+    It is :meth:`encode` (what does not change over the denoising steps) then :meth:`denoise` (one step):
+    training calls ``forward``, the pipeline ``encode`` once per call and ``denoise`` at every step.
     """
 
     def __init__(self, unet: UNet2DConditionModel, adapter: CRSLocalAdapter,
@@ -499,42 +543,73 @@ class CRSDiffModel(nn.Module):
     def context(self, text_states: torch.Tensor, content_embeds: torch.Tensor | None = None,
                 content_keep: torch.Tensor | None = None, global_strength: float = 1.0) -> torch.Tensor:
         """Text states (B, L, D) -> cross-attention context (B, L + K, D) (just the text without a tokenizer)."""
-        if self.content_tokenizer is None:
-            return text_states
-        tokens = self.content_tokenizer(content_embeds, content_keep, global_strength, batch_size=len(text_states))
-        return torch.cat([text_states, tokens.to(text_states.dtype)], dim=1)
+        return join_context(text_states, self.content_tokens(text_states, content_embeds, content_keep,
+                                                             global_strength))
 
-    def metadata_embedding(self, sample: torch.Tensor, metadata: torch.Tensor | None,
+    def content_tokens(self, text_states: torch.Tensor, content_embeds: torch.Tensor | None = None,
+                       content_keep: torch.Tensor | None = None, global_strength: float = 1.0) -> torch.Tensor | None:
+        """The content tokens (B, K, D) for a batch of text states (None without a content tokenizer)."""
+        if self.content_tokenizer is None:
+            return None
+        return self.content_tokenizer(content_embeds, content_keep, global_strength, batch_size=len(text_states))
+
+    def metadata_embedding(self, reference: torch.Tensor, metadata: torch.Tensor | None,
                            metadata_keep: torch.Tensor | None) -> torch.Tensor:
-        """(B, E) vector for ``class_labels``: zeros without a metadata encoder, nulls where not kept."""
-        e = self.unet.config.time_embedding_dim or 4 * self.unet.config.block_out_channels[0]
+        """(B, E) vector for ``class_labels`` (B, device and, for the zeros, dtype of ``reference``): zeros without a
+        metadata encoder, the learned nulls where a field is not kept (every field when ``metadata`` is None)."""
+        b, dev = reference.shape[0], reference.device
         if self.metadata_encoder is None:
-            return torch.zeros(sample.shape[0], e, device=sample.device, dtype=sample.dtype)
+            e = self.unet.config.time_embedding_dim or 4 * self.unet.config.block_out_channels[0]
+            return torch.zeros(b, e, device=dev, dtype=reference.dtype)
         if metadata is None:
-            metadata = torch.zeros(sample.shape[0], N_METADATA, device=sample.device)
-            metadata_keep = torch.zeros(sample.shape[0], N_METADATA, dtype=torch.bool, device=sample.device)
-        return self.metadata_encoder(metadata, metadata_keep).to(sample.dtype)
+            metadata = torch.zeros(b, N_METADATA, device=dev)
+            metadata_keep = torch.zeros(b, N_METADATA, dtype=torch.bool, device=dev)
+        return self.metadata_encoder(metadata, metadata_keep)
+
+    def encode(self, text_states: torch.Tensor, conditions: torch.Tensor | None = None,
+               content_embeds: torch.Tensor | None = None, content_keep: torch.Tensor | None = None,
+               metadata: torch.Tensor | None = None, metadata_keep: torch.Tensor | None = None,
+               control_scale: float | Sequence[float] = 1.0, global_strength: float = 1.0,
+               features: list[torch.Tensor] | None = None) -> CRSConditions:
+        """Everything but the noisy sample: context, metadata vector and, unless every control scale is 0, the
+        adapter's features of ``conditions`` (B, 18, H, W) (or the given ``features``)."""
+        tokens = self.content_tokens(text_states, content_embeds, content_keep, global_strength)  # (B, K, D)
+        meta = self.metadata_embedding(text_states, metadata, metadata_keep)  # (B, E)
+        scales = control_scales(control_scale, self.adapter.num_residuals)
+        if not any(s != 0.0 for s in scales):
+            features = None
+        elif features is None:
+            if conditions is None:
+                raise ValueError("the adapter needs the condition maps (B, 18, H, W) or their features")
+            features = self.adapter.features(conditions)
+        return CRSConditions(text_states, tokens, meta, features, scales)
+
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, conditions: CRSConditions,
+                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """Noise prediction (B, C, h, w) of one step: the adapter's residuals (if on) into the frozen UNet."""
+        c = conditions
+        ctx, meta = c.context, c.metadata.to(sample.dtype)  # (B, L + K, D), (B, E)
+        down, mid = None, None
+        if c.features is not None:
+            down, mid = self.adapter(sample, timestep, ctx, None, meta, c.scales, features=c.features)
+        return self.unet(sample, timestep, encoder_hidden_states=ctx, class_labels=meta,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, text_states: torch.Tensor,
                 conditions: torch.Tensor | None = None, content_embeds: torch.Tensor | None = None,
                 content_keep: torch.Tensor | None = None, metadata: torch.Tensor | None = None,
                 metadata_keep: torch.Tensor | None = None, control_scale: float | Sequence[float] = 1.0,
                 global_strength: float = 1.0) -> torch.Tensor:
-        """Noise prediction (B, C, h, w)."""
-        ctx = self.context(text_states, content_embeds, content_keep, global_strength)  # (B, L + K, D)
-        meta = self.metadata_embedding(sample, metadata, metadata_keep)  # (B, E)
-        down, mid = None, None
-        scales = _scales(control_scale, self.adapter.num_residuals)
-        if any(s != 0.0 for s in scales):
-            if conditions is None:
-                h, w = sample.shape[-2:]
-                f = self.adapter.config.downscale
-                conditions = torch.zeros(sample.shape[0], self.adapter.config.condition_channels, h * f, w * f,
-                                         device=sample.device, dtype=sample.dtype)
-            down, mid = self.adapter(sample, timestep, ctx, conditions, meta, scales)
-        return self.unet(sample, timestep, encoder_hidden_states=ctx, class_labels=meta,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                         return_dict=False)[0]
+        """Noise prediction (B, C, h, w); no condition maps = all maps dropped (zeros)."""
+        if conditions is None:
+            h, w = sample.shape[-2:]
+            f = self.adapter.config.downscale
+            conditions = torch.zeros(sample.shape[0], self.adapter.config.condition_channels, h * f, w * f,
+                                     device=sample.device, dtype=sample.dtype)
+        encoded = self.encode(text_states, conditions.to(sample.dtype), content_embeds, content_keep, metadata,
+                              metadata_keep, control_scale, global_strength)
+        return self.denoise(sample, timestep, encoded)
 
 
 def trainable_parameter_counts(model: CRSDiffModel) -> dict[str, int]:
@@ -553,10 +628,10 @@ def trainable_parameter_counts(model: CRSDiffModel) -> dict[str, int]:
 
 
 __all__ = [
-    "AttnFeatureDenorm2d", "CRSDiffModel", "CRSLocalAdapter", "ContentTokenizer", "FDNResnetBlock2D",
-    "FeatureDenorm2d", "LocalFeatureExtractor", "MetadataEncoder", "SpatialSelfAttention2d",
-    "load_frozen_unet", "metadata_sinusoids", "trainable_parameter_counts", "with_identity_class_embedding",
-    "zero_module",
+    "AttnFeatureDenorm2d", "CRSConditions", "CRSDiffModel", "CRSLocalAdapter", "ContentTokenizer", "FDNResnetBlock2D",
+    "FeatureDenorm2d", "LocalFeatureExtractor", "MetadataEncoder", "SpatialSelfAttention2d", "control_scales",
+    "join_context", "load_frozen_unet", "metadata_sinusoids", "trainable_parameter_counts",
+    "with_identity_class_embedding", "zero_module",
 ]
 
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from rslib.config import Preset
+from rslib.pipelines.common import seeded_batches
 from rslib.utils import pick_device
 
 
@@ -48,7 +49,7 @@ def sample_stage_one(pipe: StableDiffusionPipeline, prompts: Sequence[str], cfg:
                     generator=generators, output_type="np",
                     negative_prompt=negative[i:j] if negative else None).images
 
-    return _seeded_batches(run, len(prompts), seed, batch_size, pipe.device, size)
+    return _uint8_batches(run, len(prompts), seed, batch_size, pipe._execution_device, size)
 
 
 @torch.no_grad()
@@ -83,19 +84,14 @@ def renoise_stage_one(pipe: StableDiffusionPipeline, images: torch.Tensor, promp
         return img2img(prompts[i:j], image=pixels[i:j], strength=strength, num_inference_steps=n_steps,
                        guidance_scale=guidance, generator=generators, output_type="np").images
 
-    return _seeded_batches(run, len(prompts), seed, batch_size, pipe.device, images.shape[-1])
+    return _uint8_batches(run, len(prompts), seed, batch_size, pipe._execution_device, images.shape[-1])
 
 
-def _seeded_batches(run: Callable[[int, int, list[torch.Generator]], np.ndarray], n: int, seed: int,
-                    batch_size: int, device: torch.device, size: int) -> np.ndarray:
-    """``run(i, j, generators)`` over the batches [i, j) of n images, image k seeded by ``seed + k`` whatever the
-    batch size; its float images in [0, 1] as (n, S, S, 3) uint8."""
-    gen_device = "cpu" if device.type == "mps" else device
-    out = []
-    for i in range(0, n, batch_size):
-        j = min(n, i + batch_size)
-        generators = [torch.Generator(device=gen_device).manual_seed(seed + k) for k in range(i, j)]
-        out.append((np.clip(run(i, j, generators), 0, 1) * 255).round().astype(np.uint8))  # (b, S, S, 3)
+def _uint8_batches(run: Callable[[int, int, list[torch.Generator]], np.ndarray], n: int, seed: int,
+                   batch_size: int, device: torch.device, size: int) -> np.ndarray:
+    """:func:`seeded_batches` of ``run``'s float images in [0, 1], as (n, S, S, 3) uint8."""
+    out = seeded_batches(lambda i, j, g: (np.clip(run(i, j, g), 0, 1) * 255).round().astype(np.uint8), n, seed,
+                         batch_size, device)
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 

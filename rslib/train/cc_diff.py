@@ -540,7 +540,10 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
             "train": asdict(tcfg)}
     pipe = CCDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
                           tokenizer=parts["tokenizer"], unet=parts["unet"].cpu(), scheduler=build_sampler(),
-                          adapter=adapter.cpu(), references=bank.cpu())
+                          adapter=adapter.cpu(), references=bank.cpu(),
+                          # the defaults of from_pretrained(...)(prompt): how this preset samples
+                          max_instances=cfg.cc.max_instances, guidance_scale=cfg.cc.guidance_scale,
+                          num_inference_steps=cfg.cc.sample_steps)
     save_pipeline(pipe, out_dir, info)
     return out_dir
 

@@ -445,7 +445,9 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                            tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
                            adapter=crs.adapter.cpu(), metadata_encoder=_cpu(crs.metadata_encoder),
                            content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder),
-                           map_guidance=c.map_guidance, condition_maps=c.condition_maps)
+                           # the defaults of from_pretrained(...)(prompt): how this preset samples
+                           map_guidance=c.map_guidance, guidance_scale=c.guidance_scale,
+                           num_inference_steps=c.sample_steps, condition_maps=c.condition_maps)
     save_pipeline(pipe, out_dir, info)
     return out_dir
 
