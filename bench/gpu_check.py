@@ -55,10 +55,11 @@ from rslib.pipelines.cc_diff import load_cc_diff
 from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
 from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
 from rslib.train.autoencoder import train_autoencoder
-from rslib.train.cc_diff import cc_info, train_cc_diff
-from rslib.train.crs_diff import crs_info, load_split_tensors, split_dataset, train_crs_diff
-from rslib.train.stage_one import stage_one_info, train_stage_one
-from rslib.train.text_encoder import train_text_encoder, training_info
+from rslib.train.cc_diff import train_cc_diff
+from rslib.train.crs_diff import load_split_tensors, split_dataset, train_crs_diff
+from rslib.train.stage import training_info
+from rslib.train.stage_one import train_stage_one
+from rslib.train.text_encoder import train_text_encoder
 from rslib.utils import pick_device
 
 RESULTS_JSON, SUMMARY_MD = "gpu_check.json", "gpu_check.md"
@@ -96,18 +97,18 @@ DRY = Plan(
 # ---------------------------------------------------------------------------
 # (a) the gpu preset's stages, trained briefly in a scratch folder, and a grid from each pipeline
 
-STAGES = {  # stage -> (train function, reader of its finished record, its part of the preset)
-    "text_encoder": (train_text_encoder, training_info, "clip"),
-    "autoencoder": (train_autoencoder, training_info, "vae"),
-    "stage_one": (train_stage_one, stage_one_info, "unet"),
-    "crs_diff": (train_crs_diff, crs_info, "crs"),
-    "cc_diff": (train_cc_diff, cc_info, "cc"),
+STAGES = {  # stage -> (train function, its part of the preset)
+    "text_encoder": (train_text_encoder, "clip"),
+    "autoencoder": (train_autoencoder, "vae"),
+    "stage_one": (train_stage_one, "unet"),
+    "crs_diff": (train_crs_diff, "crs"),
+    "cc_diff": (train_cc_diff, "cc"),
 }
 
 
 def scratch_preset(plan: Plan, scratch: Path) -> Preset:
     """The plan's preset, reading SynthRS from and writing every stage into ``scratch``, ``stage_steps`` each."""
-    steps = {f"{part}.steps": plan.stage_steps for _, _, part in STAGES.values()}
+    steps = {f"{part}.steps": plan.stage_steps for _, part in STAGES.values()}
     return get_preset(plan.preset, runs_dir=str(scratch / "runs"), **{"data.root": str(scratch / "synthrs")},
                       **steps)
 
@@ -121,11 +122,11 @@ def write_synthrs(cfg: Preset, plan: Plan) -> dict[str, Any]:
 
 def train_stage(cfg: Preset, stage: str) -> dict[str, Any]:
     """Train one stage; its steps, batch, loop and wall seconds, training images/s and final loss."""
-    train, read_info, part = STAGES[stage]
+    train, part = STAGES[stage]
     t0 = time.perf_counter()
     folder = train(cfg, progress=False)
     wall = time.perf_counter() - t0
-    info, part_cfg = read_info(folder), getattr(cfg, part)
+    info, part_cfg = training_info(folder), getattr(cfg, part)
     images = info["steps"] * part_cfg.batch_size * getattr(part_cfg, "grad_accum", 1)
     row = {"stage": stage, "steps": info["steps"], "batch": part_cfg.batch_size, "loop_s": info["train_seconds"],
            "wall_s": wall, "images_per_s": images / info["train_seconds"], "final_loss": info.get("final_loss"),

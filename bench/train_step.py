@@ -221,7 +221,7 @@ def cc_ours(s: Setup, x: dict[str, torch.Tensor]):
     with torch.device(device):
         unet = build_unet_on(cfg, device, seed)
         torch.manual_seed(seed + 1)
-        adapter = build_adapter(cfg, unet, x["fg_refs"].shape[-1], "cc_diff")
+        adapter = build_adapter(cfg, unet, x["fg_refs"].shape[-1])
     model = CCDiffModel(unet, s.text_encoder, adapter)  # the text tower is not run: phrase states are given
     adapter.train()
     if s.checkpointing:

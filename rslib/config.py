@@ -6,12 +6,21 @@ the library. A preset only holds numbers and paths; no code reads global state.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FUSIONS = ("aff", "ff", "sum")  # crs.fusion: AFF (CRS-Diff), FF, plain sum (no fusion block)
+CC_MODES = ("cc_diff", "no_bridge", "gligen")  # cc.mode: CC-Diff, without the context bridge, GLIGEN-style baseline
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """A ValueError naming the setting when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -22,7 +31,7 @@ class DataConfig:
     n_train: int = 2000
     n_val: int = 200
     n_test: int = 200
-    seed: int = 0
+    seed: int = 0  # SynthRS's seed: which images the splits hold (training and sampling use the preset's seed)
     root: str = ""  # folder of a real data set in the record format; "" = SynthRS
     max_objects: int = 12  # boxes per image after padding
 
@@ -114,7 +123,7 @@ class CRSDiffConfig:
     inject_channels: tuple[int, ...] = (32, 64, 128)  # extractor features, one per UNet level
     metadata_dim: int = 64  # sinusoid size per metadata field (320 in the paper)
     content_tokens: int = 4  # context tokens from the content image
-    fusion: str = "aff"  # aff | ff | sum
+    fusion: str = "aff"  # aff | ff | sum (FUSIONS)
     # the maps training and sampling use (the others are zero maps); a subset trains on a data set that lacks
     # some, e.g. ("lines", "soft_edges", "sketch"), the three computed from pixels without models
     condition_maps: tuple[str, ...] = ("lines", "soft_edges", "sketch", "road", "depth", "segmentation")
@@ -138,6 +147,9 @@ class CRSDiffConfig:
     control_scale: float = 1.0
     map_guidance: bool = True  # CFG's unconditional branch sees no maps (False: the same maps, as CRS-Diff does)
     eval_images: int = 48  # generated test images per setting in notebook 03's table
+
+    def __post_init__(self) -> None:
+        _check_choice("crs.fusion", self.fusion, FUSIONS)
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,9 @@ class CCDiffConfig:
     sample_steps: int = 20
     guidance_scale: float = 4.0
     eval_images: int = 48  # generated test layouts per variant in notebook 04's table
+
+    def __post_init__(self) -> None:
+        _check_choice("cc.mode", self.mode, CC_MODES)
 
 
 @dataclass(frozen=True)
@@ -256,6 +271,7 @@ class Preset:
     """One named preset: every knob a notebook needs, resolved once."""
 
     name: str
+    seed: int = 0  # training and sampling (initial weights, batches, noise); the data has its own, data.seed
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -472,10 +488,15 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
             f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)} "
             f"(set it in the notebook's parameters cell or with RSLIB_PRESET)"
         )
-    preset = _PRESETS[name]
+    return with_overrides(_PRESETS[name], overrides)
+
+
+def with_overrides(cfg: Preset, overrides: Mapping[str, Any]) -> Preset:
+    """``cfg`` with settings replaced by dotted key, as ``--set`` and a notebook's ``overrides`` give them, e.g.
+    ``with_overrides(cfg, {"crs.fusion": "ff", "crs.steps": 250})``."""
     for key, value in overrides.items():
-        preset = _override(preset, key.split("."), value)
-    return preset
+        cfg = _override(cfg, key.split("."), value)
+    return cfg
 
 
 def _override(obj: Any, keys: list[str], value: Any) -> Any:
@@ -484,3 +505,44 @@ def _override(obj: Any, keys: list[str], value: Any) -> Any:
         raise ValueError(f"preset has no field {head!r} (fields: {', '.join(asdict(obj))})")
     new = _override(getattr(obj, head), rest, value) if rest else value
     return replace(obj, **{head: new})
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["crs.steps=250", "data.root=data/rsicd"]`` as ``{"crs.steps": 250, "data.root": "data/rsicd"}``: each value
+    read as a Python literal where it is one, else kept as text (a path). A ValueError names a pair without ``=``."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE pairs, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def flat_settings(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting of a preset (or of one of its parts) by dotted key, e.g. ``{"crs.steps": 600, ...}``."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        out.update(flat_settings(value, key + ".") if is_dataclass(value) else {key: value})
+    return out
+
+
+def diff_from_preset(cfg: Preset) -> dict[str, tuple[Any, Any]]:
+    """The settings of ``cfg`` that differ from its named preset: ``{dotted key: (preset's value, cfg's value)}``."""
+    own, mine = flat_settings(_PRESETS[cfg.name]), flat_settings(cfg)
+    return {k: (own[k], v) for k, v in mine.items() if own[k] != v}
+
+
+def describe_overrides(cfg: Preset) -> str:
+    """One line: the preset's name and how ``cfg`` differs from it (what a notebook's parameters changed)."""
+    changed = diff_from_preset(cfg)
+    if not changed:
+        return f"preset {cfg.name}, as defined in rslib/config.py"
+    return f"preset {cfg.name} with " + ", ".join(f"{k}={new!r} (preset: {old!r})" for k, (old, new) in changed.items())

@@ -56,7 +56,7 @@ def test_train_autoencoder_sets_the_scaling_factor_and_reuses_a_finished_folder(
 
 
 def test_a_stage_precision_overrides_the_presets_and_counts_as_a_new_training(tmp_path, monkeypatch):
-    from rslib.train.text_encoder import stage_stamp, stage_train_config
+    from rslib.train.stage import stage_stamp, stage_train_config
 
     cfg = get_preset("smoke")
     assert stage_train_config(cfg, steps=1, batch_size=1).mixed_precision == cfg.mixed_precision

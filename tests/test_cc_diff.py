@@ -341,7 +341,7 @@ def test_fused_layer_counts_on_the_sd14_unet():
         adapter = cc.CCDiffAdapter.from_unet(unet, ("mid_block", "up_blocks.1"), image_dim=1024)
     assert len(unet.attn_processors) == 32 and len(cc.fused_layers(unet, adapter)) == 4
     assert set(adapter.config.layer_channels.values()) == {1280}
-    n = cc.trainable_parameter_count(adapter)
+    n = cc.trainable_parameter_counts(adapter)
     assert 150e6 < n["total"] < 350e6  # the paper-scale adapter: about 261M trainable parameters
 
 

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPModel, Dinov2Config, Dinov2Model
 
-from rslib.config import get_preset
+from rslib.config import get_preset, with_overrides
 from rslib.data.datasets import collate
 from rslib.models.base import build_sampler, build_unet, build_vae
 from rslib.models.cc_diff import CCDiffAdapter
@@ -40,16 +40,12 @@ from rslib.train.cc_diff import (
     build_references,
     cached_references,
     cached_training_data,
-    cc_history,
-    cc_info,
-    is_finished,
-    load_stage_one_parts,
     references_stamp,
     train_cc_diff,
     train_split,
 )
+from rslib.train.stage import is_finished, load_stage_one_parts, read_history, training_info, training_settings
 from rslib.train.stage_one import load_text_tower, save_pipeline
-from rslib.train.text_encoder import training_settings
 
 ADAPTER_FILE = "adapter/diffusion_pytorch_model.safetensors"
 LAYOUT = [{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.4]},
@@ -73,7 +69,7 @@ def inputs(tmp_path_factory):
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    save_pipeline(root / "stage_one", unet, build_vae(cfg), text, tok, {"test": True})
+    save_pipeline(root / "stage_one", unet, build_vae(cfg), text, tok)
     return root / "stage_one", root / "text_encoder"
 
 
@@ -85,7 +81,7 @@ def runs(inputs, tmp_path_factory):
     cfg = _cfg(steps=4, batch_size=4, checkpoint_every=0, instance_dropout=0.3, caption_dropout=0.3)
     straight = train_cc_diff(cfg, s1, clip, root / "straight", progress=False)
     stopped = train_cc_diff(cfg, s1, clip, root / "resumed", stop_after=2, progress=False)
-    assert not is_finished(stopped) and len(cc_history(stopped)) == 2
+    assert not is_finished(stopped) and len(read_history(stopped)) == 2
     resumed = train_cc_diff(cfg, s1, clip, root / "resumed", progress=False)
     return cfg, straight, resumed
 
@@ -107,13 +103,13 @@ def test_loss_falls(inputs, tmp_path):
     s1, clip = inputs
     cfg = _cfg(steps=24, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=0, lr_decay="constant")
     out = train_cc_diff(cfg, s1, clip, tmp_path / "cc", progress=False)
-    losses = [h["loss"] for h in cc_history(out)]
+    losses = [h["loss"] for h in read_history(out)]
     assert len(losses) == 24 and all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < np.mean(losses[:8]), losses
-    info = cc_info(out)
+    info = training_info(out)
     assert info["mode"] == "cc_diff" and info["parameters"]["total"] > 0 and info["bank_entries"] > 0
-    torch.manual_seed(cfg.data.seed)
-    fresh = build_adapter(cfg, load_stage_one_parts(s1)["unet"], info["image_dim"], "cc_diff")
+    torch.manual_seed(cfg.seed)
+    fresh = build_adapter(cfg, load_stage_one_parts(s1)["unet"], info["image_dim"])
     before = _fixed_loss(cfg, s1, clip, tmp_path, fresh)
     after = _fixed_loss(cfg, s1, clip, tmp_path, CCDiffAdapter.from_pretrained(out / "adapter"))
     # the adapter can explain only about a tenth of this random UNet's loss (0.89x after 24 or 48 steps)
@@ -124,17 +120,23 @@ def test_exact_resume(runs):
     _, straight, resumed = runs
     a, b = load_file(str(straight / ADAPTER_FILE)), load_file(str(resumed / ADAPTER_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss"] for h in cc_history(straight)] == [h["loss"] for h in cc_history(resumed)]
+    assert [h["loss"] for h in read_history(straight)] == [h["loss"] for h in read_history(resumed)]
     assert any(a[k].abs().sum() > 0 for k in a if "to_out" in k)  # the zero-initialised outputs moved
 
 
 def test_sampling_settings_do_not_retrain(inputs, runs):
-    """Changing how a trained adapter is sampled or evaluated reuses it; changing how it trains does not."""
+    """Changing how a trained adapter is sampled or evaluated reuses it, and the reused folder samples as the
+    preset now says; changing how it trains does not."""
     (s1, clip), (cfg, straight, _) = inputs, runs
-    before = (straight / "cc_diff.json").stat().st_mtime_ns
+    before = (straight / "training.json").stat().st_mtime_ns
     sampling = replace(cfg, cc=replace(cfg.cc, guidance_scale=9.0, sample_steps=7, eval_images=99))
     assert train_cc_diff(sampling, s1, clip, straight, progress=False) == straight
-    assert (straight / "cc_diff.json").stat().st_mtime_ns == before  # reused, not retrained
+    assert (straight / "training.json").stat().st_mtime_ns == before  # reused, not retrained
+    pipe = load_cc_diff(straight, "cpu")
+    assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (9.0, 7)
+    assert train_cc_diff(cfg, s1, clip, straight, progress=False) == straight  # and back
+    assert load_cc_diff(straight, "cpu").config.guidance_scale == cfg.cc.guidance_scale
+    assert (straight / "training.json").stat().st_mtime_ns == before
     assert training_settings(sampling.cc) == training_settings(cfg.cc)
     assert training_settings(replace(cfg.cc, lr=cfg.cc.lr / 2)) != training_settings(cfg.cc)
 
@@ -175,7 +177,7 @@ def test_fresh_adapter_equals_stage_one(inputs, runs):
     ref = sd(**args, generator=torch.Generator().manual_seed(1)).images
     for mode in ("cc_diff", "gligen"):
         torch.manual_seed(0)
-        adapter = build_adapter(cfg, sd.unet, trained.references.config.image_dim, mode)
+        adapter = build_adapter(with_overrides(cfg, {"cc.mode": mode}), sd.unet, trained.references.config.image_dim)
         pipe = CCDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
                               scheduler=build_sampler(), adapter=adapter, references=trained.references)
         pipe.set_progress_bar_config(disable=True)

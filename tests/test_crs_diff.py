@@ -471,7 +471,7 @@ def test_training_data_keeps_the_maps_in_memory_or_reads_them_per_item(parts, tm
 
 def test_training_data_cache_is_reused_and_keyed_by_stage_one(parts, tmp_path, monkeypatch):
     """CRS-Diff and its ablation variants encode the training split once: a second call reads the cache (same
-    items); retraining stage one (a new stage_one.json) invalidates it."""
+    items); retraining stage one (a new training.json) invalidates it."""
     from rslib.data.datasets import RSDataset
     from rslib.data.synthrs import ensure_synthrs
     from rslib.train import crs_diff as train_crs
@@ -483,7 +483,7 @@ def test_training_data_cache_is_reused_and_keyed_by_stage_one(parts, tmp_path, m
     for folder in (s1, clip_dir):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
-    (s1 / "stage_one.json").write_text('{"run": 1}')
+    (s1 / "training.json").write_text('{"run": 1}')
     args = (cfg, ds, s1, parts["vae"], parts["image_encoder"], clip_dir)
     first = train_crs.cached_training_data(*args)
     calls = []
@@ -494,15 +494,17 @@ def test_training_data_cache_is_reused_and_keyed_by_stage_one(parts, tmp_path, m
     for i in range(len(ds)):
         a, b = first[i], again[i]
         assert a["captions"] == b["captions"] and all(torch.equal(a[k], b[k]) for k in a if k != "captions")
-    (s1 / "stage_one.json").write_text('{"run": 2}')
+    (s1 / "training.json").write_text('{"run": 2}')
     train_crs.cached_training_data(*args)
     assert calls == [1]
 
 
 def test_fusion_ablation_variants_train_a_sixth_of_the_steps(tmp_path):
-    from rslib.train.crs_diff import fusion_ablation_steps, train_fusion_ablation
+    from rslib.train.crs_diff import fusion_ablation, fusion_ablation_steps, train_fusion_ablation
 
     assert fusion_ablation_steps(get_preset("cpu")) == get_preset("cpu").crs.steps // 6
     assert fusion_ablation_steps(get_preset("smoke", **{"crs.steps": 2})) == 1  # never zero
     with pytest.raises(FileNotFoundError, match="run notebook 02"):  # the stage-one model it trains on is missing
-        train_fusion_ablation(get_preset("smoke", runs_dir=str(tmp_path)), "ff", steps=1)
+        train_fusion_ablation(fusion_ablation(get_preset("smoke", runs_dir=str(tmp_path)), "ff", steps=1))
+    variant = fusion_ablation(get_preset("cpu"), "sum")  # an ablation is settings: crs.fusion and crs.steps
+    assert (variant.crs.fusion, variant.crs.steps) == ("sum", fusion_ablation_steps(get_preset("cpu")))

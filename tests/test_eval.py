@@ -22,7 +22,7 @@ from rslib.eval import fidelity as Fi
 from rslib.eval import segmenter as S
 from rslib.eval.data import preset_split
 from rslib.eval.metrics import inception_fid, inception_score_metric, kid_from_features
-from rslib.train.text_encoder import training_info
+from rslib.train.stage import training_info
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from rslib.config import get_preset
+from rslib.config import get_preset, with_overrides
 from rslib.data.formats import ObjectAnnotation
 from rslib.data.synthrs import OBJECT_CLASSES
 from rslib.models.base import build_unet, build_vae, latent_size, vae_scale_factor
@@ -229,7 +229,7 @@ def test_crs_diff_trains_one_step(cfg, crs_unet, text_tower, image_encoder, fusi
     h = IMAGE // f
     image_dim = image_encoder.config.projection_dim
     torch.manual_seed(0)
-    crs = build_crs_model(cfg, crs_unet, f, image_dim, fusion)
+    crs = build_crs_model(with_overrides(cfg, {"crs.fusion": fusion}), crs_unet, f, image_dim)
     assert crs.adapter.config.fusion == fusion and crs.adapter.config.downscale == f
     with torch.no_grad():
         content = content_embeddings(image_encoder, _images(1, seed=1))  # (1, D): resized to 256 px inside
@@ -349,7 +349,7 @@ def test_cc_diff_trains_one_step(cfg, unet, text_tower, cc_references, mode):
     names = fusion_layer_names(unet, c.fusion_blocks)
     assert {n.split(".attentions")[0] for n in names} == set(c.fusion_blocks), names
     torch.manual_seed(0)
-    adapter = build_adapter(cfg, unet, image_dim, mode)
+    adapter = build_adapter(with_overrides(cfg, {"cc.mode": mode}), unet, image_dim)
     assert set(adapter.config.layer_channels) == set(names)
     try:
         model = CCTrainModel(unet, text, tok, adapter, bank.phrases)
@@ -398,7 +398,7 @@ def test_stage_two_losses_run_under_bf16_autocast(cfg, unet, crs_unet, text_towe
     assert cfg.mixed_precision == "bf16"
     text, tok = text_tower
     torch.manual_seed(0)
-    crs = build_crs_model(cfg, crs_unet, vae_scale_factor(cfg), image_encoder.config.projection_dim, cfg.crs.fusion)
+    crs = build_crs_model(cfg, crs_unet, vae_scale_factor(cfg), image_encoder.config.projection_dim)
     with torch.no_grad():
         batch = _crs_batch(cfg, content_embeddings(image_encoder, _images(1, seed=1)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -409,7 +409,7 @@ def test_stage_two_losses_run_under_bf16_autocast(cfg, unet, crs_unet, text_towe
     del crs
 
     bank, retrieved = cc_references
-    adapter = build_adapter(cfg, unet, bank.config.image_dim, cfg.cc.mode)
+    adapter = build_adapter(cfg, unet, bank.config.image_dim)
     model = CCTrainModel(unet, text, tok, adapter, bank.phrases)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _cc_loss(cfg, model, text_tower, bank, _cc_batch(cfg, retrieved[0]))

@@ -25,9 +25,10 @@ from rslib.pipelines.cc_diff import load_cc_diff
 from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
 from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
 from rslib.train.autoencoder import train_autoencoder
-from rslib.train.cc_diff import cc_history, cc_info, train_cc_diff
-from rslib.train.crs_diff import crs_history, load_split_tensors, split_dataset, train_crs_diff
-from rslib.train.stage_one import stage_one_history, train_stage_one
+from rslib.train.cc_diff import train_cc_diff
+from rslib.train.crs_diff import load_split_tensors, split_dataset, train_crs_diff
+from rslib.train.stage import read_history, training_info
+from rslib.train.stage_one import train_stage_one
 from rslib.train.text_encoder import train_text_encoder
 
 SIZE = 64  # image side; SD's autoencoder (f = 8) gives 8 x 8 latents
@@ -122,7 +123,7 @@ def test_preset_keeps_the_paper_settings(cfg):
 
 
 def test_stage_one_fine_tunes_the_sd_unet(cfg, root, stage_one):
-    assert stage_one == cfg.run_dir("stage_one") and len(stage_one_history(stage_one)) == 2
+    assert stage_one == cfg.run_dir("stage_one") and len(read_history(stage_one)) == 2
     sd = load_file(str(root / "sd" / UNET_FILE))
     tuned = load_file(str(stage_one / UNET_FILE))
     assert sd.keys() == tuned.keys()
@@ -146,8 +147,8 @@ def test_stage_one_fine_tunes_the_sd_unet(cfg, root, stage_one):
 
 def test_crs_diff_on_the_sd_unet(cfg, stage_one):
     out = train_crs_diff(cfg, progress=False)
-    assert out == cfg.run_dir("crs_diff") and len(crs_history(out)) == 2
-    assert all(np.isfinite(h["loss"]) for h in crs_history(out))
+    assert out == cfg.run_dir("crs_diff") and len(read_history(out)) == 2
+    assert all(np.isfinite(h["loss"]) for h in read_history(out))
     pipe = load_crs_diff(out, "cpu")
     assert pipe.config.map_guidance is False  # the paper's guidance: both CFG branches see the maps
     assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (cfg.crs.guidance_scale,
@@ -166,9 +167,9 @@ def test_crs_diff_on_the_sd_unet(cfg, stage_one):
 
 def test_cc_diff_with_dinov2_references(cfg, stage_one):
     out = train_cc_diff(cfg, progress=False)
-    assert out == cfg.run_dir("cc_diff") and len(cc_history(out)) == 2
-    assert all(np.isfinite(h["loss"]) for h in cc_history(out))
-    info = cc_info(out)
+    assert out == cfg.run_dir("cc_diff") and len(read_history(out)) == 2
+    assert all(np.isfinite(h["loss"]) for h in read_history(out))
+    info = training_info(out)
     assert info["image_dim"] == 24 and info["bank_entries"] > 0  # DINOv2 tokens, not the CLIP vision tower's
     pipe = load_cc_diff(out, "cpu")
     tuned = load_file(str(stage_one / UNET_FILE))

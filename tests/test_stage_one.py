@@ -18,15 +18,8 @@ from rslib.config import get_preset
 from rslib.models.base import build_vae
 from rslib.models.text import clip_tokenizer, rs_clip_config, tokenize
 from rslib.pipelines.stage_one import load_stage_one, renoise_stage_one, sample_stage_one
-from rslib.train.stage_one import (
-    StageOneLoss,
-    StageOneModel,
-    drop_captions,
-    is_finished,
-    stage_one_history,
-    stage_one_info,
-    train_stage_one,
-)
+from rslib.train.stage import is_finished, read_history, training_info
+from rslib.train.stage_one import StageOneLoss, StageOneModel, drop_captions, train_stage_one
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -55,7 +48,7 @@ def resumed(inputs, tmp_path_factory):
     cfg = _cfg(steps=6, batch_size=4, ema_decay=0.8, caption_dropout=0.3)
     straight = train_stage_one(cfg, te, ae, root / "straight", progress=False)
     stopped = train_stage_one(cfg, te, ae, root / "resumed", stop_after=3, progress=False)
-    assert not is_finished(stopped) and len(stage_one_history(stopped)) == 3
+    assert not is_finished(stopped) and len(read_history(stopped)) == 3
     resumed = train_stage_one(cfg, te, ae, root / "resumed", progress=False)
     return cfg, straight, resumed
 
@@ -64,7 +57,7 @@ def test_loss_falls(inputs, tmp_path):
     te, ae = inputs
     cfg = _cfg(steps=40, batch_size=8, lr=2e-3, ema_decay=None)
     out = train_stage_one(cfg, te, ae, tmp_path / "s1", progress=False)
-    losses = [h["loss"] for h in stage_one_history(out)]
+    losses = [h["loss"] for h in read_history(out)]
     assert len(losses) == 40
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
 
@@ -75,7 +68,7 @@ def test_exact_resume(resumed):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = (load_file(str(p / "training/checkpoint/model.safetensors")) for p in (straight, again))  # raw weights
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss"] for h in stage_one_history(straight)] == [h["loss"] for h in stage_one_history(again)]
+    assert [h["loss"] for h in read_history(straight)] == [h["loss"] for h in read_history(again)]
 
 
 def test_folder_is_a_stable_diffusion_pipeline(resumed):
@@ -114,7 +107,7 @@ def test_retraining_an_input_in_place_makes_stage_one_train_again(inputs, tmp_pa
     """Reuse needs the same training of the text encoder and autoencoder, not only the same folders."""
     import shutil
 
-    from rslib.train.text_encoder import input_stamp
+    from rslib.train.stage import input_stamp
 
     te, ae = inputs
     ae_copy = shutil.copytree(ae, tmp_path / "autoencoder")
@@ -126,10 +119,10 @@ def test_retraining_an_input_in_place_makes_stage_one_train_again(inputs, tmp_pa
     before = input_stamp(ae_copy)
     (ae_copy / "training.json").write_text('{"stamp": {}, "seconds": 1.0}')  # the autoencoder trained again
     assert input_stamp(ae_copy)["digest"] != before["digest"] and input_stamp(ae_copy)["path"] == str(ae_copy)
-    assert not is_finished(out, stage_one_info(out)["stamp"] | {"autoencoder": input_stamp(ae_copy)})
+    assert not is_finished(out, training_info(out)["stamp"] | {"autoencoder": input_stamp(ae_copy)})
     train_stage_one(cfg, te, ae_copy, out, progress=False)
     assert (out / UNET_FILE).stat().st_mtime_ns != first
-    assert stage_one_info(out)["stamp"]["autoencoder"] == input_stamp(ae_copy)
+    assert training_info(out)["stamp"]["autoencoder"] == input_stamp(ae_copy)
 
 
 def test_caption_dropout_rate():
@@ -205,9 +198,9 @@ def test_missing_inputs_name_the_notebook(tmp_path):
         train_stage_one(cfg, out_dir=tmp_path / "out", progress=False)
 
 
-def test_fresh_work_dir_keeps_only_work_started_with_the_same_stamp(tmp_path):
-    """Every stage (stage one, CRS-Diff, CC-Diff) resumes only a checkpoint of its own settings and inputs."""
-    from rslib.train.text_encoder import fresh_work_dir
+def test_work_dir_keeps_only_work_started_with_the_same_stamp(tmp_path):
+    """Every stage resumes only a checkpoint of its own settings and inputs."""
+    from rslib.train.stage import prepare_work_dir as fresh_work_dir
 
     work = tmp_path / "training"
     fresh_work_dir(work, {"steps": 4})

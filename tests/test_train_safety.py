@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rslib import utils
-from rslib.train import TrainConfig, loop, train_loop
-from rslib.train import text_encoder as bookkeeping
+from rslib.train import TrainConfig, loop, stage, train_loop
+from rslib.train import text_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,55 +70,56 @@ OTHER = {**STAMP, "clip": {"steps": 20, "lr": 0.001}}
 
 # ------------------------------------------------------------------------------ resume only with the same settings
 
-@pytest.mark.parametrize("prepare", ["begin", "fresh_work_dir"])
-def test_unfinished_run_with_other_settings_is_refused_and_kept(tmp_path, prepare):
+def test_unfinished_run_with_other_settings_is_refused_and_kept(tmp_path):
     folder = tmp_path / "stage"
-    start = ((lambda stamp, force=False: bookkeeping.begin(folder, stamp, force)) if prepare == "begin"
-             else (lambda stamp, force=False: bookkeeping.fresh_work_dir(folder, stamp, force)))
-    start(STAMP)
-    _train(folder, stop_after=4)  # killed at step 4 of 8
+    start = lambda stamp, force=False: stage.begin(folder, stamp, force)  # noqa: E731
+    work = start(STAMP)
+    assert work == folder / "training"
+    _train(work, stop_after=4)  # killed at step 4 of 8
     before = _files(folder)
-    with pytest.raises(bookkeeping.ResumeRefused) as err:
+    with pytest.raises(stage.ResumeRefused) as err:
         start(OTHER)
     message = str(err.value)
-    for piece in (str(folder), "unfinished run (step 4 of 8)", "clip.lr 0.0001 -> 0.001", "clip.steps 8 -> 20",
+    for piece in (str(work), "unfinished run (step 4 of 8)", "clip.lr 0.0001 -> 0.001", "clip.steps 8 -> 20",
                   "nothing was deleted", "--force", "--set clip.lr=0.0001 clip.steps=8"):
         assert piece in message, (piece, message)
     assert _files(folder) == before  # a refused resume deletes nothing
     start(STAMP)  # the settings it was started with: it resumes
-    _tag_checkpoint(folder / "checkpoint")
-    assert _resumed(_train(folder))
+    _tag_checkpoint(work / "checkpoint")
+    assert _resumed(_train(work))
     start(OTHER, force=True)  # --force: from scratch
-    assert not (folder / "checkpoint").exists()
-    assert json.loads((folder / "stamp.json").read_text()) == OTHER
+    assert not (work / "checkpoint").exists()
+    assert json.loads((work / "stamp.json").read_text()) == OTHER
 
 
 def test_a_finished_run_of_other_settings_trains_again(tmp_path):
     """As before: a finished result of other settings is no run to resume, so it is replaced."""
     folder = tmp_path / "stage"
-    bookkeeping.begin(folder, STAMP, False)
-    _train(folder)
-    bookkeeping.mark_finished(folder, STAMP)
-    assert bookkeeping.begin(folder, OTHER, False) is False and not (folder / "checkpoint").exists()
+    work = stage.begin(folder, STAMP, False)
+    result = _train(work)
+    stage.finish(folder, STAMP, result, 0.0)
+    assert stage.is_finished(folder, STAMP) and not stage.is_finished(folder, OTHER)
+    assert stage.begin(folder, OTHER, False) == work and not (work / "checkpoint").exists()
+    assert not stage.is_finished(folder)  # no longer finished once a training of other settings began
 
 
 def test_changed_inputs_can_only_be_forced(tmp_path):
     work = tmp_path / "training"
     stamp = {**STAMP, "stage_one": {"path": "runs/smoke/stage_one", "digest": "aaaa"}}
-    bookkeeping.fresh_work_dir(work, stamp)
+    stage.prepare_work_dir(work, stamp)
     _train(work, stop_after=2)
-    with pytest.raises(bookkeeping.ResumeRefused, match=r"stage_one.digest 'aaaa' -> 'bbbb'.*stage_one.digest cannot "
-                                                        r"be set back .* --force"):
-        bookkeeping.fresh_work_dir(work, {**stamp, "stage_one": {"path": "runs/smoke/stage_one", "digest": "bbbb"}})
+    with pytest.raises(stage.ResumeRefused, match=r"stage_one.digest 'aaaa' -> 'bbbb'.*stage_one.digest cannot "
+                                                  r"be set back .* --force"):
+        stage.prepare_work_dir(work, {**stamp, "stage_one": {"path": "runs/smoke/stage_one", "digest": "bbbb"}})
 
 
 def test_a_run_that_recorded_no_settings_is_refused(tmp_path):
     """An unfinished run started before the settings were recorded: unknown settings, so only --force goes on."""
     folder = tmp_path / "stage"
-    _train(folder, stop_after=4)
-    with pytest.raises(bookkeeping.ResumeRefused, match="recorded no settings"):
-        bookkeeping.begin(folder, STAMP, False)
-    assert _step(folder / "checkpoint") == 4
+    _train(folder / "training", stop_after=4)
+    with pytest.raises(stage.ResumeRefused, match="recorded no settings"):
+        stage.begin(folder, STAMP, False)
+    assert _step(folder / "training" / "checkpoint") == 4
 
 
 def _text_encoder_argv(runs: Path, *extra: str) -> list[str]:
@@ -134,17 +135,17 @@ def test_resume_with_changed_settings_from_the_command_line(tmp_path, monkeypatc
 
     runs = tmp_path / "runs"
     folder = runs / "smoke" / "text_encoder"
-    real_loop = bookkeeping.train_loop
+    real_loop = text_encoder.train_loop
 
     def killed_after_step_2(*args, **kwargs):
         real_loop(*args, **{**kwargs, "stop_after": 2})
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(bookkeeping, "train_loop", killed_after_step_2)
+        m.setattr(text_encoder, "train_loop", killed_after_step_2)
         with pytest.raises(Killed):
             main(_text_encoder_argv(runs))
-    lr = json.loads((folder / "stamp.json").read_text())["clip"]["lr"]  # the preset's
+    lr = json.loads((folder / "training" / "stamp.json").read_text())["clip"]["lr"]  # the preset's
     before = _files(folder)
     capsys.readouterr()
     assert main(_text_encoder_argv(runs, "clip.lr=1e-3")) == 1
@@ -172,7 +173,7 @@ def test_resume_with_changed_settings_from_the_command_line(tmp_path, monkeypatc
 def stage_calls(monkeypatch):
     """Replace the text-encoder stage by a recorder of the preset it gets."""
     calls: list = []
-    monkeypatch.setattr(bookkeeping, "train_text_encoder", lambda cfg, force: calls.append(cfg) or "done")
+    monkeypatch.setattr(text_encoder, "train_text_encoder", lambda cfg, force: calls.append(cfg) or "done")
     return calls
 
 
@@ -196,9 +197,9 @@ def test_print_config_prints_the_resolved_configuration_and_trains_nothing(monke
     from rslib.train.__main__ import main
 
     monkeypatch.setenv("RSLIB_PRESET", "smoke")
-    assert main(["cc_diff", "--print-config", "--set", "clip.steps=7", "--mode", "gligen"]) == 0
+    assert main(["cc_diff", "--print-config", "--set", "clip.steps=7", "cc.mode=gligen"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["stage"] == "cc_diff" and printed["mode"] == "gligen"
+    assert printed["stage"] == "cc_diff" and printed["config"]["cc"]["mode"] == "gligen"
     assert printed["config"]["name"] == "smoke" and printed["config"]["clip"]["steps"] == 7
     assert printed["config"]["data"]["image_size"] == 32 and stage_calls == []
 
@@ -207,9 +208,9 @@ def test_print_config_prints_the_resolved_configuration_and_trains_nothing(monke
     (["text_encoder", "--preset", "huge"], "unknown preset 'huge'"),
     (["text_encoder", "--set", "clip.steps"], "--set takes KEY=VALUE pairs"),
     (["text_encoder", "--set", "clip.stepz=3"], "preset has no field 'stepz'"),
-    (["text_encoder", "--mode", "gligen"], "--mode is for the cc_diff stage"),
-    (["cc_diff", "--mode", "glide"], "one of cc_diff, no_bridge, gligen"),
-    (["crs_diff", "--fusion", "concat"], "--fusion is for the crs_diff stage"),
+    (["cc_diff", "--mode", "gligen"], "unrecognized arguments: --mode gligen"),  # ablations are settings
+    (["cc_diff", "--set", "cc.mode=glide"], "cc.mode must be one of cc_diff, no_bridge, gligen, not 'glide'"),
+    (["crs_diff", "--set", "crs.fusion=concat"], "crs.fusion must be one of aff, ff, sum, not 'concat'"),
     (["stage_two"], "invalid choice: 'stage_two'"),
 ])
 def test_train_command_line_errors_exit_2_in_one_line(stage_calls, capsys, argv, piece):
@@ -244,12 +245,12 @@ def test_an_old_checkpoint_left_beside_is_never_resumed(tmp_path):
 
 def test_force_deletes_the_checkpoint_and_every_copy_of_it(tmp_path):
     folder = tmp_path / "stage"
-    bookkeeping.begin(folder, STAMP, False)
-    _train(folder, stop_after=4)
-    (folder / ".checkpoint.old-a1b2c3d4").mkdir()  # superseded copies from killed writers
-    (folder / ".checkpoint.prev-a1b2c3d4e5f6").mkdir()
-    assert bookkeeping.begin(folder, STAMP, True) is False
-    assert sorted(p.name for p in folder.iterdir()) == ["history.json", "stamp.json"]
+    work = stage.begin(folder, STAMP, False)
+    _train(work, stop_after=4)
+    (work / ".checkpoint.old-a1b2c3d4").mkdir()  # superseded copies from killed writers
+    (work / ".checkpoint.prev-a1b2c3d4e5f6").mkdir()
+    stage.begin(folder, STAMP, True)
+    assert sorted(p.name for p in work.iterdir()) == ["stamp.json"]  # the old run's history went with it
 
 
 def test_leftovers_are_cleaned_by_the_next_run_but_not_a_running_writer(tmp_path):

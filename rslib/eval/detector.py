@@ -47,7 +47,8 @@ from rslib.data.synthrs import OBJECT_CLASSES
 from rslib.eval.data import preset_split
 from rslib.eval.segmenter import dihedral
 from rslib.train.loop import train_loop
-from rslib.train.text_encoder import begin, finished, mark_finished, stage_stamp, stage_train_config, training_info
+from rslib.train.stage import (begin, finish, is_finished, seed_initial_weights, stage_stamp, stage_train_config,
+                               training_info)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "detector.json"
@@ -301,9 +302,9 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
     default = "detector" if extra is None else "detector_extra"
     out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir(default)
     stamp = {**stage_stamp(cfg, "det"), "extra": _extra_digest(extra), "real_limit": real_limit}
-    if not force and finished(out_dir, stamp) and (out_dir / WEIGHTS_FILE).is_file():
+    if not force and is_finished(out_dir, stamp):
         return out_dir
-    resume = begin(out_dir, stamp, force)
+    work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
     d, size = cfg.det, cfg.data.image_size
     train = preset_split(cfg, "train", maps=())
@@ -322,13 +323,13 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
         labels += [t["labels"] for t in ex_targets]
     cleaned = [_clean(b, lab, size, d.min_box_px) for b, lab in zip(boxes, labels)]
     dataset = _Detections(images, [c[0] for c in cleaned], [c[1] for c in cleaned])
-    torch.manual_seed(cfg.data.seed)  # the fresh detector's initial weights
+    seed_initial_weights(cfg)
     model = build_detector(d, size, len(train.classes))
     tcfg = stage_train_config(cfg, steps=d.steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                               warmup_steps=min(d.warmup_steps, d.steps // 5), max_grad_norm=5.0,
                               checkpoint_every=max(0, d.steps // 2), log_every=10, num_workers=0)
-    result = train_loop(model, detection_loss, dataset, tcfg, out_dir, collate_fn=collate_detections,
-                        resume=resume, progress=progress)
+    result = train_loop(model, detection_loss, dataset, tcfg, work, collate_fn=collate_detections,
+                        progress=progress)
     model.to("cpu").eval()
     test = preset_split(cfg, "test", maps=())
     scores = detection_map(model, test.images, test.targets(), min_box_px=d.min_box_px, classes=test.classes)
@@ -336,9 +337,8 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
             "test": scores}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / CONFIG_FILE).write_text(json.dumps(info, indent=1))
-    mark_finished(out_dir, stamp, steps=result.steps, seconds=round(time.perf_counter() - t0, 1),
-                  train_seconds=round(result.seconds, 1), images=len(dataset), extra_images=0 if extra is None else len(extra[1]),
-                  final_loss=result.history[-1]["loss"] if result.history else None, test=scores)
+    finish(out_dir, stamp, result, t0, images=len(dataset), extra_images=0 if extra is None else len(extra[1]),
+           test=scores)
     return out_dir
 
 

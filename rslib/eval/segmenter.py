@@ -17,7 +17,8 @@ evaluation behave alike and the shared loop's checkpoints hold every tensor)::
       -> conv1x1 -> logits (B, 7, S, S)
 
 :func:`train_segmenter` trains it on the preset's real training split with the shared loop and saves
-``runs/<preset>/segmenter/`` (``model.safetensors`` + ``segmenter.json``); a finished folder is reused.
+``runs/<preset>/segmenter/`` (``model.safetensors`` + ``segmenter.json``, beside the training record of
+:mod:`rslib.train.stage`); a finished folder is reused.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from rslib.data.conditions import LOVEDA_CLASSES, sketch
 from rslib.eval.data import EvalSet, preset_split
 from rslib.eval.metrics import confusion_matrix
 from rslib.train.loop import train_loop
-from rslib.train.text_encoder import begin, finished, mark_finished, stage_stamp, stage_train_config, training_info
+from rslib.train.stage import (begin, finish, is_finished, seed_initial_weights, stage_stamp, stage_train_config,
+                               training_info)
 from rslib.utils import pick_device
 
 NUM_CLASSES = len(LOVEDA_CLASSES)
@@ -180,9 +182,9 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir("segmenter")
     stamp = {**stage_stamp(cfg, "seg"), "real_limit": real_limit,
              "extra": None if extra is None else [len(extra[0]), float(extra[0].float().sum()), int(extra[1].sum())]}
-    if not force and finished(out_dir, stamp) and (out_dir / WEIGHTS_FILE).is_file():
+    if not force and is_finished(out_dir, stamp):
         return out_dir
-    resume = begin(out_dir, stamp, force)
+    work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
     train = preset_split(cfg, "train", maps=("segmentation",))
     if "segmentation" not in train.maps:
@@ -194,15 +196,14 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     if extra is not None:
         ex = extra[0] if extra[0].dtype == torch.uint8 else ((extra[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         images, targets = torch.cat([images, ex]), torch.cat([targets, extra[1].long()])
-    torch.manual_seed(cfg.data.seed)  # the fresh segmenter's initial weights
+    seed_initial_weights(cfg)
     model = build_segmenter(cfg)
     s = cfg.seg
     tcfg = stage_train_config(cfg, s.mixed_precision, steps=s.steps, batch_size=s.batch_size, lr=s.lr, weight_decay=1e-4,
                               warmup_steps=min(20, s.steps // 10), checkpoint_every=max(0, s.steps // 2),
                               log_every=10, num_workers=0, channels_last=True)
-    result = train_loop(model, segmentation_loss_fn(s.crop_size), _Pairs(images, targets), tcfg, out_dir,
-                        resume=resume, progress=progress)
-    train_seconds = result.seconds
+    result = train_loop(model, segmentation_loss_fn(s.crop_size), _Pairs(images, targets), tcfg, work,
+                        progress=progress)
     model.to("cpu").eval()
     info: dict[str, Any] = {"channels": list(model.channels), "num_classes": model.num_classes, "norm": model.norm,
                             "patch": model.patch,
@@ -211,9 +212,7 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     scores = segmentation_scores(model, test) if "segmentation" in test.maps else {}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / CONFIG_FILE).write_text(json.dumps({**info, "test": scores}, indent=1))
-    mark_finished(out_dir, stamp, steps=result.steps, seconds=round(time.perf_counter() - t0, 1),
-                  train_seconds=round(train_seconds, 1), images=len(images),
-                  final_loss=result.history[-1]["loss"] if result.history else None, test=scores)
+    finish(out_dir, stamp, result, t0, images=len(images), test=scores)
     return out_dir
 
 

@@ -39,7 +39,9 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-MODES = ("cc_diff", "gligen")
+# the adapter's architectures; the no-bridge ablation is a "cc_diff" adapter without its bridge (the training
+# variants, cc.mode, are rslib.config.CC_MODES)
+ADAPTER_MODES = ("cc_diff", "gligen")
 # bump when a change to these modules changes what a trained adapter computes: training stamps record it, so
 # finished runs of the older modules are trained again (2: the no-bridge ablation's background ignores the foreground;
 # 3: the context bridge starts with zero output layers and open gates instead of closed gates)
@@ -599,8 +601,8 @@ class CCDiffAdapter(ModelMixin, ConfigMixin):
                  num_fg_queries: int = 16, num_bg_queries: int = 8, num_bridge_queries: int = 8, ff_mult: int = 4,
                  fusion_heads: int = 8, fusion_dim_head: int = 160, box_hidden: int = 512, fourier_freqs: int = 8):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode not in ADAPTER_MODES:
+            raise ValueError(f"mode must be one of {ADAPTER_MODES}, not {mode!r}")
         self.mode = mode
         self.box_net = BoxEmbedNet(context_dim, box_hidden, fourier_freqs)
         if mode == "cc_diff":
@@ -746,7 +748,7 @@ class CCDiffModel(nn.Module):
             return self.unet(noisy, t, encoder_hidden_states=text_hidden).sample
 
 
-def trainable_parameter_count(adapter: CCDiffAdapter) -> dict[str, int]:
+def trainable_parameter_counts(adapter: CCDiffAdapter) -> dict[str, int]:
     """Parameter counts of the adapter's parts (box net, resampler, fusion modules, grounding MLP)."""
     out = {name: sum(p.numel() for p in mod.parameters()) for name, mod in adapter.named_children()}
     out["total"] = sum(out.values())

@@ -39,7 +39,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn
 from torch import nn
 
-FUSIONS = ("aff", "ff", "sum")
+from rslib.config import FUSIONS
+
 N_METADATA = 7
 N_MAPS = 6
 

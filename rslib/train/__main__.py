@@ -2,10 +2,11 @@
 
     python -m rslib.train stage_one --preset gpu
     accelerate launch --num_processes 4 -m rslib.train crs_diff --preset gpu --set crs.steps=20000
-    python -m rslib.train cc_diff --preset cpu --mode no_bridge
+    python -m rslib.train cc_diff --preset cpu --set cc.mode=no_bridge
     python -m rslib.train text_encoder --print-config
 
-The preset is ``--preset``, else ``$RSLIB_PRESET``, else cpu. Each stage reads the artifacts of the stages before
+The preset is ``--preset``, else ``$RSLIB_PRESET``, else cpu; every setting, the ablations' switches included
+(``crs.fusion``, ``cc.mode``), is changed with ``--set``. Each stage reads the artifacts of the stages before
 it from ``runs/<preset>/`` and writes its own there; an interrupted run resumes from its last checkpoint when started
 again with the same settings, and is refused (nothing deleted) with other settings. A mistake in the command prints
 one line and exits with status 2; a run that cannot go on (missing inputs, an unfinished run of other settings)
@@ -13,20 +14,12 @@ prints one line and exits with status 1.
 """
 from __future__ import annotations
 
-import ast
 import json
 import sys
 
 from rslib.utils import OneLineArgumentParser
 
 STAGES = ("text_encoder", "autoencoder", "stage_one", "crs_diff", "cc_diff", "segmenter", "detector")
-
-
-def _value(text: str) -> object:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a plain string, e.g. a path
 
 
 def _parser() -> OneLineArgumentParser:
@@ -40,60 +33,35 @@ def _parser() -> OneLineArgumentParser:
                    help="preset overrides with dotted keys, e.g. unet.steps=2000 data.root=data/rsicd")
     p.add_argument("--force", action="store_true",
                    help="train again from scratch, even over a finished run or an unfinished one of other settings")
-    p.add_argument("--mode", help="cc_diff only: cc_diff | no_bridge | gligen")
-    p.add_argument("--fusion", help="crs_diff only: aff | ff | sum")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     return p
-
-
-def _check_stage_options(p: OneLineArgumentParser, stage: str, mode: str | None, fusion: str | None) -> None:
-    """``--mode`` and ``--fusion`` only with their stage, and only with a value it knows."""
-    if mode is not None:
-        from rslib.train.cc_diff import MODES
-
-        if stage != "cc_diff" or mode not in MODES:
-            p.error(f"--mode is for the cc_diff stage, one of {', '.join(MODES)} (got {stage} --mode {mode})")
-    if fusion is not None:
-        from rslib.models.crs_diff import FUSIONS
-
-        if stage != "crs_diff" or fusion not in FUSIONS:
-            p.error(f"--fusion is for the crs_diff stage, one of {', '.join(FUSIONS)} (got {stage} --fusion {fusion})")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: parse, resolve the preset, run the stage, print the saved folder."""
     p = _parser()
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            p.error(f"--set takes KEY=VALUE pairs, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = _value(value)
-    _check_stage_options(p, args.stage, args.mode, args.fusion)
-
-    from rslib.config import get_preset
+    from rslib.config import get_preset, parse_overrides
 
     try:
-        cfg = get_preset(args.preset, **overrides)  # None: $RSLIB_PRESET, else cpu
+        cfg = get_preset(args.preset, **parse_overrides(args.set))  # None: $RSLIB_PRESET, else cpu
     except ValueError as e:
         p.error(str(e))
     if args.print_config:
-        options = {k: v for k, v in (("mode", args.mode), ("fusion", args.fusion)) if v is not None}
-        print(json.dumps({"stage": args.stage, **options, "config": cfg.to_dict()}, indent=1, default=str))
+        print(json.dumps({"stage": args.stage, "config": cfg.to_dict()}, indent=1, default=str))
         return 0
     from rslib.data.formats import DataFormatError
-    from rslib.train.text_encoder import ResumeRefused
+    from rslib.train.stage import ResumeRefused
 
     try:
-        print(_stage_function(args.stage, args.mode, args.fusion)(cfg, force=args.force))
+        print(_stage_function(args.stage)(cfg, force=args.force))
     except (ResumeRefused, DataFormatError, FileNotFoundError) as e:
         print(f"{p.prog} {args.stage}: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def _stage_function(stage: str, mode: str | None, fusion: str | None):
+def _stage_function(stage: str):
     """``fn(cfg, force)`` that trains ``stage`` and returns its folder."""
     if stage == "text_encoder":
         from rslib.train.text_encoder import train_text_encoder as fn
@@ -102,15 +70,9 @@ def _stage_function(stage: str, mode: str | None, fusion: str | None):
     elif stage == "stage_one":
         from rslib.train.stage_one import train_stage_one as fn
     elif stage == "crs_diff":
-        from rslib.train.crs_diff import train_crs_diff
-
-        def fn(cfg, force):  # noqa: E306
-            return train_crs_diff(cfg, fusion=fusion, force=force)
+        from rslib.train.crs_diff import train_crs_diff as fn
     elif stage == "cc_diff":
-        from rslib.train.cc_diff import train_cc_diff
-
-        def fn(cfg, force):  # noqa: E306
-            return train_cc_diff(cfg, mode=mode, force=force)
+        from rslib.train.cc_diff import train_cc_diff as fn
     elif stage == "segmenter":
         from rslib.eval.segmenter import train_segmenter as fn
     else:

@@ -23,9 +23,10 @@ from torch import nn
 
 from rslib.config import Preset, resolve_path
 from rslib.models.base import build_vae, require_local_dir
-from rslib.train.loop import train_loop
-from rslib.train.text_encoder import begin, finished, mark_finished, stage_dataset, stage_stamp, stage_train_config
 from rslib.data.datasets import collate
+from rslib.train.loop import train_loop
+from rslib.train.stage import (begin, finish, is_finished, seed_initial_weights, stage_dataset, stage_stamp,
+                               stage_train_config)
 
 
 def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -130,24 +131,22 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
         return root / "vae" if (root / "vae").is_dir() else root
     out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir("autoencoder")
     stamp = stage_stamp(cfg, "vae")
-    if not force and finished(out_dir, stamp):
+    if not force and is_finished(out_dir, stamp):
         return out_dir
-    resume = begin(out_dir, stamp, force)
+    work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
     dataset = stage_dataset(cfg, "train")
-    torch.manual_seed(cfg.data.seed)  # the fresh autoencoder's initial weights
+    seed_initial_weights(cfg)
     vae = build_vae(cfg)
     v = cfg.vae
     tcfg = stage_train_config(cfg, v.mixed_precision, steps=v.steps, batch_size=v.batch_size, lr=v.lr,
                               warmup_steps=min(v.warmup_steps, v.steps // 5), num_workers=cfg.num_workers,
                               checkpoint_every=v.checkpoint_every)
     loss_fn = vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size, v.edge_weight)
-    result = train_loop(vae, loss_fn, dataset, tcfg, out_dir, collate_fn=collate, resume=resume, progress=progress)
-    factor = latent_scaling_factor(vae, dataset, seed=cfg.data.seed)
+    result = train_loop(vae, loss_fn, dataset, tcfg, work, collate_fn=collate, progress=progress)
+    factor = latent_scaling_factor(vae, dataset, seed=cfg.seed)
     vae.register_to_config(scaling_factor=factor)
     vae.to("cpu").eval()
     vae.save_pretrained(out_dir)
-    mark_finished(out_dir, stamp, steps=result.steps, seconds=round(time.perf_counter() - t0, 1),
-                  train_seconds=round(result.seconds, 1), images=len(dataset), scaling_factor=factor,
-                  final_loss=result.history[-1]["loss"] if result.history else None)
+    finish(out_dir, stamp, result, t0, images=len(dataset), scaling_factor=factor)
     return out_dir

@@ -17,19 +17,19 @@ tokens), the scene tokens and CLIP embeddings of the retrieval pool, and for eve
 ``runs/<preset>/cc_diff_references`` and shared by the variants. Each step draws, per object, a reference crop of the same class from another image (seeded by the
 step, so resuming stays exact).
 
-Output folder ``runs/<preset>/cc_diff/`` (``cc_diff_<mode>`` for the ablations ``no_bridge`` and ``gligen``)::
+Output folder ``runs/<preset>/cc_diff/`` (``cc_diff_<mode>`` for the ablations, ``cc.mode`` ``no_bridge`` and
+``gligen``)::
 
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, adapter/, references/
                                         <- CCDiffPipeline.from_pretrained
-    cc_diff.json                        <- settings, loss, wall times (written last: marks a finished run)
-    training/checkpoint/, training/history.json
+    training.json, training/            <- what produced it, the loop's resumable state (rslib.train.stage)
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, split_dir
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
-from rslib.models.cc_diff import ARCHITECTURE_VERSION, CCDiffAdapter, CCDiffModel, trainable_parameter_count
+from rslib.models.cc_diff import ARCHITECTURE_VERSION, CCDiffAdapter, CCDiffModel, trainable_parameter_counts
 from rslib.models.references import (
     ImageTokenEncoder,
     ReferenceBank,
@@ -55,56 +55,19 @@ from rslib.models.references import (
 )
 from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
-from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
-                              train_loop)
-from rslib.train.text_encoder import data_stamp, fresh_work_dir, input_stamp, stage_stamp, stage_train_config
+from rslib.train.loop import TrainConfig, cpu_generator, train_loop
+from rslib.train.stage import (begin, data_stamp, finish, input_stamp, is_finished, load_stage_one_parts,
+                               refresh_sampling_defaults, resolve_clip_dir, resolve_stage_one, save_pipeline_folder,
+                               seed_initial_weights, stage_stamp, stage_train_config)
 from rslib.utils import atomic_write_dir, pick_device, read_tensor_cache, write_tensor_cache
 
-TRAINING_DIR = "training"
-INFO_NAME = "cc_diff.json"
 REFERENCES_CACHE = "cc_diff_references"
 LATENTS_CACHE = "cc_diff_latents"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter", "references")
-MODES = ("cc_diff", "no_bridge", "gligen")
 
 
 # ---------------------------------------------------------------------------
 # Inputs
-
-
-def resolve_stage_one(cfg: Preset, stage_one_dir: str | os.PathLike | None = None) -> Path:
-    """The stage-one pipeline folder, or a clear error naming the notebook that makes it."""
-    path = resolve_path(stage_one_dir) if stage_one_dir else cfg.run_dir("stage_one")
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no stage-one model at {path}: run notebook 02 "
-                                f"(rslib.train.stage_one.train_stage_one(cfg)) first, or pass stage_one_dir=")
-    return path
-
-
-def resolve_clip_dir(cfg: Preset, clip_dir: str | os.PathLike | None = None) -> Path:
-    """The RS-CLIP folder (retrieval embeddings; image tokens at the small presets); notebook 01 makes it."""
-    if clip_dir:
-        path = resolve_path(clip_dir)
-    elif cfg.clip.pretrained:
-        path = resolve_path(cfg.clip.pretrained)
-    else:
-        path = cfg.run_dir("text_encoder")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no RS-CLIP at {path}: run notebook 01 (rslib.train.text_encoder."
-                                f"train_text_encoder(cfg)) first, or pass clip_dir=<a transformers CLIP folder>")
-    return path
-
-
-def load_stage_one_parts(path: str | os.PathLike) -> dict[str, Any]:
-    """vae, text_encoder, tokenizer and unet of a stage-one folder, frozen and in eval mode."""
-    path = str(path)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True).eval()
-    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True).eval()
-    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True).eval()
-    for m in (vae, text, unet):
-        m.requires_grad_(False)
-    return {"vae": vae, "text_encoder": text, "tokenizer": tok, "unet": unet}
 
 
 def dataset_classes(cfg: Preset) -> list[str]:
@@ -347,14 +310,13 @@ def empty_bank(classes: list[str], text_dim: int) -> ReferenceBank:
 # Model and objective
 
 
-def build_adapter(cfg: Preset, unet: UNet2DConditionModel, image_dim: int, mode: str) -> CCDiffAdapter:
-    """A fresh adapter for ``unet`` sized by ``cfg.cc`` (``mode``: cc_diff | no_bridge | gligen)."""
+def build_adapter(cfg: Preset, unet: UNet2DConditionModel, image_dim: int) -> CCDiffAdapter:
+    """A fresh adapter for ``unet`` sized by ``cfg.cc``, of the variant ``cc.mode`` (cc_diff | no_bridge |
+    gligen)."""
     c = cfg.cc
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     return CCDiffAdapter.from_unet(
-        unet, c.fusion_blocks, image_dim=image_dim, mode="gligen" if mode == "gligen" else "cc_diff",
-        use_bridge=mode != "no_bridge", use_layout_attention=c.use_layout_attention, resampler_dim=c.resampler_dim,
+        unet, c.fusion_blocks, image_dim=image_dim, mode="gligen" if c.mode == "gligen" else "cc_diff",
+        use_bridge=c.mode != "no_bridge", use_layout_attention=c.use_layout_attention, resampler_dim=c.resampler_dim,
         resampler_depth=c.resampler_depth, resampler_heads=c.resampler_heads,
         resampler_dim_head=c.resampler_dim_head, num_fg_queries=c.num_fg_queries, num_bg_queries=c.num_bg_queries,
         num_bridge_queries=c.num_bridge_queries, ff_mult=c.ff_mult, fusion_heads=c.fusion_heads,
@@ -374,12 +336,6 @@ class CCTrainModel(nn.Module):
             out = text_encoder(input_ids=ids.to(text_encoder.device))
         self.register_buffer("phrase_hidden", out.last_hidden_state.detach().float(), persistent=False)  # (C, L, D)
         self.register_buffer("phrase_pooled", out.pooler_output.detach().float(), persistent=False)  # (C, D)
-
-
-def cpu_generator(generator: torch.Generator) -> torch.Generator:
-    """A CPU generator seeded from ``generator`` (for the draws the CPU-side helpers make), reproducibly."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator().manual_seed(seed)
 
 
 class CCDiffLoss:
@@ -459,53 +415,52 @@ class CCDiffLoss:
 # The stage
 
 
-def variant_name(cfg: Preset, mode: str | None = None) -> str:
-    """Folder name of a run: ``cc_diff``, ``cc_diff_no_bridge``, ``cc_diff_gligen`` (+ ``_nolayout`` when the
-    layout self-attention is switched off)."""
-    mode = mode or cfg.cc.mode
+def variant_name(cfg: Preset) -> str:
+    """Folder name of a run: ``cc_diff``, ``cc_diff_no_bridge``, ``cc_diff_gligen`` after ``cc.mode`` (+ ``_nolayout``
+    when the layout self-attention is switched off)."""
+    mode = cfg.cc.mode
     name = "cc_diff" if mode == "cc_diff" else f"cc_diff_{mode}"
     return name + ("" if cfg.cc.use_layout_attention or mode == "gligen" else "_nolayout")
 
 
-def cc_train_config(cfg: Preset, mode: str | None = None) -> TrainConfig:
+def cc_train_config(cfg: Preset) -> TrainConfig:
     """The loop settings of CC-Diff training for a preset (DDP looks for unused parameters in the ablations,
     whose bridge or box MLP gets no gradient)."""
     c = cfg.cc
     return stage_train_config(cfg, c.mixed_precision, steps=c.steps, batch_size=c.batch_size,
                               grad_accum=c.grad_accum, lr=c.lr, warmup_steps=min(c.warmup_steps, c.steps),
                               ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
-                              find_unused_parameters=(mode or c.mode) != "cc_diff")
+                              find_unused_parameters=c.mode != "cc_diff")
 
 
-def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
-    """True when ``out_dir`` holds a finished CC-Diff folder (trained with ``stamp``'s settings, if given)."""
-    return pipeline_folder_finished(out_dir, INFO_NAME, stamp)
+def sampling_defaults(cfg: Preset) -> dict[str, Any]:
+    """How ``from_pretrained(...)(prompt)`` samples a trained folder by default: as the preset says."""
+    c = cfg.cc
+    return {"max_instances": c.max_instances, "guidance_scale": c.guidance_scale, "num_inference_steps": c.sample_steps}
 
 
 def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                   clip_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-                  mode: str | None = None, force: bool = False, *, stop_after: int | None = None,
-                  progress: bool = True) -> Path:
+                  force: bool = False, *, stop_after: int | None = None, progress: bool = True) -> Path:
     """Train the CC-Diff adapter on the frozen stage-one model; returns the saved pipeline folder.
 
-    ``mode`` ("cc_diff" | "no_bridge" | "gligen", default ``cfg.cc.mode``) picks the variant; an ablation saves
-    to ``runs/<preset>/cc_diff_<mode>``. A finished folder with the same settings is reused unless ``force``; an
-    interrupted run resumes from its checkpoint; ``stop_after=k`` stops after step k (checkpoint only).
+    ``cc.mode`` ("cc_diff" | "no_bridge" | "gligen") picks the variant; an ablation saves to
+    ``runs/<preset>/cc_diff_<mode>`` (:func:`variant_name`). A finished folder with the same training settings is
+    reused unless ``force`` (with the preset's sampling defaults); an interrupted run resumes from its checkpoint;
+    ``stop_after=k`` stops after step k (checkpoint only).
     """
-    mode = mode or cfg.cc.mode
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    c = cfg.cc
     s1 = resolve_stage_one(cfg, stage_one_dir)
-    needs_refs = mode != "gligen"
+    needs_refs = c.mode != "gligen"
     clip_path = resolve_clip_dir(cfg, clip_dir) if needs_refs else None
-    out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, mode))
-    tcfg = cc_train_config(cfg, mode)
-    stamp = stage_stamp(cfg, "cc", replace(cfg.cc, mode=mode), stage_one=input_stamp(s1),
-                        clip=input_stamp(clip_path) if clip_path else None, architecture=ARCHITECTURE_VERSION)
+    out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg))
+    tcfg = cc_train_config(cfg)
+    stamp = stage_stamp(cfg, "cc", stage_one=input_stamp(s1), clip=input_stamp(clip_path) if clip_path else None,
+                        architecture=ARCHITECTURE_VERSION)
     if not force and is_finished(out_dir, stamp):
+        refresh_sampling_defaults(out_dir, **sampling_defaults(cfg))
         return out_dir
-    work = out_dir / TRAINING_DIR
-    fresh_work_dir(work, stamp, force)
+    work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
     parts = load_stage_one_parts(s1)
     device = pick_device(cfg.device)
@@ -521,49 +476,27 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
         bank, image_dim = empty_bank(ds.classes, text_dim), 1
     encode_s = time.perf_counter() - t0
 
-    torch.manual_seed(cfg.data.seed)  # the fresh adapter's initial weights
-    adapter = build_adapter(cfg, parts["unet"], image_dim, mode)
+    seed_initial_weights(cfg)
+    adapter = build_adapter(cfg, parts["unet"], image_dim)
     model = CCTrainModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], adapter, bank.phrases)
-    loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, cfg.cc.caption_dropout,
-                         cfg.cc.instance_dropout, timestep_sampling=cfg.cc.timestep_sampling,
-                         x0_weight_max=cfg.cc.x0_weight_max, object_loss_weight=cfg.cc.object_loss_weight,
-                         noise_offset=cfg.unet.noise_offset)
+    loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, c.caption_dropout,
+                         c.instance_dropout, timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
+                         object_loss_weight=c.object_loss_weight, noise_offset=cfg.unet.noise_offset)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
         return out_dir
-    info = {"stamp": stamp, "preset": cfg.name, "mode": mode, "steps": result.steps,
-            "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(result.seconds, 2),
-            "encode_seconds": round(encode_s, 2), "final_loss": mean_tail(result.history), "n_train": len(data),
-            "parameters": trainable_parameter_count(adapter), "image_dim": image_dim, "bank_entries": int(bank.fg_tokens.shape[0]),
-            "retrieval_pool": int(bank.bg_tokens.shape[0]), "stage_one_dir": str(s1), "clip_dir": str(clip_path),
-            "train": asdict(tcfg)}
     pipe = CCDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
                           tokenizer=parts["tokenizer"], unet=parts["unet"].cpu(), scheduler=build_sampler(),
-                          adapter=adapter.cpu(), references=bank.cpu(),
-                          # the defaults of from_pretrained(...)(prompt): how this preset samples
-                          max_instances=cfg.cc.max_instances, guidance_scale=cfg.cc.guidance_scale,
-                          num_inference_steps=cfg.cc.sample_steps)
-    save_pipeline(pipe, out_dir, info)
+                          adapter=adapter.cpu(), references=bank.cpu(), **sampling_defaults(cfg))
+    save_pipeline_folder(pipe, out_dir, PARTS)
+    finish(out_dir, stamp, result, t0, preset=cfg.name, mode=c.mode, encode_seconds=round(encode_s, 2),
+           n_train=len(data), parameters=trainable_parameter_counts(adapter), image_dim=image_dim,
+           bank_entries=int(bank.fg_tokens.shape[0]), retrieval_pool=int(bank.bg_tokens.shape[0]),
+           stage_one_dir=str(s1), clip_dir=str(clip_path), train=asdict(tcfg))
     return out_dir
 
 
-def save_pipeline(pipe: CCDiffPipeline, out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Write the pipeline's parts into ``out_dir`` (beside ``training/``); ``cc_diff.json`` is written last."""
-    return save_pipeline_folder(pipe, out_dir, PARTS, INFO_NAME, info)
-
-
-def cc_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The per-step loss history of a CC-Diff run."""
-    return read_history(Path(out_dir) / TRAINING_DIR, "train it first (train_cc_diff(cfg))")
-
-
-def cc_info(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """What produced a CC-Diff folder: settings, steps, final loss, wall times, parameter counts."""
-    return json.loads((Path(out_dir) / INFO_NAME).read_text())
-
-
 __all__ = ["CCDiffLoss", "CCTrainModel", "CCTrainingData", "build_adapter", "build_references",
-           "cached_references", "cc_history", "cc_info", "cc_train_config", "dataset_classes", "empty_bank",
-           "encode_training_data", "is_finished", "load_stage_one_parts", "phrase_for", "resolve_clip_dir",
-           "resolve_stage_one", "train_cc_diff", "train_split", "variant_name"]
+           "cached_references", "cc_train_config", "dataset_classes", "empty_bank", "encode_training_data",
+           "phrase_for", "train_cc_diff", "train_split", "variant_name"]

@@ -13,19 +13,19 @@ content and metadata likewise, a dropped one replaced by its learned null.
 Every training image is pre-encoded once: VAE posterior mean/std (a latent is drawn each step), the content
 image's CLIP embedding, the condition maps as uint8 and the normalised metadata.
 
-Output folder ``runs/<preset>/crs_diff/`` (``crs_diff_<variant>`` for ablations)::
+Output folder ``runs/<preset>/crs_diff/`` (``crs_diff_<variant>`` for ablations, set by ``crs.fusion``,
+``crs.use_metadata`` and ``crs.use_content``)::
 
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, adapter/, metadata_encoder/,
     content_tokenizer/, image_encoder/      <- CRSDiffPipeline.from_pretrained
-    crs_diff.json                           <- settings, loss, wall times (written last: marks a finished run)
-    training/checkpoint/, training/history.json
+    training.json, training/                <- what produced it, the loop's resumable state (rslib.train.stage)
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,57 +35,27 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from rslib.config import Preset, resolve_path
+from rslib.config import Preset, get_preset, resolve_path, with_overrides
 from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions, split_dir
 from rslib.data.formats import CONDITION_NAMES
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
-from rslib.models.crs_diff import (
-    ContentTokenizer,
-    CRSDiffModel,
-    CRSLocalAdapter,
-    MetadataEncoder,
-    load_frozen_unet,
-)
+from rslib.models.crs_diff import ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings, keep_only
-from rslib.train.loop import (TrainConfig, mean_tail, pipeline_folder_finished, read_history, save_pipeline_folder,
-                              train_loop)
+from rslib.train.loop import TrainConfig, cpu_generator, train_loop
+from rslib.train.stage import (begin, data_stamp, finish, input_stamp, is_finished, load_stage_one_parts,
+                               refresh_sampling_defaults, resolve_clip_dir, resolve_stage_one, save_pipeline_folder,
+                               seed_initial_weights, stage_stamp, stage_train_config)
 from rslib.train.stage_one import encode_latents
-from rslib.train.text_encoder import data_stamp, fresh_work_dir, input_stamp, stage_stamp, stage_train_config
 from rslib.utils import pick_device, read_tensor_cache, write_tensor_cache
 
-TRAINING_DIR = "training"
 LATENTS_CACHE = "crs_diff_latents"  # under runs/<preset>/: the encoded training split, shared by every variant
-INFO_NAME = "crs_diff.json"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter", "metadata_encoder",
          "content_tokenizer", "image_encoder")
 
 
 # ---------------------------------------------------------------------------
 # Inputs
-
-
-def resolve_stage_one(cfg: Preset, stage_one_dir: str | os.PathLike | None = None) -> Path:
-    """The stage-one pipeline folder, or a clear error naming the notebook that makes it."""
-    path = resolve_path(stage_one_dir) if stage_one_dir else cfg.run_dir("stage_one")
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no stage-one model at {path}: run notebook 02 "
-                                f"(rslib.train.stage_one.train_stage_one(cfg)) first, or pass stage_one_dir=")
-    return path
-
-
-def resolve_clip_dir(cfg: Preset, clip_dir: str | os.PathLike | None = None) -> Path:
-    """The RS-CLIP folder whose image tower embeds content images (notebook 01 makes it)."""
-    if clip_dir:
-        path = resolve_path(clip_dir)
-    elif cfg.clip.pretrained:
-        path = resolve_path(cfg.clip.pretrained)
-    else:
-        path = cfg.run_dir("text_encoder")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no RS-CLIP at {path}: run notebook 01 (rslib.train.text_encoder."
-                                f"train_text_encoder(cfg)) first, or pass clip_dir=<a transformers CLIP folder>")
-    return path
 
 
 def image_encoder_from_clip(clip: CLIPModel) -> CLIPVisionModelWithProjection:
@@ -101,18 +71,6 @@ def image_encoder_from_clip(clip: CLIPModel) -> CLIPVisionModelWithProjection:
 def load_image_encoder(clip_dir: str | os.PathLike) -> CLIPVisionModelWithProjection:
     """The image tower of a saved CLIP folder."""
     return image_encoder_from_clip(CLIPModel.from_pretrained(clip_dir, local_files_only=True))
-
-
-def load_stage_one_parts(path: str | os.PathLike) -> dict[str, Any]:
-    """vae, text_encoder, tokenizer and the UNet (identity class embedding) of a stage-one folder, frozen."""
-    path = str(path)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True).eval()
-    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True).eval()
-    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-    unet = load_frozen_unet(path).eval()
-    for m in (vae, text, unet):
-        m.requires_grad_(False)
-    return {"vae": vae, "text_encoder": text, "tokenizer": tok, "unet": unet}
 
 
 # ---------------------------------------------------------------------------
@@ -266,25 +224,22 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
 # Model and objective
 
 
-def build_crs_model(cfg: Preset, unet: UNet2DConditionModel, vae_scale_factor: int, image_dim: int | None,
-                    fusion: str | None = None, use_metadata: bool | None = None,
-                    use_content: bool | None = None) -> CRSDiffModel:
-    """Fresh trainable parts around ``unet`` (frozen, identity class embedding), sized by ``cfg.crs``."""
+def build_crs_model(cfg: Preset, unet: UNet2DConditionModel, vae_scale_factor: int,
+                    image_dim: int | None) -> CRSDiffModel:
+    """Fresh trainable parts around ``unet`` (frozen, identity class embedding), sized and switched by ``cfg.crs``
+    (``fusion``, ``use_metadata``, ``use_content``)."""
     c = cfg.crs
-    fusion = fusion or c.fusion
-    use_metadata = c.use_metadata if use_metadata is None else use_metadata
-    use_content = c.use_content if use_content is None else use_content
     levels = len(unet.config.block_out_channels)
     if len(c.inject_channels) != levels:
         raise ValueError(f"crs.inject_channels {c.inject_channels} needs one entry per UNet level ({levels}): the "
                          f"stage-one UNet does not match preset {cfg.name!r}")
     adapter = CRSLocalAdapter.from_unet(unet, stem_channels=c.stem_channels, inject_channels=c.inject_channels,
-                                        downscale=vae_scale_factor, fusion=fusion,
+                                        downscale=vae_scale_factor, fusion=c.fusion,
                                         metadata_to_adapter=c.metadata_to_adapter)
     e = unet.config.time_embedding_dim or 4 * unet.config.block_out_channels[0]
-    meta = MetadataEncoder(embed_dim=c.metadata_dim, out_dim=e) if use_metadata else None
+    meta = MetadataEncoder(embed_dim=c.metadata_dim, out_dim=e) if c.use_metadata else None
     content = None
-    if use_content:
+    if c.use_content:
         if image_dim is None:
             raise ValueError("use_content needs an image encoder (RS-CLIP) to embed content images")
         content = ContentTokenizer(in_dim=image_dim, context_dim=unet.config.cross_attention_dim,
@@ -300,12 +255,6 @@ class CRSTrainModel(nn.Module):
         super().__init__()
         self.crs = crs
         self.text_encoder = text_encoder.requires_grad_(False).eval()
-
-
-def cpu_generator(generator: torch.Generator) -> torch.Generator:
-    """A CPU generator seeded from ``generator`` (for draws the CPU-only helpers make), reproducibly."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator().manual_seed(seed)
 
 
 class CRSDiffLoss:
@@ -364,66 +313,63 @@ class CRSDiffLoss:
 # The stage
 
 
-def variant_name(cfg: Preset, fusion: str, use_metadata: bool, use_content: bool) -> str:
-    """Folder name of a run: ``crs_diff`` for the preset's own settings, ``crs_diff_<fusion>[_nometa][_nocontent]``."""
-    c = cfg.crs
-    if (fusion, use_metadata, use_content) == (c.fusion, c.use_metadata, c.use_content):
+def variant_name(cfg: Preset) -> str:
+    """Folder name of a run: ``crs_diff`` with the named preset's switches, else ``crs_diff_<fusion>[_nometa]
+    [_nocontent]`` from ``crs.fusion``, ``crs.use_metadata`` and ``crs.use_content``."""
+    c, own = cfg.crs, get_preset(cfg.name).crs
+    if (c.fusion, c.use_metadata, c.use_content) == (own.fusion, own.use_metadata, own.use_content):
         return "crs_diff"
-    return "crs_diff_" + fusion + ("" if use_metadata else "_nometa") + ("" if use_content else "_nocontent")
+    return "crs_diff_" + c.fusion + ("" if c.use_metadata else "_nometa") + ("" if c.use_content else "_nocontent")
 
 
-def crs_train_config(cfg: Preset, steps: int | None = None) -> TrainConfig:
+def crs_train_config(cfg: Preset) -> TrainConfig:
     """The loop settings of stage two for a preset."""
     c = cfg.crs
-    n = c.steps if steps is None else steps
-    return stage_train_config(cfg, c.mixed_precision, steps=n, batch_size=c.batch_size, lr=c.lr,
-                              warmup_steps=min(c.warmup_steps, n), ema_decay=None, checkpoint_every=c.checkpoint_every,
-                              log_every=10, num_workers=0, channels_last=True)
+    return stage_train_config(cfg, c.mixed_precision, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
+                              warmup_steps=min(c.warmup_steps, c.steps), ema_decay=None,
+                              checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0, channels_last=True)
 
 
-def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
-    """True when ``out_dir`` holds a finished CRS-Diff folder (trained with ``stamp``'s settings, if given)."""
-    return pipeline_folder_finished(out_dir, INFO_NAME, stamp)
+def sampling_defaults(cfg: Preset) -> dict[str, Any]:
+    """How ``from_pretrained(...)(prompt)`` samples a trained folder by default: as the preset says."""
+    c = cfg.crs
+    return {"map_guidance": c.map_guidance, "guidance_scale": c.guidance_scale, "num_inference_steps": c.sample_steps}
 
 
 def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
-                   out_dir: str | os.PathLike | None = None, fusion: str | None = None, force: bool = False, *,
-                   use_metadata: bool | None = None, use_content: bool | None = None, steps: int | None = None,
+                   out_dir: str | os.PathLike | None = None, force: bool = False, *,
                    clip_dir: str | os.PathLike | None = None, stop_after: int | None = None,
                    progress: bool = True) -> Path:
     """Train CRS-Diff's condition branch on the frozen stage-one model; returns the saved pipeline folder.
 
-    ``fusion`` ("aff" | "ff" | "sum"), ``use_metadata`` and ``use_content`` switch the ablations (default:
-    ``cfg.crs``); an ablation saves to ``runs/<preset>/crs_diff_<variant>``. A finished folder with the same
-    settings is reused unless ``force``; an interrupted run resumes from its checkpoint.
+    The ablations are settings: ``crs.fusion`` ("aff" | "ff" | "sum"), ``crs.use_metadata`` and
+    ``crs.use_content``; a variant saves to ``runs/<preset>/crs_diff_<variant>`` (:func:`variant_name`). A finished
+    folder with the same training settings is reused unless ``force`` (with the preset's sampling defaults); an
+    interrupted run resumes from its checkpoint.
     """
     c = cfg.crs
-    fusion = fusion or c.fusion
-    use_metadata = c.use_metadata if use_metadata is None else use_metadata
-    use_content = c.use_content if use_content is None else use_content
     s1 = resolve_stage_one(cfg, stage_one_dir)
-    out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, fusion, use_metadata, use_content))
-    tcfg = crs_train_config(cfg, steps)
-    stamp = stage_stamp(cfg, "crs", replace(c, fusion=fusion, use_metadata=use_metadata, use_content=use_content,
-                                            steps=tcfg.steps), stage_one=input_stamp(s1))
+    out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg))
+    tcfg = crs_train_config(cfg)
+    stamp = stage_stamp(cfg, "crs", stage_one=input_stamp(s1))
     if not force and is_finished(out_dir, stamp):
+        refresh_sampling_defaults(out_dir, **sampling_defaults(cfg))
         return out_dir
     train = split_dataset(cfg, "train")
-    train.require_conditions(required_conditions(cfg, use_content))  # never train on zeros in their place
-    work = out_dir / TRAINING_DIR
-    fresh_work_dir(work, stamp, force)
+    train.require_conditions(required_conditions(cfg, c.use_content))  # never train on zeros in their place
+    work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
-    parts = load_stage_one_parts(s1)
-    clip_path = resolve_clip_dir(cfg, clip_dir) if use_content else None
-    image_encoder = load_image_encoder(clip_path) if use_content else None
+    parts = load_stage_one_parts(s1, class_embed_type="identity")  # metadata enters through class_labels
+    clip_path = resolve_clip_dir(cfg, clip_dir) if c.use_content else None
+    image_encoder = load_image_encoder(clip_path) if c.use_content else None
     device = pick_device(cfg.device)
     data = cached_training_data(cfg, train, s1, parts["vae"], image_encoder, clip_path, device)
     encode_s = time.perf_counter() - t0
 
-    torch.manual_seed(cfg.data.seed)  # the fresh trainable parts' initial weights
+    seed_initial_weights(cfg)
     vae_factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     image_dim = image_encoder.config.projection_dim if image_encoder is not None else None
-    crs = build_crs_model(cfg, parts["unet"], vae_factor, image_dim, fusion, use_metadata, use_content)
+    crs = build_crs_model(cfg, parts["unet"], vae_factor, image_dim)
     model = CRSTrainModel(crs, parts["text_encoder"])
     loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor,
                           timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
@@ -436,19 +382,15 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in
               (("adapter", crs.adapter), ("metadata_encoder", crs.metadata_encoder),
                ("content_tokenizer", crs.content_tokenizer)) if m is not None}
-    info = {"stamp": stamp, "preset": cfg.name, "fusion": fusion, "use_metadata": use_metadata,
-            "use_content": use_content, "condition_maps": list(c.condition_maps), "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
-            "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
-            "final_loss": mean_tail(result.history), "n_train": len(data), "parameters": counts,
-            "stage_one_dir": str(s1), "train": asdict(tcfg)}
     pipe = CRSDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
                            tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
                            adapter=crs.adapter.cpu(), metadata_encoder=_cpu(crs.metadata_encoder),
                            content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder),
-                           # the defaults of from_pretrained(...)(prompt): how this preset samples
-                           map_guidance=c.map_guidance, guidance_scale=c.guidance_scale,
-                           num_inference_steps=c.sample_steps, condition_maps=c.condition_maps)
-    save_pipeline(pipe, out_dir, info)
+                           condition_maps=c.condition_maps, **sampling_defaults(cfg))
+    save_pipeline_folder(pipe, out_dir, PARTS)
+    finish(out_dir, stamp, result, t0, preset=cfg.name, fusion=c.fusion, use_metadata=c.use_metadata,
+           use_content=c.use_content, condition_maps=list(c.condition_maps), encode_seconds=round(encode_s, 2),
+           n_train=len(data), parameters=counts, stage_one_dir=str(s1), train=asdict(tcfg))
     return out_dir
 
 
@@ -460,36 +402,25 @@ def fusion_ablation_steps(cfg: Preset) -> int:
     return max(1, cfg.crs.steps // ABLATION_DIVISOR)
 
 
-def train_fusion_ablation(cfg: Preset, fusion: str, steps: int = 0, force: bool = False) -> Path:
-    """One variant of the fusion ablation ("aff" | "ff" | "sum"), all trained alike for ``steps`` (0:
-    :func:`fusion_ablation_steps`), saved in ``runs/<preset>/ablation/crs_diff_<fusion>_<steps>``."""
-    n = steps or fusion_ablation_steps(cfg)
-    return train_crs_diff(cfg, fusion=fusion, steps=n, force=force,
-                          out_dir=cfg.run_dir("ablation") / f"crs_diff_{fusion}_{n}")
+def fusion_ablation(cfg: Preset, fusion: str, steps: int = 0) -> Preset:
+    """The settings of one variant of the fusion ablation: ``crs.fusion`` ("aff" | "ff" | "sum") and ``crs.steps``
+    (0: :func:`fusion_ablation_steps`), the same for every variant."""
+    return with_overrides(cfg, {"crs.fusion": fusion, "crs.steps": steps or fusion_ablation_steps(cfg)})
+
+
+def train_fusion_ablation(cfg: Preset, force: bool = False) -> Path:
+    """Train a fusion-ablation variant (:func:`fusion_ablation`) into ``runs/<preset>/ablation/crs_diff_<fusion>_<steps>``,
+    beside the model notebook 03 trained."""
+    out_dir = cfg.run_dir("ablation") / f"crs_diff_{cfg.crs.fusion}_{cfg.crs.steps}"
+    return train_crs_diff(cfg, out_dir=out_dir, force=force)
 
 
 def _cpu(m: nn.Module | None) -> nn.Module | None:
     return m.cpu() if m is not None else None
 
 
-def save_pipeline(pipe: CRSDiffPipeline, out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Write the pipeline's parts into ``out_dir`` (beside ``training/``); ``crs_diff.json`` is written last."""
-    return save_pipeline_folder(pipe, out_dir, PARTS, INFO_NAME, info)
-
-
-def crs_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The per-step loss history of a stage-two run."""
-    return read_history(Path(out_dir) / TRAINING_DIR, "train it first (train_crs_diff(cfg))")
-
-
-def crs_info(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """What produced a CRS-Diff folder: settings, steps, final loss, wall times, parameter counts."""
-    return json.loads((Path(out_dir) / INFO_NAME).read_text())
-
-
 __all__ = ["ABLATION_DIVISOR", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
-           "cached_training_data", "check_condition_maps", "crs_history", "crs_info", "crs_train_config",
-           "encode_training_data", "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder",
-           "load_split_tensors", "load_stage_one_parts", "maps_fit_in_memory", "required_conditions",
-           "resolve_clip_dir", "resolve_stage_one", "split_dataset", "train_crs_diff", "train_fusion_ablation",
-           "variant_name"]
+           "cached_training_data", "check_condition_maps", "crs_train_config", "encode_training_data",
+           "fusion_ablation", "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder",
+           "load_split_tensors", "maps_fit_in_memory", "required_conditions", "split_dataset", "train_crs_diff",
+           "train_fusion_ablation", "variant_name"]

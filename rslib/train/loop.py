@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -119,6 +118,12 @@ def ema_decay_at(decay: float, step: int) -> float:
     most of the random initialisation (0.999^600 = 0.55).
     """
     return min(decay, (1 + step) / (10 + step))
+
+
+def cpu_generator(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator seeded from a step's ``generator`` (for draws that must happen on the CPU), reproducibly."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
 
 
 def step_seed(seed: int, step: int, process_index: int = 0, stream: str = "generator") -> int:
@@ -559,50 +564,10 @@ def train_loop(
 
 
 # ---------------------------------------------------------------------------
-# The folders the stages save: a diffusers pipeline beside training/, an info file written last
+# What the stages read of a run
 
 
 def mean_tail(history: list[dict[str, float]], n: int = 20) -> float | None:
     """The mean loss of the last ``n`` logged steps (None for an empty history)."""
     tail = [h["loss"] for h in history[-n:]]
     return round(sum(tail) / len(tail), 5) if tail else None
-
-
-def save_pipeline_folder(pipe: Any, out_dir: str | Path, parts: Sequence[str], info_name: str,
-                         info: dict[str, Any]) -> Path:
-    """Write a diffusers pipeline's ``parts`` into ``out_dir`` (beside ``training/``), then its index, then the
-    info file ``info_name``: a folder with the info file is complete, whenever the process stops."""
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("model_index.json", info_name):
-        (out_dir / stale).unlink(missing_ok=True)
-    tmp = out_dir / ".pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for part in parts:
-        if (out_dir / part).exists():
-            shutil.rmtree(out_dir / part)
-        if (tmp / part).exists():
-            os.replace(tmp / part, out_dir / part)
-    os.replace(tmp / "model_index.json", out_dir / "model_index.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out_dir / info_name).write_text(json.dumps(info, indent=1, default=str))
-    return out_dir
-
-
-def pipeline_folder_finished(out_dir: str | Path, info_name: str, stamp: dict[str, Any] | None = None) -> bool:
-    """True when ``out_dir`` holds a folder :func:`save_pipeline_folder` completed (with ``stamp`` recorded in its
-    info file, if given)."""
-    out_dir = Path(out_dir)
-    if not ((out_dir / "model_index.json").is_file() and (out_dir / info_name).is_file()):
-        return False
-    return stamp is None or json.loads((out_dir / info_name).read_text()).get("stamp") == stamp
-
-
-def read_history(training_dir: str | Path, how_to_train: str) -> list[dict[str, float]]:
-    """The per-step history a training run logged in ``training_dir``, or an error saying how to make it."""
-    path = Path(training_dir) / HISTORY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no training history at {path}: {how_to_train}")
-    return json.loads(path.read_text())

@@ -12,12 +12,10 @@ stays exact). Captions are dropped to "" with ``cfg.unet.caption_dropout`` so th
 Output folder ``runs/<preset>/stage_one/``::
 
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   <- StableDiffusionPipeline.from_pretrained
-    stage_one.json                                                        <- what produced it (config, loss, time)
-    training/checkpoint/, training/history.json                           <- the shared loop's resumable state
+    training.json, training/               <- what produced it, and the loop's resumable state (rslib.train.stage)
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -35,13 +33,11 @@ from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
 from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler, build_unet, require_local_dir
 from rslib.models.text import clip_tokenizer, tokenize
-from rslib.train.loop import (EMA_NAME, WEIGHTS_NAME, TrainConfig, mean_tail, pipeline_folder_finished, read_history,
-                              save_pipeline_folder, train_loop)
-from rslib.train.text_encoder import fresh_work_dir, input_stamp, stage_stamp, stage_train_config
+from rslib.train.loop import EMA_NAME, WEIGHTS_NAME, TrainConfig, train_loop
+from rslib.train.stage import (begin, finish, input_stamp, is_finished, resolve_clip_dir, save_pipeline_folder,
+                               seed_initial_weights, stage_stamp, stage_train_config)
 from rslib.utils import pick_device
 
-TRAINING_DIR = "training"
-INFO_NAME = "stage_one.json"
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -55,16 +51,9 @@ def resolve_inputs(cfg: Preset, text_encoder_dir: str | os.PathLike | None = Non
 
     A local pretrained folder (``clip.pretrained``, ``vae.pretrained``) wins over a folder trained earlier in
     ``runs/``, as in CRS-Diff's and CC-Diff's training, so every stage reads the same text tower."""
-    if text_encoder_dir:
-        te = Path(text_encoder_dir)
-    else:
-        te = resolve_path(cfg.clip.pretrained) if cfg.clip.pretrained else cfg.run_dir("text_encoder")
-    if not (te / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no RS-CLIP text encoder at {te}: run notebook 01 (or rslib.train.text_encoder.train_text_encoder(cfg)) "
-            f"first, or pass text_encoder_dir=<a transformers CLIP folder>")
+    te = resolve_clip_dir(cfg, text_encoder_dir, "text_encoder_dir")
     if autoencoder_dir:
-        ae = Path(autoencoder_dir)
+        ae = resolve_path(autoencoder_dir)
     else:
         ae = resolve_path(cfg.vae.pretrained) if cfg.vae.pretrained else cfg.run_dir("autoencoder")
     if not (ae / "config.json").is_file() and not (ae / "vae" / "config.json").is_file():
@@ -209,11 +198,6 @@ def stage_one_train_config(cfg: Preset) -> TrainConfig:
     )
 
 
-def is_finished(out_dir: str | os.PathLike, stamp: dict[str, Any] | None = None) -> bool:
-    """True when ``out_dir`` holds a complete stage-one pipeline folder (trained with ``stamp``, if given)."""
-    return pipeline_folder_finished(out_dir, INFO_NAME, stamp)
-
-
 def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = None,
                     autoencoder_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                     force: bool = False, *, stop_after: int | None = None, progress: bool = True) -> Path:
@@ -224,23 +208,21 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
     resumes from its checkpoint. ``stop_after=k`` stops after step k with a checkpoint only (no pipeline is
     written).
     """
-    out_dir = Path(out_dir) if out_dir else cfg.run_dir("stage_one")
+    out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir("stage_one")
     t0 = time.perf_counter()
     if cfg.unet.pretrained:  # fail early and clearly when the SD folder is missing
         require_local_dir(cfg.unet.pretrained, "Stable Diffusion weights", "unet.pretrained")
     te_dir, ae_dir = resolve_inputs(cfg, text_encoder_dir, autoencoder_dir)
     stamp = stage_stamp(cfg, "unet", text_encoder=input_stamp(te_dir), autoencoder=input_stamp(ae_dir))
-    if is_finished(out_dir, stamp) and not force:
+    if not force and is_finished(out_dir, stamp):
         return out_dir
-    work = out_dir / TRAINING_DIR
-    fresh_work_dir(work, stamp, force)
-    (out_dir / INFO_NAME).unlink(missing_ok=True)  # not finished until this training writes it again
+    work = begin(out_dir, stamp, force)
     text_encoder, tokenizer = load_text_tower(te_dir)
     vae = load_autoencoder(ae_dir)
     data = latent_dataset(cfg, vae)
     encode_s = time.perf_counter() - t0
 
-    torch.manual_seed(cfg.data.seed)  # the fresh UNet's initial weights
+    seed_initial_weights(cfg)
     unet = build_unet(cfg, cross_attention_dim=text_encoder.config.hidden_size)
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise ValueError(f"the UNet attends to {unet.config.cross_attention_dim}-d context but the text encoder at "
@@ -259,32 +241,18 @@ def train_stage_one(cfg: Preset, text_encoder_dir: str | os.PathLike | None = No
         model.load_state_dict(ema, strict=False)
     elif tcfg.steps > 0:
         model.load_state_dict(load_file(str(result.checkpoint_dir / WEIGHTS_NAME)), strict=False)
-    info = {
-        "stamp": stamp, "preset": cfg.name, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 2),
-        "train_seconds": round(result.seconds, 2), "encode_seconds": round(encode_s, 2),
-        "final_loss": mean_tail(result.history), "n_train": len(data), "ema_decay": tcfg.ema_decay,
-        "text_encoder_dir": str(te_dir), "autoencoder_dir": str(ae_dir), "train": asdict(tcfg),
-        "unet": asdict(cfg.unet), "unet_parameters": sum(p.numel() for p in unet.parameters()),
-    }
-    save_pipeline(out_dir, unet.cpu(), vae.cpu(), text_encoder.cpu(), tokenizer, info)
+    save_pipeline(out_dir, unet.cpu(), vae.cpu(), text_encoder.cpu(), tokenizer)
+    finish(out_dir, stamp, result, t0, preset=cfg.name, encode_seconds=round(encode_s, 2), n_train=len(data),
+           ema_decay=tcfg.ema_decay, text_encoder_dir=str(te_dir), autoencoder_dir=str(ae_dir), train=asdict(tcfg),
+           unet=asdict(cfg.unet), unet_parameters=sum(p.numel() for p in unet.parameters()))
     return out_dir
 
 
 def save_pipeline(out_dir: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                  text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, info: dict[str, Any]) -> Path:
-    """Write the parts as a StableDiffusionPipeline folder (DDIM sampler); ``stage_one.json`` is written last."""
+                  text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> Path:
+    """Write the parts as a StableDiffusionPipeline folder (DDIM sampler)."""
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_sampler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    return save_pipeline_folder(pipe, out_dir, PIPELINE_PARTS, INFO_NAME, info)
-
-
-def stage_one_history(out_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The per-step loss history of a stage-one run (``training/history.json``)."""
-    return read_history(Path(out_dir) / TRAINING_DIR, "train stage one first (train_stage_one(cfg))")
-
-
-def stage_one_info(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """What produced a stage-one folder: preset, steps, final loss, wall times, input folders."""
-    return json.loads((Path(out_dir) / INFO_NAME).read_text())
+    return save_pipeline_folder(pipe, out_dir, PIPELINE_PARTS)
