@@ -20,7 +20,7 @@ from typing import Any
 
 import nbformat
 
-from rslib.config import REPO_ROOT, Preset, get_preset
+from rslib.config import REPO_ROOT, Preset, get_preset, parse_overrides
 from rslib.progress import ENV as PROGRESS_ENV
 from rslib.progress import duration
 
@@ -82,14 +82,17 @@ def execute(path: Path, out_path: Path, parameters: dict[str, Any]) -> None:
 
 def finished_stages(cfg: Preset) -> list[str]:
     """The stage folders under ``runs/<preset>/`` that hold a finished model (reused by a rerun)."""
-    root = cfg.run_dir("")
-    marks = ("training.json", "stage_one.json", "crs_diff.json", "cc_diff.json", "detector.json", "segmenter.json")
-    return sorted(p.name for p in root.glob("*") if p.is_dir() and any((p / m).is_file() for m in marks))
+    from rslib.train.stage import is_finished
+
+    return sorted(p.name for p in cfg.run_dir("").glob("*") if is_finished(p))
 
 
-def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters: dict | None = None) -> dict[str, float]:
-    """Execute the notebooks at a preset; returns {notebook: seconds}."""
-    cfg = get_preset(preset)
+def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters: dict | None = None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """Execute the notebooks at a preset, with ``overrides`` (dotted settings, as ``--set`` gives them) passed to
+    every notebook; returns {notebook: seconds}."""
+    overrides = dict(overrides or {})
+    cfg = get_preset(preset, **overrides)
     out_dir = cfg.run_dir("notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)
     timings_path = cfg.run_dir("timings.json")
@@ -104,7 +107,8 @@ def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters
     for path in paths:
         print(f"== {path.name} (preset {preset})", flush=True)
         t0 = time.time()
-        execute(path, out_dir / path.name, {"preset": preset, **(parameters or {})})
+        execute(path, out_dir / path.name, {"preset": preset, **(parameters or {}),
+                                            **({"overrides": overrides} if overrides else {})})
         timings[path.stem] = round(time.time() - t0, 1)
         print(f"   {path.stem} done in {duration(timings[path.stem])}", flush=True)
         timings_path.write_text(json.dumps(timings, indent=1))
@@ -231,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rslib.notebooks", description=__doc__)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 00 02")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="settings for every notebook by dotted key, e.g. seed=3 crs.steps=20 runs_dir=/tmp/runs")
     p.add_argument("--strip", action="store_true", help="strip outputs from the source notebooks and exit")
     args = p.parse_args(argv)
     if args.strip:
@@ -238,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             if strip_outputs(path):
                 print(f"stripped {path.name}")
         return 0
-    run_notebooks(args.preset, args.only)
+    try:
+        overrides = parse_overrides(args.set)
+        get_preset(args.preset, **overrides)  # a wrong key or value stops here, not in the first notebook
+    except ValueError as e:
+        p.error(str(e))
+    run_notebooks(args.preset, args.only, overrides=overrides)
     return 0
 
 

@@ -38,6 +38,62 @@ def test_notebooks_are_committed_without_outputs_and_have_a_parameters_cell():
         assert "class " not in "".join(c.source for c in code), f"{path.name} defines a class: move it to rslib"
 
 
+def test_every_notebook_takes_overrides_and_prints_how_its_settings_differ():
+    """``overrides`` (dotted keys, as ``--set``) reaches every notebook's preset, and ``seed`` is the training seed."""
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert re.search(r"^overrides = \{\}", code[0], re.M) and re.search(r"^seed = 0", code[0], re.M), path.name
+        assert 'cfg = get_preset(preset, **{"seed": seed, **overrides})' in code[1], path.name
+        assert "print(describe_overrides(cfg))" in code[1], path.name
+        assert "data.seed\": seed" not in "".join(code), f"{path.name}: seed must not regenerate the data"
+
+
+def test_describe_overrides_names_each_changed_setting():
+    from rslib.config import describe_overrides, diff_from_preset
+
+    cfg = get_preset("smoke")
+    assert diff_from_preset(cfg) == {} and describe_overrides(cfg) == "preset smoke, as defined in rslib/config.py"
+    changed = get_preset("smoke", seed=3, **{"crs.fusion": "ff"})
+    assert diff_from_preset(changed) == {"seed": (0, 3), "crs.fusion": (cfg.crs.fusion, "ff")}
+    assert describe_overrides(changed) == f"preset smoke with seed=3 (preset: 0), crs.fusion='ff' (preset: {cfg.crs.fusion!r})"
+
+
+def test_the_training_seed_leaves_the_data_alone():
+    """``seed`` trains and samples again on the same images; ``data.seed`` draws other images."""
+    from rslib.train.stage import stage_stamp, stage_train_config
+
+    cfg = get_preset("smoke")
+    reseeded, other_data = get_preset("smoke", seed=3), get_preset("smoke", **{"data.seed": 3})
+    assert reseeded.synthrs_dir() == cfg.synthrs_dir() and other_data.synthrs_dir() != cfg.synthrs_dir()
+    assert stage_train_config(reseeded, steps=1, batch_size=1).seed == 3
+    assert stage_train_config(other_data, steps=1, batch_size=1).seed == cfg.seed
+    assert stage_stamp(reseeded, "clip") != stage_stamp(cfg, "clip") != stage_stamp(other_data, "clip")
+
+
+def test_parse_overrides_reads_literals_and_keeps_paths_as_text():
+    from rslib.config import parse_overrides
+
+    assert parse_overrides(["crs.steps=250", "data.root=data/rsicd", "crs.condition_maps=('lines','sketch')",
+                            "cc.mode=gligen"]) == {"crs.steps": 250, "data.root": "data/rsicd",
+                                                   "crs.condition_maps": ("lines", "sketch"), "cc.mode": "gligen"}
+    with pytest.raises(ValueError, match="--set takes KEY=VALUE pairs, got 'crs.steps'"):
+        parse_overrides(["crs.steps"])
+
+
+def test_notebook_runner_passes_overrides_to_every_notebook(monkeypatch, tmp_path, capsys):
+    from rslib import notebooks
+
+    seen = []
+    monkeypatch.setattr(notebooks, "execute", lambda path, out, parameters: seen.append(parameters))
+    monkeypatch.setattr(notebooks, "summary", lambda cfg, timings: "")
+    assert notebooks.main(["--preset", "smoke", "--only", "00", "--set", f"runs_dir={tmp_path}", "seed=3"]) == 0
+    assert seen == [{"preset": "smoke", "overrides": {"runs_dir": str(tmp_path), "seed": 3}}]
+    assert (tmp_path / "smoke" / "timings.json").is_file()  # the runner's own files follow runs_dir too
+    with pytest.raises(SystemExit):
+        notebooks.main(["--preset", "smoke", "--set", "crs.nope=1"])
+    assert "nope" in capsys.readouterr().err
+
+
 def test_papermill_sees_every_parameter():
     """papermill must parse each line of the parameters cell, or ``-p name value`` would be refused as unknown."""
     import papermill
