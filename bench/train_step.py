@@ -225,7 +225,7 @@ def cc_ours(s: Setup, x: dict[str, torch.Tensor]):
     model = CCDiffModel(unet, s.text_encoder, adapter)  # the text tower is not run: phrase states are given
     adapter.train()
     if s.checkpointing:
-        unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()  # the fusion hooks are entered again in each recomputed block
     if s.compile:
         compile_modules(model.unet)
     sched = build_noise_scheduler()

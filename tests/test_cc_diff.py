@@ -373,6 +373,28 @@ def test_tiny_model_overfits_eight_images():
     assert all(p.grad is None for p in unet.parameters())  # the UNet stays frozen
 
 
+@pytest.mark.parametrize("switch_on", ["model", "unet"])
+def test_gradient_checkpointing_recomputes_the_fusion(switch_on):
+    """A checkpointed UNet block is recomputed in the backward pass, after the forward's hooks are gone: the
+    gradients are those of the plain forward, whether the model's or the UNet's own checkpointing was asked."""
+    layout = layout_batch(b=2, n=2, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x, text, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, D, generator=g), torch.full((2,), 300)
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        unet = tiny_unet()
+        adapter = tiny_adapter(unet)
+        model = cc.CCDiffModel(unet, torch.nn.Identity(), adapter).train()
+        if checkpointing:
+            (model if switch_on == "model" else unet).enable_gradient_checkpointing()
+        model(x, t, text, adapter.encode(latent_hw=(8, 8), **layout)).square().mean().backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, atol=1e-6), name
+
+
 def test_a_fusion_block_without_cross_attention_is_an_error():
     unet = tiny_unet()
     with pytest.raises(ValueError, match=r"no cross-attention layer under \['up_blocks.5'\] \(cc.fusion_blocks\)"):

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
@@ -737,15 +738,46 @@ class CCDiffModel(nn.Module):
         self.unet = unet.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.adapter = adapter
+        self._context: CCDiffContext | None = None  # the running forward's (read by _checkpoint)
         fused_layers(self.unet, adapter)  # the adapter fits this UNet
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Gradient checkpointing of the frozen UNet's blocks with the fusion inside them.
+
+        The fusion hooks live for one forward only, and a checkpointed block is recomputed later, in the
+        backward pass: diffusers' default checkpointing would recompute it without them (other activations,
+        an error). :meth:`_checkpoint` enters the hooks of the forward that saved the block again while it is
+        recomputed. ``forward`` switches a UNet whose own checkpointing was enabled to this one.
+        """
+        self.unet.enable_gradient_checkpointing(self._checkpoint)
+
+    def _checkpoint(self, module: nn.Module, *args: Any) -> Any:
+        context = self._context
+
+        def contexts():  # (around the forward, around the recomputation)
+            again = fusion_hooks(self.unet, self.adapter, context) if context is not None else nullcontext()
+            return nullcontext(), again
+
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    def _checkpointing_without_fusion(self) -> bool:
+        funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in self.unet.modules()
+                 if getattr(m, "gradient_checkpointing", False)}
+        return bool(funcs - {self._checkpoint})
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, text_hidden: torch.Tensor,
                 context: CCDiffContext | None) -> torch.Tensor:
         """noisy latents (B, C, h, w), t (B,), text_hidden (B, L, D) -> predicted noise (B, C, h, w)."""
         if context is None:
             return self.unet(noisy, t, encoder_hidden_states=text_hidden).sample
-        with fusion_hooks(self.unet, self.adapter, context):
-            return self.unet(noisy, t, encoder_hidden_states=text_hidden).sample
+        if self._checkpointing_without_fusion():
+            self.enable_gradient_checkpointing()
+        self._context = context
+        try:
+            with fusion_hooks(self.unet, self.adapter, context):
+                return self.unet(noisy, t, encoder_hidden_states=text_hidden).sample
+        finally:
+            self._context = None
 
 
 def trainable_parameter_counts(adapter: CCDiffAdapter) -> dict[str, int]:
