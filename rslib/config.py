@@ -98,12 +98,9 @@ class UNetConfig:
     warmup_steps: int = 0
     caption_dropout: float = 0.1
     timestep_sampling: str = "uniform"  # as crs.timestep_sampling: "uniform" (Stable Diffusion) | "cubic"
-    # as crs.x0_weight_max; 1 = plain noise MSE (Stable Diffusion). At the cpu preset, 2000 steps, two autoencoders:
-    # scene agreement 50% -> 76% and 31% -> 69%, FID (RS-CLIP) 0.080 -> 0.064 and 0.357 -> 0.078
-    x0_weight_max: float = 5.0
-    # offset noise (AdapterTimesteps), also used by the adapters trained on this UNet (CRS-Diff, CC-Diff); 0 =
-    # Gaussian noise (Stable Diffusion). Without it, stage one draws "thick clouds" at a mean brightness of 143
-    # (real images: 204), 6% of the pixels white; given the clean latents' mean at the first step, 207 and 44%
+    x0_weight_max: float = 5.0  # as crs.x0_weight_max; 1 = plain noise MSE (Stable Diffusion)
+    # offset noise (AdapterTimesteps), also used by the adapters trained on this UNet; 0 = Gaussian noise (Stable
+    # Diffusion), with which stage one draws images far darker than real ones (docs/measurements.md)
     noise_offset: float = 0.1
     ema_decay: float | None = 0.999
     # "" = the preset's; "bf16": autocast (on CPU the loop keeps group norms in float32 and attention on its matmul
@@ -132,9 +129,7 @@ class CRSDiffConfig:
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
     timestep_sampling: str = "cubic"  # "uniform" | "cubic": favour noisy steps, where layout is decided
     x0_weight_max: float = 20.0  # a sample's MSE weight: clamp(1/SNR(t), 1, this); 1 = plain noise MSE (paper)
-    # loss weight of the latent cells the road map covers (others: 1; 1 = paper). Roads are 4-6 px wide at the cpu
-    # preset, a few % of the loss. SynthRS 1.0 (2-3 px roads), 1500 steps, 48 test items, road map alone: road IoU
-    # 0.070 -> 0.150 (weight 5: 0.101)
+    # loss weight of the latent cells the road map covers (others: 1; 1 = paper): roads are a few % of the loss
     road_loss_weight: float = 20.0
     steps: int = 600
     batch_size: int = 32
@@ -194,8 +189,7 @@ class CCDiffConfig:
     mixed_precision: str = ""  # as unet.mixed_precision
     timestep_sampling: str = "cubic"  # as crs.timestep_sampling: "uniform" (paper) | "cubic"
     x0_weight_max: float = 20.0  # as crs.x0_weight_max; 1 = plain noise MSE (paper)
-    # loss weight of the latent cells the boxes cover (others: 1; 1 = paper). At the cpu preset the objects are
-    # 3-10 px and cover a few % of the loss: with 5, YOLOScore mAP50 3.3 -> 7.6 (48 layouts), CLIPScore local 22.8 -> 25.5
+    # loss weight of the latent cells the boxes cover (others: 1; 1 = paper): small objects are a few % of the loss
     object_loss_weight: float = 5.0
     instance_dropout: float = 0.1  # all instances of a sample dropped (caption-only generation)
     caption_dropout: float = 0.1  # caption replaced by ""
@@ -235,7 +229,6 @@ class DetectorConfig:
     fpn_channels: int = 48
     head_convs: int = 1  # conv layers per FCOS head branch (4 in the FCOS paper)
     # box distances: softplus keeps every regression output trainable; torchvision's relu can die on small data
-    # (400 SynthRS images at the cpu preset: every box collapsed to zero size, mAP 0)
     box_activation: str = "softplus"  # softplus | relu
     input_size: int = 0  # images are resized to this side inside the model (0 = keep the image size)
     min_box_px: float = 2.0  # boxes smaller (sqrt of area, image pixels) are ignore regions: not learned, not scored
@@ -341,80 +334,14 @@ _PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         data=DataConfig(image_size=64, n_train=4000, n_val=400, n_test=400),
-        # SynthRS captions are at most 19 tokens, so the text tower reads 32; 16-px patches keep the vision
-        # tower cheap (4 x 4 patches at 64 px): 82% zero-shot scene accuracy after 300 steps.
-        clip=ClipConfig(max_length=32, patch=16, steps=300),
-        # the autoencoder bounds what every latent model can draw. Up to kl_weight, measured on SynthRS 1.0 (roads
-        # 2-3 px wide). Held-out PSNR / road IoU / mIoU of its
-        # reconstructions (segmenter trained on real images; real images: 0.48 / 0.69), 4 latent channels:
-        # batch 32, 1000 steps 26.9 dB / 0.17 / 0.46 (2-3 px roads decoded as dark streaks of the ground's colour);
-        # batch 32, 2000 steps 28.7 / 0.25 / 0.53 (556 s); batch 16, 2000 steps 28.2 / 0.22 / 0.51 (309 s); batch 32,
-        # 2000 steps under bf16 autocast (235 -> 152 ms a step) 28.3 / 0.23 / 0.53 (343 s). Eight latent channels
-        # reconstruct better (29.7 / 0.34 / 0.57) but stage one then draws patchwork (scene agreement 48% vs 72%,
-        # FID 0.170 vs 0.072)
-        # An edge term (vae.edge_weight) keeps the roads: PSNR / road IoU / mIoU of 400 test reconstructions
-        # 28.32 / 0.176 / 0.524 without, 28.55 / 0.222 / 0.519 at weight 1, 28.84 / 0.271 / 0.523 at 3 (same time).
-        # At weight 3: 1800 steps 28.70 / 0.269 / 0.511; 1200 steps (204 s) 27.82 / 0.192 / 0.472. bf16 only where
-        # the CPU has bf16 units; elsewhere the loop trains in float32 (emulated bf16: 6.6 s a step, not 0.65).
-        # kl_weight 3e-3 instead of SD's 1e-6: the decoder learns to tolerate noisy latents (see unet below); on
-        # SynthRS 1.1, PSNR 28.9 dB, road IoU of 48 test reconstructions 0.39 (1.0 at 1e-6: 0.26)
+        # the measurements behind each setting below: docs/measurements.md
+        clip=ClipConfig(max_length=32, patch=16, steps=300),  # captions fit in 32 tokens; 16-px patches are cheap
+        # edges keep thin roads; kl_weight 3e-3 lets the decoder tolerate the noisy latents stage one draws
         vae=VAEConfig(crop_size=32, steps=2000, mixed_precision="bf16", edge_weight=3.0, kl_weight=3e-3),
-        # scene agreement on 200 test prompts: 2000 steps of batch 32 (530 s) 72%; 1500 of batch 16 (240-260 s)
-        # 48% (lr 3e-4) and 52% (lr 1e-3); 1000 of batch 32, lr 6e-4 (264 s) 48%
-        # guidance 2 (400 test captions, offset noise): scene agreement 86%, FID 0.066; 3: 90%, 0.085; 4: 88%, 0.102.
-        # 1400 steps instead of 2000 (270-300 s instead of 372 s): 400 test captions, scene agreement 80.5% (85.5%),
-        # FID 0.057 (0.064), CLIPScore 60.0 (61.6), but CRS-Diff trained on it follows the maps far less (see crs);
-        # DDIM 15 steps instead of 25: agreement 79.3% vs 81.7%. On SynthRS 1.0 stage one drew no roads from text
-        # (2-3 px at 64 px, less than a latent cell); weighting the road cells' loss 10x (as crs.road_loss_weight) drew none either,
-        # and cost agreement (75.2%) and FID (0.068); nor did 4500 steps (1016 s, on the 1800-step autoencoder),
-        # which only drew cleaner rivers; nor did a top level twice as wide (block_out_channels (64, 64, 128), +18% a
-        # step: agreement 89.0%, FID 0.066, 400 captions), self-attention at the 16 x 16 level too (attention_levels
-        # (True, True, True), about 2.5x a step: 83.5%, 0.057) or latents scaled 2x (4x the SNR at every step: 80.0%,
-        # 0.079), against 85.5% / 0.057 for this preset measured the same way. Notebook 02 section 8 shows where
-        # the roads are lost: real images noised to t = 200 keep most of them, from t = 600-800 they come back as blobs.
-        # Four more tries, each a full autoencoder + stage-one run on 2 AVX2 cores, 400 test captions; the first three
-        # with roads drawn at least 4 px wide (one latent cell) in SynthRS: the wider roads alone drew none (agreement 85.3%,
-        # FID 0.072); an autoencoder term decoding 2x-pooled latents to 2x-pooled images ("scale equivariance",
-        # Skorokhodov et al. 2025; PSNR 28.3 instead of 29.1 dB) drew none (83.5%, 0.074); vae.kl_weight 3e-3 instead
-        # of 1e-6 (PSNR 28.9; test latents plus noise of std 0.3 decode at 31.3 dB of their clean decoding instead of
-        # 28.4) drew the first road fragments, short dark strokes with light edges in residential and industrial
-        # samples, and kept roads to t = 600 in section 8, at 84.3% / 0.074. With the roads at their true width,
-        # vae.kl_weight 1e-2 (PSNR 28.5) drew no roads (83.5%, 0.062). The preset now takes the 4-px roads (SynthRS
-        # 1.1) and kl_weight 3e-3: on the same 2 AVX2 cores, against SynthRS 1.0 at 1e-6, 48 test items, CRS-Diff's
-        # road IoU with the road map alone 0.22 -> 0.42, segmentation map 0.29 -> 0.53, all six maps 0.23 -> 0.26
-        # (mIoU 0.44 -> 0.41; real images: road IoU 0.53 -> 0.62), cloud Spearman 0.84 -> 0.85; CC-Diff mAP50
-        # 12.9 -> 14.0, CLIPScore local 24.8 -> 26.1.
-        # The blobby texture is the model's, not the sampler's or the decoder's (200 test captions, a model of this
-        # preset with a float32 autoencoder): DDIM 25 / 50 and DPM-Solver++ 2M 15 / 25 steps draw nearly the same
-        # images (agreement 85.0 / 83.5 / 85.5 / 85.5%, FID 0.067 / 0.064 / 0.070 / 0.067); stochastic samplers
-        # (SDE-DPM-Solver++ 25, Euler ancestral 25, DDPM 50) draw others with the same texture (FID 0.057 / 0.064 /
-        # 0.058); the decoder fine-tuned 600 steps on latents plus noise (std up to 0.5) smooths it and scores worse
-        # (82.5%, 0.079). Real latents plus noise of std 0.3-0.5 decode to that very texture
-        # bf16 (unet., crs., cc.mixed_precision; float32 group norms and matmul attention) on 2 cores, ms a step, fp32
-        # -> bf16: stage one 219 -> 194, CRS-Diff 325 -> 283, CC-Diff 195 -> 185 (plain CPU autocast: stage one 214 ->
-        # 268). Stage one in bf16 held its quality (400 captions: agreement 86.0%, FID 0.056), but CRS-Diff in bf16
-        # on it followed the maps less than in float32 (48 items: road map alone road IoU 0.279 vs 0.304,
-        # segmentation alone mIoU 0.460 vs 0.475, all six maps 0.207 / 0.406 vs 0.244 / 0.431), so all train in fp32
-        unet=UNetConfig(steps=2000, guidance_scale=2.0),
-        # 1500 steps (600 s on 2 cores): maps followed better than after 600 (32 test items, scale 1: road-only road
-        # IoU 0.027 -> 0.088, segmentation-only mIoU 0.33 -> 0.40, all six maps edge F1 0.35 -> 0.41); 1000 steps of
-        # batch 16 (265 s) on a weaker stage one: roads no longer visible in the generations. 48 test items, road map
-        # alone road IoU, segmentation alone mIoU, all six maps road IoU / mIoU: 1500 steps on this preset 0.266,
-        # 0.484, 0.287 / 0.459; with a 1400-step stage one and 1800-step autoencoder 0.222, 0.402, 0.162 / 0.366,
-        # and 1000 steps on those 0.147, 0.381, 0.104 / 0.326
-        crs=CRSDiffConfig(lr=1e-3, steps=1500),
-        # batch 16 halves CC-Diff's training time (95 s -> 54 s for 250 steps); on 48 held-out layouts, against batch
-        # 32: YOLOScore mAP50 6.0 -> 5.7, CLIPScore local 26.7 -> 25.3, context coherence 0.32 -> 0.26. 750 steps of
-        # batch 16 (125 s) against 250 (42 s): mAP50 5.0 -> 12.5, FID 0.118 -> 0.097, context coherence 0.34 -> 0.36.
-        # 500 steps (83 s each, on a 1400-step stage one) against 750 (about 110 s each): CC-Diff mAP50 12.6 vs
-        # 15.9, CLIPScore local 25.1 vs 23.0, context coherence 0.33 vs 0.38
-        cc=CCDiffConfig(batch_size=16, steps=750),
-        # 32-px crops: 5.6x cheaper per step than whole images; 900 steps reach mIoU 0.66 / road IoU 0.57 on
-        # the real test split in 260 s (whole images, 500 steps: 0.60 / 0.54 in 650 s). bf16 (seg.mixed_precision):
-        # 99 -> 43 ms a step at the same test mIoU / road IoU (0.686 / 0.482 vs 0.683 / 0.481), but it read the land
-        # cover around real objects differently (context coherence of the real test images 0.66 vs 0.72) and the
-        # 225-step data-engine segmenter came out worse (road IoU 0.171 vs 0.242): the measuring instrument stays fp32
-        seg=SegmenterConfig(crop_size=32, steps=900),
+        unet=UNetConfig(steps=2000, guidance_scale=2.0),  # fewer steps cost CRS-Diff its map following
+        crs=CRSDiffConfig(lr=1e-3, steps=1500),  # maps followed far better than after 600 or 1000 steps
+        cc=CCDiffConfig(batch_size=16, steps=750),  # batch 16 halves the time; 750 steps beat 250 and 500
+        seg=SegmenterConfig(crop_size=32, steps=900),  # crops: 5.6x cheaper a step; fp32 (the measuring instrument)
         det=DetectorConfig(),
     ),
     "gpu": Preset(

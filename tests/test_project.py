@@ -130,6 +130,18 @@ def test_train_cli_rejects_bad_overrides(capsys):
     assert exit_.value.code == 2 and "nope" in capsys.readouterr().err
 
 
+def test_measurements_live_in_one_dated_log_not_in_the_presets():
+    """config.py keeps a line of rationale per setting; the measurements are in docs/measurements.md, each entry
+    dated and naming its SynthRS version, and the README links the log."""
+    comments = [line for line in (ROOT / "rslib" / "config.py").read_text().splitlines() if "#" in line]
+    measured = re.compile(r"(IoU|mAP50|FID|PSNR|agreement|CLIPScore|coherence)[^(]{0,30}\d\.?\d|ms a step")
+    assert not [c for c in comments if measured.search(c)], "measurements in config.py"
+    log = (ROOT / "docs" / "measurements.md").read_text()
+    entries = [line for line in log.splitlines() if line.startswith("- **")]
+    assert entries and all(re.match(r"- \*\*\d{4}-\d\d-\d\d, SynthRS \d\.\d", e) for e in entries), entries
+    assert "(docs/measurements.md)" in (ROOT / "README.md").read_text()
+
+
 def test_gallery_shows_only_figures_that_exist():
     """Every image and table figures/README.md links to is committed beside it."""
     text = (ROOT / "figures" / "README.md").read_text()
