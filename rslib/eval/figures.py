@@ -292,3 +292,150 @@ def crs_diff_diagram(levels: int = 3) -> plt.Figure:
     ax.legend(handles, ["inputs", "frozen", "trained in stage two"], loc="lower right", fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------
+# CRS-Diff's figures (notebook 03): each samples a trained pipeline on held-out items and draws the result.
+# ``test`` is a split as rslib.train.crs_diff.load_split_tensors returns it; ``sampling`` the preset's
+# guidance_scale and steps, passed on to rslib.pipelines.crs_diff.sample_crs_diff.
+
+
+def _unit_range(maps: "object") -> "object":
+    """Each (H, W) map of a (B, H, W) tensor stretched to [0, 1]."""
+    low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    return (maps - low) / (high - low + 1e-8)
+
+
+def crs_fusion_features(pipe: "object", test: dict, items: Sequence[int], fusion: str, seed: int,
+                        timestep: int = 500) -> plt.Figure:
+    """Per item: the image, its segmentation map, and the adapter's features before, from the conditions and after
+    the fusion block at ``timestep`` (the item's latent noised with ``seed``), each stretched to [0, 1]."""
+    import torch
+
+    from rslib.models.crs_diff import fusion_maps
+
+    cond = test["conditions"][list(items)].float() / 255.0
+    with torch.no_grad():
+        z0 = pipe.vae.encode(test["pixel_values"][list(items)]).latent_dist.mean * pipe.vae.config.scaling_factor
+        t = torch.full((len(items),), timestep)
+        zt = pipe.scheduler.add_noise(z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)), t)
+        text_states = pipe.encode_prompt([test["captions"][i][0] for i in items], pipe.device, 1, False)[0]
+        maps = fusion_maps(pipe.adapter, zt, timestep, text_states, cond)
+    cells, titles = [], []
+    for k, i in enumerate(items):
+        cells += [test["pixel_values"][i], cond[k, 15:18], _unit_range(maps["before"])[k],
+                  _unit_range(maps["features"])[k], _unit_range(maps["after"])[k]]
+        titles += ["image", "segmentation map", "GN(h) before", "condition features", f"after {fusion.upper()}"]
+    return image_grid(cells, titles, ncols=5, cell=1.7)
+
+
+def crs_single_conditions(pipe: "object", test: dict, items: Sequence[int], seed: int, **sampling) -> plt.Figure:
+    """One row per condition map given alone (map, generated image per item), the real images last."""
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    prompts = [test["captions"][i][0] for i in items]
+    cells, row_labels = [], []
+    for name in CONDITION_NAMES:
+        gen = sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][list(items)], maps=(name,),
+                              **sampling)
+        m = CONDITION_NAMES.index(name)
+        for k, i in enumerate(items):
+            cells += [test["conditions"][i, 3 * m:3 * m + 3].numpy(), gen[k]]
+        row_labels.append(name)
+    cells += sum([[test["pixel_values"][i], test["pixel_values"][i]] for i in items], [])
+    row_labels.append("real image")
+    return image_grid(cells, ["map", "generated"] * len(items), ncols=2 * len(items), cell=1.3,
+                      row_labels=row_labels)
+
+
+CRS_COMBINATIONS = {"text only": None, "road + segmentation": ("road", "segmentation"),
+                    "sketch + depth": ("sketch", "depth"), "all six maps": CONDITION_NAMES}
+
+
+def crs_combinations(pipe: "object", test: dict, records: Sequence[Record], items: Sequence[int], seed: int,
+                     **sampling) -> plt.Figure:
+    """One row per combination of maps (:data:`CRS_COMBINATIONS`), then all six with the items' metadata and
+    content images, then the real images; a column per item, titled with its scene."""
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    items = list(items)
+    prompts = [test["captions"][i][0] for i in items]
+    cells, row_labels = [], []
+    for label, keep in CRS_COMBINATIONS.items():
+        cells += list(sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][items], maps=keep,
+                                      **sampling))
+        row_labels.append(label)
+    cells += list(sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][items], maps=CONDITION_NAMES,
+                                  metadata=[dict(records[i].metadata) for i in items],
+                                  content_images=test["content"][items], **sampling))
+    row_labels.append("all + metadata\n+ content")
+    cells += [test["pixel_values"][i] for i in items]
+    row_labels.append("real image")
+    return image_grid(cells, [records[i].scene.replace("_", " ") for i in items], ncols=len(items), cell=1.5,
+                      row_labels=row_labels)
+
+
+def crs_metadata_sweeps(pipe: "object", test: dict, records: Sequence[Record], item: int,
+                        sweeps: dict[str, Sequence[float]], seed: int, **sampling) -> plt.Figure:
+    """One item with all six maps and its own metadata but one field, swept along a row per field (the month at
+    latitude 50 and no clouds), from the same noise."""
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    base = dict(records[item].metadata)
+    rows, labels, col_titles = [], [], []
+    for field, values in sweeps.items():
+        fixed = {"latitude": 50.0, "cloud_cover": 0} if field == "month" else {}
+        metas = [{**base, **fixed, field: v} for v in values]
+        gen = sample_crs_diff(pipe, [test["captions"][item][0]] * len(values), seed, maps=CONDITION_NAMES,
+                              conditions=test["conditions"][[item] * len(values)], metadata=metas, same_noise=True,
+                              **sampling)
+        rows.append(list(gen))
+        labels.append(field)
+        col_titles.append([f"{field}={v}" for v in values])
+    return sweep_figure(rows, labels, col_titles)
+
+
+def crs_content_and_control_scale(pipe: "object", test: dict, item: int, donors: Sequence[int], shown: int,
+                                  scales: Sequence[float], seed: int, **sampling) -> plt.Figure:
+    """Item ``item``'s caption with no maps and the content images of ``donors``; then item ``shown`` with all six
+    maps at each ``control_scale``, with the maps kept out of the unconditional branch and in both branches."""
+    import torch
+
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    donors = list(donors)
+    gen = sample_crs_diff(pipe, [test["captions"][item][0]] * len(donors), seed, maps=(),
+                          conditions=test["conditions"][donors], content_images=test["content"][donors],
+                          same_noise=True, **sampling)
+
+    def at_scales(**kw) -> list:
+        return list(torch.cat([sample_crs_diff(pipe, [test["captions"][shown][0]], seed, maps=CONDITION_NAMES,
+                                               conditions=test["conditions"][[shown]], control_scale=s, **kw,
+                                               **sampling) for s in scales]))
+
+    gen_s, gen_u = at_scales(), at_scales(map_guidance=False)
+    return sweep_figure([[test["content"][d] for d in donors], list(gen), gen_s, gen_u],
+                        ["content image", "generated", "control scale", "maps in both branches"],
+                        [[f"item {d}" for d in donors], ["with it"] * len(donors), [f"scale {s}" for s in scales],
+                         [f"scale {s}" for s in scales]])
+
+
+def metadata_adherence_figure(adherence: dict, threshold: float) -> plt.Figure:
+    """Cloud cover asked vs seen, month vs greenness, and how the cloud Spearman depends on the cloud detector's
+    brightness ``threshold`` (the results of rslib.eval.control.metadata_adherence)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.3))
+    axes[0].scatter(adherence["cloud_asked"], adherence["cloud_seen"], s=12)
+    axes[0].set(xlabel="cloud cover asked (%)", ylabel="cloud fraction seen",
+                title=f"Spearman {adherence['cloud_spearman']:.2f}")
+    axes[1].scatter(adherence["months"], adherence["greenness"], s=12, c="green")
+    axes[1].set(xlabel="month asked (50° N)", ylabel="vegetation greenness",
+                title=f"Spearman vs summer {adherence['season_spearman']:.2f}")
+    sweep = adherence["cloud_by_brightness"]
+    axes[2].plot(sweep["brightness"], sweep["real"], "o-", label="real test images (their own cover)")
+    axes[2].plot(sweep["brightness"], sweep["generated"], "o-", label="generated (cover asked)")
+    axes[2].axvline(threshold, color="grey", ls=":", label="calibrated threshold")
+    axes[2].set(xlabel="cloud detector: min channel above", ylabel="Spearman", ylim=(-0.2, 1.05),
+                title="how white must a cloud be?")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
