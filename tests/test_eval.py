@@ -80,6 +80,11 @@ def test_spearman_and_kid():
     a, b = np.random.default_rng(0).normal(size=(2, 50))
     b[:10] = 0.0  # ties
     assert Fi.spearman(a, b) == pytest.approx(spearmanr(a, b).correlation)
+    rng = np.random.default_rng(1)
+    for n in (5, 17, 40):  # scipy's own value, to the last bit, ties and non-finite pairs left out
+        a, b = rng.normal(size=(2, n)).round(1)
+        b[0] = np.nan
+        assert Fi.spearman(a, b) == spearmanr(a[1:], b[1:]).statistic
     assert math.isnan(Fi.spearman([1, 1, 1], [1, 2, 3]))
     g = torch.Generator().manual_seed(0)
     real, same, shifted = (torch.randn(200, 8, generator=g) for _ in range(3))
@@ -182,7 +187,7 @@ def test_segmenter_learns_and_round_trips(trained):
     first, last = _falls(folder, cfg.seg.steps)
     assert last < 0.8 * first
     model = S.load_segmenter(folder)
-    saved, ckpt = load_file(str(folder / S.WEIGHTS_FILE)), load_file(str(folder / "checkpoint/model.safetensors"))
+    saved, ckpt = load_file(str(folder / S.WEIGHTS_FILE)), load_file(str(folder / "training/checkpoint/model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in ckpt.items())  # the final weights, exactly
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     images = preset_split(cfg, "test", maps=()).pixel_values()
@@ -199,7 +204,7 @@ def test_detector_learns_and_round_trips(trained):
     first, last = _falls(folder, cfg.det.steps)
     assert last < 0.9 * first
     model = D.load_detector(folder)
-    saved, ckpt = load_file(str(folder / D.WEIGHTS_FILE)), load_file(str(folder / "checkpoint/model.safetensors"))
+    saved, ckpt = load_file(str(folder / D.WEIGHTS_FILE)), load_file(str(folder / "training/checkpoint/model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in ckpt.items())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     test = preset_split(cfg, "test", maps=())

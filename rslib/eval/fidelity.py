@@ -58,8 +58,9 @@ def _uint8_scale(images: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(x: Sequence[float] | torch.Tensor | np.ndarray, y: Sequence[float] | torch.Tensor | np.ndarray) -> float:
-    """Spearman rank correlation (ties get average ranks); NaN when either side is constant or shorter than 2."""
-    from scipy.stats import rankdata
+    """Spearman rank correlation (scipy's; ties get average ranks) over the pairs where both are finite; NaN when
+    either side is constant or shorter than 2."""
+    from scipy.stats import spearmanr
 
     a = np.asarray(torch.as_tensor(x).double().cpu() if isinstance(x, torch.Tensor) else x, dtype=float).reshape(-1)
     b = np.asarray(torch.as_tensor(y).double().cpu() if isinstance(y, torch.Tensor) else y, dtype=float).reshape(-1)
@@ -69,8 +70,7 @@ def spearman(x: Sequence[float] | torch.Tensor | np.ndarray, y: Sequence[float] 
     a, b = a[ok], b[ok]
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (b.size + 1) / 2
-    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float(spearmanr(a, b).statistic)
 
 
 # ---------------------------------------------------------------------------
