@@ -142,6 +142,15 @@ def test_measurements_live_in_one_dated_log_not_in_the_presets():
     assert "(docs/measurements.md)" in (ROOT / "README.md").read_text()
 
 
+def test_no_module_imports_a_private_name_of_another():
+    """What one module needs of another is public: ``from rslib.x import _name`` is a concept in the wrong place."""
+    private = re.compile(r"^\s*from rslib[\w.]* import ([^#\n]*)", re.M)
+    found = [f"{path.relative_to(ROOT)}: {m.group(0).strip()}" for path in sorted((ROOT / "rslib").rglob("*.py"))
+             for m in private.finditer(path.read_text())
+             if any(name.strip(" ()").startswith("_") for name in m.group(1).split(","))]
+    assert not found, found
+
+
 def test_gallery_shows_only_figures_that_exist():
     """Every image and table figures/README.md links to is committed beside it."""
     text = (ROOT / "figures" / "README.md").read_text()

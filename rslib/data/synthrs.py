@@ -735,7 +735,7 @@ def _windmills(c: _Canvas, rng: np.random.Generator, n: int, allowed: Sequence[s
 # ----------------------------------------------------------------------------- colour
 
 
-def _season(meta: dict) -> tuple[float, float, float, float]:
+def season_weights(meta: dict) -> tuple[float, float, float, float]:
     """(greenness, autumn, snow, aridity) in [0, 1] from month, day and latitude."""
     lat = float(meta["latitude"])
     doy = (meta["month"] - 1) * 30.4 + meta["day"]
@@ -753,7 +753,7 @@ def _season(meta: dict) -> tuple[float, float, float, float]:
 
 def _palette(meta: dict) -> np.ndarray:
     """Material x variant colour table (n_mat, variants, 3) for this image's season and climate."""
-    green, autumn, snow, arid = _season(meta)
+    green, autumn, snow, arid = season_weights(meta)
     pal = np.repeat(_MAT_COLOR[:, None, :], _N_VARIANTS, axis=1).copy()
     pal[MAT["roof"]] = _ROOF_COLORS
     pal[MAT["crop"]] = _CROP_COLORS
@@ -1057,7 +1057,7 @@ def make_scene(seed: int | Sequence[int], size: int = 64, scene: str | None = No
     img = img + rng_tex.normal(0, 1.5, img.shape).astype(np.float32)
     image = np.clip(img, 0, 255).round().astype(np.uint8)
     cloud = cv2.resize(cloud_r.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-    season = _season(meta)
+    season = season_weights(meta)
     captions = _captions(rng_cap, scene, c.objects, rel, meta, season)
     return Scene(image, maps, c.objects, captions, meta, scene, labels, cloud, rel)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rslib.data.conditions import LOVEDA_CLASSES
-from rslib.data.synthrs import OBJECT_CLASSES, _season
+from rslib.data.synthrs import OBJECT_CLASSES, season_weights
 
 _C = {name: i for i, name in enumerate(LOVEDA_CLASSES)}
 
@@ -165,7 +165,7 @@ def expected_greenness(metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         if any(m.get(k) is None for k in ("month", "day", "latitude")):
             out.append(float("nan"))
         else:
-            out.append(_season({"month": float(m["month"]), "day": float(m["day"]),
+            out.append(season_weights({"month": float(m["month"]), "day": float(m["day"]),
                                 "latitude": float(m["latitude"])})[0])
     return torch.tensor(out, dtype=torch.float32)
 
