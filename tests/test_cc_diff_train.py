@@ -376,7 +376,8 @@ def test_sam_checkpoint_errors(tmp_path):
 def test_object_loss_weight_weights_only_the_cells_boxes_cover():
     """cc.object_loss_weight w: latent cells inside a kept box count w times, the others once; padding and
     dropped instances change nothing; w = 1 is the plain loss."""
-    from rslib.models.base import AdapterTimesteps, build_noise_scheduler
+    from rslib.models.base import build_noise_scheduler
+    from rslib.train.objective import AdapterTimesteps
     from rslib.models.cc_diff import CCDiffContext
 
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])  # top-left quarter; a padded slot

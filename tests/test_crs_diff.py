@@ -289,7 +289,8 @@ def test_metadata_null_and_keep():
 
 
 def test_loss_weights_turn_noisy_steps_into_clean_latent_errors():
-    from rslib.models.base import AdapterTimesteps, build_noise_scheduler
+    from rslib.models.base import build_noise_scheduler
+    from rslib.train.objective import AdapterTimesteps
 
     ns = build_noise_scheduler()
     t = torch.tensor([0, 300, 600, 900, 999])
@@ -312,7 +313,8 @@ def test_loss_weights_turn_noisy_steps_into_clean_latent_errors():
 
 def test_offset_noise_shifts_each_channel_by_one_value():
     """noise_offset o adds o * N(0, 1) per sample and channel; 0 draws exactly torch.randn's values."""
-    from rslib.models.base import AdapterTimesteps, build_noise_scheduler
+    from rslib.models.base import build_noise_scheduler
+    from rslib.train.objective import AdapterTimesteps
 
     ns = build_noise_scheduler()
     plain = AdapterTimesteps(ns).noise((2, 4, 8, 8), torch.Generator().manual_seed(3))

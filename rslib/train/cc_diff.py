@@ -40,7 +40,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, split_dir
-from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
+from rslib.models.base import build_noise_scheduler, build_sampler
 from rslib.models.cc_diff import ARCHITECTURE_VERSION, CCDiffAdapter, CCDiffModel, trainable_parameter_counts
 from rslib.models.references import (
     ImageTokenEncoder,
@@ -56,6 +56,7 @@ from rslib.models.references import (
 from rslib.models.text import tokenize
 from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import TrainConfig, cpu_generator, train_loop
+from rslib.train.objective import AdapterTimesteps
 from rslib.train.stage import (begin, data_stamp, finish, input_stamp, is_finished, load_stage_one_parts,
                                refresh_sampling_defaults, resolve_clip_dir, resolve_stage_one, save_pipeline_folder,
                                seed_initial_weights, stage_stamp, stage_train_config)

@@ -38,11 +38,12 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConf
 from rslib.config import Preset, get_preset, resolve_path, with_overrides
 from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions, split_dir
 from rslib.data.formats import CONDITION_NAMES
-from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler
+from rslib.models.base import build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings, keep_only
 from rslib.train.loop import TrainConfig, cpu_generator, train_loop
+from rslib.train.objective import AdapterTimesteps
 from rslib.train.stage import (begin, data_stamp, finish, input_stamp, is_finished, load_stage_one_parts,
                                refresh_sampling_defaults, resolve_clip_dir, resolve_stage_one, save_pipeline_folder,
                                seed_initial_weights, stage_stamp, stage_train_config)

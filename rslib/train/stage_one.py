@@ -31,9 +31,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from rslib.config import Preset, resolve_path
 from rslib.data.datasets import RSDataset, collate, pick_captions, split_dir
-from rslib.models.base import AdapterTimesteps, build_noise_scheduler, build_sampler, build_unet, require_local_dir
+from rslib.models.base import build_noise_scheduler, build_sampler, build_unet, require_local_dir
 from rslib.models.text import clip_tokenizer, tokenize
 from rslib.train.loop import EMA_NAME, WEIGHTS_NAME, TrainConfig, train_loop
+from rslib.train.objective import AdapterTimesteps
 from rslib.train.stage import (begin, finish, input_stamp, is_finished, resolve_clip_dir, save_pipeline_folder,
                                seed_initial_weights, stage_stamp, stage_train_config)
 from rslib.utils import pick_device
