@@ -31,6 +31,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any layout, e.g. (B, 3, H, W)) as uint8 0..255 on the CPU, same layout; uint8 images
+    pass through. The one conversion every measure, instrument and figure uses."""
+    import torch
+
+    if images.dtype == torch.uint8:
+        return images.cpu()
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_units() -> bool:
     """True where this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles).

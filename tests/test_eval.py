@@ -71,6 +71,20 @@ def test_edge_f1_known_answers():
     assert S.edge_f1(torch.zeros(1, 3, 24, 24), ref) == 0.0  # a blank image has no edges
 
 
+def test_one_conversion_to_uint8_serves_measures_and_figures():
+    from rslib.eval.figures import to_uint8 as for_display
+    from rslib.utils import to_uint8
+
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0]).reshape(1, 1, 1, 7).expand(2, 3, 1, 7)
+    assert to_uint8(x)[0, 0, 0].tolist() == [0, 0, 64, 128, 191, 255, 255]
+    assert to_uint8(x).shape == x.shape and to_uint8(x).dtype == torch.uint8
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(to_uint8(pixels), pixels)  # uint8 images pass through
+    images = torch.rand(2, 3, 5, 5) * 2 - 1
+    assert np.array_equal(for_display(images), to_uint8(images).permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(for_display(images.numpy()), for_display(images))
+
+
 def test_spearman_and_kid():
     x = [1.0, 2.0, 3.0, 4.0]
     assert Fi.spearman(x, [10, 20, 30, 40]) == pytest.approx(1.0)

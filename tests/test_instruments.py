@@ -21,6 +21,7 @@ from rslib.eval import detector as D
 from rslib.eval import engine
 from rslib.eval import instruments as I
 from rslib.eval.data import preset_split
+from rslib.utils import to_uint8
 
 TINY_OPEN_CLIP = "rslib-test-tiny-clip"
 
@@ -81,7 +82,7 @@ def test_local_clip_score_crops_each_instance_box(open_clip_checkpoint):
     preprocess = scorer.preprocess
     scorer.preprocess = lambda im: (seen.append(np.asarray(im)), preprocess(im))[1]
     per_image = scorer.local_scores(images, layouts)
-    pixels = [I.to_uint8(im[None])[0].permute(1, 2, 0).numpy() for im in images]
+    pixels = [to_uint8(im[None])[0].permute(1, 2, 0).numpy() for im in images]
     want = [pixels[0][8:20, 4:16], pixels[0][0:10, 20:40], pixels[2][10:30, 10:30]]  # rows y1:y2, columns x1:x2
     assert len(seen) == 3 and all(np.array_equal(a, b) for a, b in zip(seen, want))
     scorer.preprocess = preprocess
@@ -144,7 +145,7 @@ def test_clip_folder_score_is_torchmetrics_clip_score(clip_folder):
     images = images_in_range(4)
     captions = ["a port.", "a farm with fields.", "a river.", "an airport with two airplanes."]
     metric = CLIPScore(model_name_or_path=lambda: (_Features(scorer.model), scorer.processor))
-    metric.update(list(I.to_uint8(images)), captions)
+    metric.update(list(to_uint8(images)), captions)
     assert scorer.score(images, captions) == pytest.approx(float(metric.compute()), abs=1e-4)
     pairs = scorer.pair_scores(images, captions)
     assert scorer.score(images, captions) == pytest.approx(max(float(pairs.mean()), 0.0), abs=1e-6)
@@ -203,7 +204,7 @@ def test_yolo_score_with_yolov8_maps_its_classes_by_name(monkeypatch, tmp_path):
     scores = I.yolo_score(det, images, targets)
     assert scores["instrument"] == det.label and scores["map50"] == pytest.approx(1.0)  # the bridge is left out
     _, given, kw = calls[1]
-    rgb = I.to_uint8(images)[0].permute(1, 2, 0).numpy()
+    rgb = to_uint8(images)[0].permute(1, 2, 0).numpy()
     assert np.array_equal(given[0], rgb[..., ::-1]) and kw["imgsz"] == 800  # BGR, as ultralytics reads arrays
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         I.yolo_score_detector(get_preset("paper", **{"eval.yolo_weights": str(tmp_path / "missing.pt")}), classes)

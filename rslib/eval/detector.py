@@ -49,6 +49,7 @@ from rslib.eval.segmenter import dihedral
 from rslib.train.loop import train_loop
 from rslib.train.stage import (begin, finish, is_finished, seed_initial_weights, stage_stamp, stage_train_config,
                                training_info)
+from rslib.utils import to_uint8
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "detector.json"
@@ -274,18 +275,11 @@ def _extra_digest(extra: tuple[torch.Tensor, Sequence[Target]] | None) -> str | 
     if extra is None:
         return None
     h = hashlib.sha1()
-    h.update(_as_uint8(extra[0]).numpy().tobytes())
+    h.update(to_uint8(extra[0]).numpy().tobytes())
     for t in extra[1]:
         h.update(t["boxes"].float().numpy().tobytes())
         h.update(t["labels"].long().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _as_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (float) or uint8 -> uint8 (B, 3, H, W) on CPU."""
-    if images.dtype == torch.uint8:
-        return images.cpu()
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
@@ -312,7 +306,7 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
     if real_limit is not None:  # the low-data regime of the trainability experiment: the first real_limit images
         images, boxes, labels = images[:real_limit], boxes[:real_limit], labels[:real_limit]
     if extra is not None:
-        ex_images, ex_targets = _as_uint8(extra[0]), list(extra[1])
+        ex_images, ex_targets = to_uint8(extra[0]), list(extra[1])
         if len(ex_images) != len(ex_targets):
             raise ValueError(f"extra holds {len(ex_images)} images but {len(ex_targets)} targets")
         if ex_images.shape[1:] != images.shape[1:]:
@@ -376,7 +370,7 @@ def detect(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> list
     model.eval()
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
-    x = _as_uint8(images)
+    x = to_uint8(images)
     h, w = x.shape[-2:]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     out = []

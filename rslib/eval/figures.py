@@ -228,9 +228,13 @@ def retrieval_figure(queries: Sequence[str], images: Sequence[Sequence[np.ndarra
 
 
 def to_uint8(images: "np.ndarray | object") -> np.ndarray:
-    """Images in [-1, 1] (B, 3, H, W) tensor or array -> uint8 (B, H, W, 3)."""
-    x = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
-    return (np.clip((x.transpose(0, 2, 3, 1) + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
+    """Images in [-1, 1] (B, 3, H, W) tensor or array -> uint8 (B, H, W, 3) for display (rslib.utils.to_uint8)."""
+    import torch
+
+    from rslib.utils import to_uint8 as pixels
+
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images, dtype=np.float32))
+    return pixels(x).permute(0, 2, 3, 1).numpy()
 
 
 def _box(ax: plt.Axes, xy: tuple[float, float], w: float, h: float, text: str, colour: str,

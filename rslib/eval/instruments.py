@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from rslib.config import Preset, resolve_path
+from rslib.utils import to_uint8
 
 Layout = Sequence[dict[str, Any]]  # one image's objects: {"label", "bbox": normalised x1, y1, x2, y2, ...}
 Target = dict[str, torch.Tensor]
@@ -51,11 +52,6 @@ def _local_file(path: str | os.PathLike, what: str, hint: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {p} not found: it should hold {hint}")
     return p
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> uint8 on CPU."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

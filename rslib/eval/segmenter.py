@@ -42,7 +42,7 @@ from rslib.eval.metrics import confusion_matrix
 from rslib.train.loop import train_loop
 from rslib.train.stage import (begin, finish, is_finished, seed_initial_weights, stage_stamp, stage_train_config,
                                training_info)
-from rslib.utils import pick_device
+from rslib.utils import pick_device, to_uint8
 
 NUM_CLASSES = len(LOVEDA_CLASSES)
 ROAD = LOVEDA_CLASSES.index("road")
@@ -194,8 +194,7 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     if real_limit is not None:
         images, targets = images[:real_limit], targets[:real_limit]
     if extra is not None:
-        ex = extra[0] if extra[0].dtype == torch.uint8 else ((extra[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        images, targets = torch.cat([images, ex]), torch.cat([targets, extra[1].long()])
+        images, targets = torch.cat([images, to_uint8(extra[0])]), torch.cat([targets, extra[1].long()])
     seed_initial_weights(cfg)
     model = build_segmenter(cfg)
     s = cfg.seg
@@ -287,16 +286,9 @@ def road_iou(pred_classes_or_mask: torch.Tensor, road_mask: torch.Tensor) -> flo
     return float((pred & road).sum()) / union if union else float("nan")
 
 
-def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] (or uint8) -> (B, H, W, 3) uint8."""
-    if images.dtype != torch.uint8:
-        images = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def detect_edges(images: torch.Tensor) -> torch.Tensor:
     """Thin binary edges (B, H, W) bool of images in [-1, 1] (B, 3, H, W): Canny with automatic thresholds."""
-    return torch.from_numpy(np.stack([sketch(im) > 0 for im in _to_uint8_hwc(images)]))
+    return torch.from_numpy(np.stack([sketch(im) > 0 for im in to_uint8(images).permute(0, 2, 3, 1).numpy()]))
 
 
 def binarise_edges(edge_map: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

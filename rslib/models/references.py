@@ -34,6 +34,8 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from rslib.utils import to_uint8
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,7 +204,7 @@ def sam_masks(predictor: Any, image: torch.Tensor, boxes: torch.Tensor) -> torch
     """SAM's mask (K, H, W) bool of each object at normalised boxes (K, 4) of one image (3, H, W) in [-1, 1]: one
     box prompt per object, ``multimask_output=False`` (as upstream)."""
     h, w = image.shape[-2:]
-    rgb = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    rgb = to_uint8(image).permute(1, 2, 0).numpy()
     predictor.set_image(rgb)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     masks = []
