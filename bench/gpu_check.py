@@ -47,6 +47,7 @@ from common import environment, free_memory, markdown
 from results import record, write_json, write_text
 
 from rslib.config import REPO_ROOT, Preset, get_preset
+from rslib.data.datasets import load_split_tensors, split_dataset
 from rslib.data.formats import CONDITION_NAMES, ObjectAnnotation
 from rslib.data.synthrs import ensure_synthrs
 from rslib.eval import figures, layout
@@ -56,7 +57,7 @@ from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
 from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
 from rslib.train.autoencoder import train_autoencoder
 from rslib.train.cc_diff import train_cc_diff
-from rslib.train.crs_diff import load_split_tensors, split_dataset, train_crs_diff
+from rslib.train.crs_diff import train_crs_diff
 from rslib.train.stage import training_info
 from rslib.train.stage_one import train_stage_one
 from rslib.train.text_encoder import train_text_encoder

@@ -14,9 +14,9 @@ import fixtures_real as fx
 from rslib.config import get_preset
 from rslib.data import condition_maps as cm
 from rslib.data.__main__ import main
-from rslib.data.datasets import MissingConditionsError, RSDataset, load_image
+from rslib.data.datasets import MissingConditionsError, RSDataset, load_image, split_dataset
 from rslib.data.formats import CONDITION_NAMES, Record, convert, read_records
-from rslib.train.crs_diff import required_conditions, split_dataset, train_crs_diff
+from rslib.train.crs_diff import required_conditions, train_crs_diff
 from test_conditions import save_script
 
 PIXEL = ("lines", "soft_edges", "sketch")

@@ -453,6 +453,7 @@ def test_training_data_keeps_the_maps_in_memory_or_reads_them_per_item(parts, tm
     paper presets' data sets), read from disk per item: the items are the same either way."""
     from rslib.data.datasets import RSDataset
     from rslib.data.synthrs import ensure_synthrs
+    from rslib.data.datasets import load_split_tensors
     from rslib.train import crs_diff as train_crs
 
     ensure_synthrs(tmp_path, {"train": 5}, 32, seed=0)
@@ -461,7 +462,7 @@ def test_training_data_keeps_the_maps_in_memory_or_reads_them_per_item(parts, tm
     monkeypatch.setattr(train_crs, "MAPS_IN_MEMORY_BYTES", 0)
     lazy = train_crs.encode_training_data(ds, parts["vae"], parts["image_encoder"], batch_size=2)
     assert isinstance(kept.conditions, torch.Tensor) and kept.conditions.dtype == torch.uint8 and lazy.conditions is ds
-    whole = train_crs.load_split_tensors(ds)
+    whole = load_split_tensors(ds)
     assert torch.equal(kept.conditions, whole["conditions"])
     with torch.no_grad():
         torch.testing.assert_close(kept.mean, parts["vae"].encode(whole["pixel_values"]).latent_dist.mean)

@@ -16,7 +16,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, 
                           Dinov2Model)
 
 from rslib.config import get_preset
-from rslib.data.datasets import split_dir
+from rslib.data.datasets import load_split_tensors, split_dataset, split_dir
 from rslib.data.synthrs import ensure_synthrs
 from rslib.eval.data import load_folder
 from rslib.eval.layout import layouts_of, sample_cc_diff
@@ -26,7 +26,7 @@ from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
 from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
 from rslib.train.autoencoder import train_autoencoder
 from rslib.train.cc_diff import train_cc_diff
-from rslib.train.crs_diff import load_split_tensors, split_dataset, train_crs_diff
+from rslib.train.crs_diff import train_crs_diff
 from rslib.train.stage import read_history, training_info
 from rslib.train.stage_one import train_stage_one
 from rslib.train.text_encoder import train_text_encoder

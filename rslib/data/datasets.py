@@ -261,3 +261,22 @@ def load_all(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, An
     """The first ``n`` items of a data set (all by default) collated into one batch."""
     n = len(ds) if n is None else min(n, len(ds))
     return collate([ds[i] for i in range(n)])
+
+
+def split_dataset(cfg: Any, split: str) -> RSDataset:
+    """One split of a preset (``cfg``: rslib.config.Preset) with its condition maps (SynthRS generated first when it
+    is the data)."""
+    return RSDataset(split_dir(cfg, split), size=cfg.data.image_size, max_objects=1)
+
+
+def maps_as_uint8(conditions: torch.Tensor) -> torch.Tensor:
+    """Condition maps in [0, 1] (..., 18, S, S) -> uint8, the form training stores and batches them in."""
+    return (conditions * 255).round().to(torch.uint8)
+
+
+def load_split_tensors(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, Any]:
+    """The first ``n`` items of a split (all by default) stacked (:func:`load_all`): images (N, 3, S, S) in
+    [-1, 1], conditions (N, 18, S, S) as uint8, content images, metadata and its validity, captions."""
+    batch = load_all(ds, n)
+    kept = ("pixel_values", "content", "has_content", "metadata", "metadata_valid", "captions")
+    return {**{k: batch[k] for k in kept}, "conditions": maps_as_uint8(batch["conditions"])}

@@ -113,7 +113,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     for as many steps."""
     short, long = _presets(cfg, n_real, n_gen, steps_fraction)
     from rslib.pipelines.crs_diff import sample_crs_diff
-    from rslib.train.crs_diff import load_split_tensors, split_dataset
+    from rslib.data.datasets import load_split_tensors, split_dataset
     from rslib.data.datasets import segmentation_to_classes
     from rslib.data.formats import CONDITION_NAMES
 

@@ -300,7 +300,7 @@ def crs_diff_diagram(levels: int = 3) -> plt.Figure:
 
 # ---------------------------------------------------------------------------
 # CRS-Diff's figures (notebook 03): each samples a trained pipeline on held-out items and draws the result.
-# ``test`` is a split as rslib.train.crs_diff.load_split_tensors returns it; ``sampling`` the preset's
+# ``test`` is a split as rslib.data.datasets.load_split_tensors returns it; ``sampling`` the preset's
 # guidance_scale and steps, passed on to rslib.pipelines.crs_diff.sample_crs_diff.
 
 

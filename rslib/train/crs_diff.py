@@ -36,7 +36,8 @@ from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from rslib.config import Preset, get_preset, resolve_path, with_overrides
-from rslib.data.datasets import ConditionDropout, RSDataset, collate, pick_captions, split_dir
+from rslib.data.datasets import (ConditionDropout, RSDataset, collate, load_split_tensors, maps_as_uint8,
+                                 pick_captions, split_dataset)
 from rslib.data.formats import CONDITION_NAMES
 from rslib.models.base import build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder
@@ -89,11 +90,6 @@ def maps_fit_in_memory(ds: RSDataset) -> bool:
     return len(ds) * 3 * len(CONDITION_NAMES) * ds.size ** 2 <= MAPS_IN_MEMORY_BYTES
 
 
-def maps_as_uint8(conditions: torch.Tensor) -> torch.Tensor:
-    """Condition maps in [0, 1] (..., 18, S, S) -> uint8, the form training stores and batches them in."""
-    return (conditions * 255).round().to(torch.uint8)
-
-
 class CRSTrainingData(torch.utils.data.Dataset):
     """Pre-encoded stage-two samples.
 
@@ -141,27 +137,6 @@ def check_condition_maps(names: Sequence[str]) -> tuple[str, ...]:
 def required_conditions(cfg: Preset, use_content: bool) -> tuple[str, ...]:
     """What every training record must name: the maps of ``crs.condition_maps`` and, with content, its image."""
     return check_condition_maps(cfg.crs.condition_maps) + (("content",) if use_content else ())
-
-
-def split_dataset(cfg: Preset, split: str) -> RSDataset:
-    """One split with condition maps (SynthRS is generated first when it is the data)."""
-    folder = split_dir(cfg, split)
-    return RSDataset(folder, size=cfg.data.image_size, max_objects=1)
-
-
-def load_split_tensors(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, Any]:
-    """The first ``n`` items of a split (all by default) stacked: images, conditions (uint8), content images,
-    metadata, captions."""
-    items = [ds[i] for i in range(len(ds) if n is None else min(n, len(ds)))]
-    return {
-        "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (N, 3, S, S) in [-1, 1]
-        "conditions": torch.stack([maps_as_uint8(it["conditions"]) for it in items]),  # (N, 18, S, S)
-        "content": torch.stack([it["content"] for it in items]),  # (N, 3, S, S)
-        "has_content": torch.tensor([bool(it["has_content"]) for it in items]),
-        "metadata": torch.stack([it["metadata"] for it in items]),  # (N, 7)
-        "metadata_valid": torch.stack([it["metadata_valid"] for it in items]),
-        "captions": [it["captions"] for it in items],
-    }
 
 
 @torch.no_grad()
@@ -423,5 +398,5 @@ def _cpu(m: nn.Module | None) -> nn.Module | None:
 __all__ = ["ABLATION_DIVISOR", "CRSDiffLoss", "CRSTrainModel", "CRSTrainingData", "build_crs_model",
            "cached_training_data", "check_condition_maps", "crs_train_config", "encode_training_data",
            "fusion_ablation", "fusion_ablation_steps", "image_encoder_from_clip", "load_image_encoder",
-           "load_split_tensors", "maps_fit_in_memory", "required_conditions", "split_dataset", "train_crs_diff",
+           "maps_fit_in_memory", "required_conditions", "train_crs_diff",
            "train_fusion_ablation", "variant_name"]
