@@ -220,7 +220,7 @@ def _crs_loss(cfg, crs, text_tower, batch: dict) -> dict:
 
 @pytest.mark.parametrize("fusion", ["aff", "ff", "sum"])
 def test_crs_diff_trains_one_step(cfg, crs_unet, text_tower, image_encoder, fusion):
-    from rslib.pipelines.crs_diff import content_embeddings
+    from rslib.models.text import content_embeddings
     from rslib.train.crs_diff import build_crs_model
 
     text, tok = text_tower
@@ -391,7 +391,7 @@ def test_stage_two_losses_run_under_bf16_autocast(cfg, unet, crs_unet, text_towe
     """The gpu preset trains under bf16 autocast (accelerate's mixed_precision): the stage-two losses, whose
     modules mix float32 masks and tokens with autocast outputs, run under CPU bf16 autocast (an approximation of
     CUDA's: its op lists differ)."""
-    from rslib.pipelines.crs_diff import content_embeddings
+    from rslib.models.text import content_embeddings
     from rslib.train.cc_diff import CCTrainModel, build_adapter
     from rslib.train.crs_diff import build_crs_model
 

@@ -26,8 +26,9 @@ from rslib.data.datasets import split_dir
 from rslib.data.formats import read_records
 from rslib.eval.data import preset_split
 from rslib.eval.detector import detector_info, train_detector
-from rslib.eval.layout import layouts_of, sample_cc_diff, targets_of
+from rslib.eval.layout import layouts_of, targets_of
 from rslib.eval.segmenter import segmenter_info, train_segmenter
+from rslib.pipelines.cc_diff import sample_cc_diff
 
 
 STEPS_FRACTION = 0.25  # the real-only low-data model trains this fraction of the preset's det.steps / seg.steps

@@ -34,10 +34,9 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from rslib.models.text import CLIP_MEAN, CLIP_STD, normalised_pixels
 from rslib.utils import to_uint8
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_KINDS = ("rs_clip", "dinov2")
@@ -105,11 +104,7 @@ class ImageTokenEncoder(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> normalised encoder input (B, 3, S, S); normalised once."""
-        x = (images.float() + 1.0) / 2.0
-        s = self.input_size
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return normalised_pixels(images, self.input_size, self.mean, self.std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: int = 0) -> torch.Tensor:

@@ -14,7 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig,
+                          CLIPVisionModelWithProjection)
 
 from rslib.config import Preset, resolve_path
 from rslib.utils import atomic_write_dir
@@ -165,15 +166,37 @@ def load_rs_clip(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model, tok
 
 
-def clip_image_inputs(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> CLIP vision input (B, 3, size, size), CLIP mean/std normalised."""
+def normalised_pixels(images: torch.Tensor, size: int, mean: Sequence[float] | torch.Tensor,
+                      std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> an image encoder's input (B, 3, size, size): [0, 1], resized (bicubic,
+    antialiased) when needed, then normalised by the per-channel ``mean`` and ``std``."""
     x = (images.float() + 1.0) / 2.0  # [0, 1]
     if x.shape[-2:] != (size, size):
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
                                             antialias=True).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype)[None, :, None, None]
+    mean = torch.as_tensor(mean, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(std, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def clip_image_inputs(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> CLIP vision input (B, 3, size, size), CLIP mean/std normalised."""
+    return normalised_pixels(images, size, CLIP_MEAN, CLIP_STD)
+
+
+@torch.no_grad()
+def content_embeddings(image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor,
+                       batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings (B, D) of content images in [-1, 1] (B, 3, H, W), computed on ``device``
+    (default: where the encoder's weights are)."""
+    size = image_encoder.config.image_size
+    dev = device if device is not None else next(image_encoder.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        px = clip_image_inputs(images[i:i + batch_size].to(dev), size).to(image_encoder.dtype)
+        emb = image_encoder(pixel_values=px).image_embeds  # (b, D)
+        out.append(torch.nn.functional.normalize(emb.float(), dim=-1))
+    return torch.cat(out)
 
 
 def text_features(clip: CLIPModel, input_ids: torch.Tensor) -> torch.Tensor:

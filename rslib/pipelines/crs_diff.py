@@ -37,6 +37,7 @@ from rslib.models.crs_diff import (
     MetadataEncoder,
     control_scales,
 )
+from rslib.models.text import content_embeddings
 from rslib.pipelines.common import (
     RSPipeline,
     check_finite,
@@ -46,8 +47,6 @@ from rslib.pipelines.common import (
     seeded_batches,
 )
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 N_CHANNELS = 3 * len(CONDITION_NAMES)  # the condition stack: three channels per map
 
 
@@ -244,32 +243,6 @@ def metadata_tensors(metadata: Any, batch: int) -> tuple[torch.Tensor, torch.Ten
             raise ValueError("normalised metadata must lie in [0, 1] (pass a dict of raw fields to have them "
                              "normalised)")
     return rows_per_prompt(values, batch, "metadata"), rows_per_prompt(keep, batch, "metadata")
-
-
-def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> CLIP vision input (B, 3, size, size), CLIP mean/std normalised."""
-    x = (images.float() + 1.0) / 2.0
-    if x.shape[-2:] != (size, size):
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                                            antialias=True).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, device=x.device)[None, :, None, None]
-    std = torch.tensor(CLIP_STD, device=x.device)[None, :, None, None]
-    return (x - mean) / std
-
-
-@torch.no_grad()
-def content_embeddings(image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor,
-                       batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings (B, D) of content images in [-1, 1] (B, 3, H, W), computed on ``device``
-    (default: where the encoder's weights are)."""
-    size = image_encoder.config.image_size
-    dev = device if device is not None else next(image_encoder.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        px = clip_pixels(images[i:i + batch_size].to(dev), size).to(image_encoder.dtype)
-        emb = image_encoder(pixel_values=px).image_embeds  # (b, D)
-        out.append(torch.nn.functional.normalize(emb.float(), dim=-1))
-    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------
@@ -526,5 +499,5 @@ def sample_crs_diff(pipe: CRSDiffPipeline, prompts: Sequence[str], seed: int, *,
     return torch.cat(out) if out else torch.zeros(0, 3, size, size)
 
 
-__all__ = ["CRSDiffPipeline", "condition_stack", "conditions_from_maps", "content_embeddings", "image_batch",
+__all__ = ["CRSDiffPipeline", "condition_stack", "conditions_from_maps", "image_batch",
            "keep_only", "load_crs_diff", "map_to_tensor", "metadata_tensors", "sample_crs_diff"]

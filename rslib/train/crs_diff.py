@@ -41,8 +41,8 @@ from rslib.data.datasets import (ConditionDropout, RSDataset, collate, load_spli
 from rslib.data.formats import CONDITION_NAMES
 from rslib.models.base import build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder
-from rslib.models.text import tokenize
-from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings, keep_only
+from rslib.models.text import content_embeddings, tokenize
+from rslib.pipelines.crs_diff import CRSDiffPipeline, keep_only
 from rslib.train.loop import TrainConfig, cpu_generator, train_loop
 from rslib.train.objective import AdapterTimesteps
 from rslib.train.stage import (begin, data_stamp, finish, input_stamp, is_finished, load_stage_one_parts,
