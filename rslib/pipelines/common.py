@@ -20,9 +20,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+IMAGE_PROCESSOR = VaeImageProcessor()  # diffusers' postprocessing of decoded images ([-1, 1] -> "pt", "np", "pil")
 T = TypeVar("T")
 
 
@@ -85,13 +87,8 @@ def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str) -> Any:
     """Final latents -> "latent" (as they are), "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) or "pil"."""
     if output_type == "latent":
         return latents
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    images = (images / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W) in [0, 1]
-    if output_type in ("np", "pil"):
-        images = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "pil":
-            images = pipe.numpy_to_pil(images)
-    return images
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]  # (B, 3, H, W)
+    return IMAGE_PROCESSOR.postprocess(images.float(), output_type=output_type)  # [-1, 1] -> [0, 1], then the type
 
 
 def load_pipeline_folder(cls: Any, path: str | os.PathLike, device: str | torch.device | None, missing: str) -> Any:
