@@ -81,6 +81,29 @@ def resolve_stage_one(cfg: Preset, stage_one_dir: str | os.PathLike | None = Non
     return path
 
 
+def resolve_base_model(cfg: Preset, stage_one_dir: str | os.PathLike | None = None) -> Path:
+    """The frozen model CC-Diff trains on: ``stage_one_dir`` if given, else ``cc.base_model`` (a local Stable
+    Diffusion folder, used as it is: the paper's SD 1.4), else this preset's stage one (notebook 02)."""
+    if stage_one_dir or not cfg.cc.base_model:
+        return resolve_stage_one(cfg, stage_one_dir)
+    path = resolve_path(cfg.cc.base_model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"cc.base_model: no Stable Diffusion folder (model_index.json) at {path}: put a local "
+                                f"diffusers copy of stable-diffusion-v1-4 there, or set cc.base_model=\"\" to train on "
+                                f"this preset's stage one")
+    return path
+
+
+def prepare_base_model(cfg: Preset) -> Path:
+    """The base model of :func:`resolve_base_model`; this preset's stage one is trained first if it is the base
+    (``cc.base_model`` empty). A base model from ``cc.base_model`` is never trained here."""
+    if not cfg.cc.base_model:
+        from rslib.train.stage_one import train_stage_one
+
+        return train_stage_one(cfg)
+    return resolve_base_model(cfg)
+
+
 def resolve_clip_dir(cfg: Preset, clip_dir: str | os.PathLike | None = None) -> Path:
     """The RS-CLIP folder (retrieval embeddings; image tokens at the small presets); notebook 01 makes it."""
     if clip_dir:
@@ -472,7 +495,8 @@ def cc_train_config(cfg: Preset, mode: str | None = None) -> TrainConfig:
     whose bridge or box MLP gets no gradient)."""
     c = cfg.cc
     return stage_train_config(cfg, c.mixed_precision, steps=c.steps, batch_size=c.batch_size,
-                              grad_accum=c.grad_accum, lr=c.lr, warmup_steps=min(c.warmup_steps, c.steps),
+                              grad_accum=c.grad_accum, lr=c.lr, weight_decay=c.weight_decay,
+                              warmup_steps=min(c.warmup_steps, c.steps),
                               ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
                               find_unused_parameters=(mode or c.mode) != "cc_diff")
 
@@ -486,7 +510,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                   clip_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                   mode: str | None = None, force: bool = False, *, stop_after: int | None = None,
                   progress: bool = True) -> Path:
-    """Train the CC-Diff adapter on the frozen stage-one model; returns the saved pipeline folder.
+    """Train the CC-Diff adapter on its frozen base model (:func:`resolve_base_model`); returns the pipeline folder.
 
     ``mode`` ("cc_diff" | "no_bridge" | "gligen", default ``cfg.cc.mode``) picks the variant; an ablation saves
     to ``runs/<preset>/cc_diff_<mode>``. A finished folder with the same settings is reused unless ``force``; an
@@ -495,7 +519,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     mode = mode or cfg.cc.mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    s1 = resolve_stage_one(cfg, stage_one_dir)
+    s1 = resolve_base_model(cfg, stage_one_dir)
     needs_refs = mode != "gligen"
     clip_path = resolve_clip_dir(cfg, clip_dir) if needs_refs else None
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg, mode))
@@ -527,7 +551,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, cfg.cc.caption_dropout,
                          cfg.cc.instance_dropout, timestep_sampling=cfg.cc.timestep_sampling,
                          x0_weight_max=cfg.cc.x0_weight_max, object_loss_weight=cfg.cc.object_loss_weight,
-                         noise_offset=cfg.unet.noise_offset)
+                         noise_offset=0.0 if cfg.cc.base_model else cfg.unet.noise_offset)  # the base's noise
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
@@ -539,11 +563,11 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
             "retrieval_pool": int(bank.bg_tokens.shape[0]), "stage_one_dir": str(s1), "clip_dir": str(clip_path),
             "train": asdict(tcfg)}
     pipe = CCDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
-                          tokenizer=parts["tokenizer"], unet=parts["unet"].cpu(), scheduler=build_sampler(),
+                          tokenizer=parts["tokenizer"], unet=parts["unet"].cpu(), scheduler=build_sampler(cfg.cc.sampler),
                           adapter=adapter.cpu(), references=bank.cpu(),
                           # the defaults of from_pretrained(...)(prompt): how this preset samples
                           max_instances=cfg.cc.max_instances, guidance_scale=cfg.cc.guidance_scale,
-                          num_inference_steps=cfg.cc.sample_steps)
+                          num_inference_steps=cfg.cc.sample_steps, negative_prompt=cfg.cc.negative_prompt)
     save_pipeline(pipe, out_dir, info)
     return out_dir
 
@@ -566,4 +590,4 @@ def cc_info(out_dir: str | os.PathLike) -> dict[str, Any]:
 __all__ = ["CCDiffLoss", "CCTrainModel", "CCTrainingData", "build_adapter", "build_references",
            "cached_references", "cc_history", "cc_info", "cc_train_config", "dataset_classes", "empty_bank",
            "encode_training_data", "is_finished", "load_stage_one_parts", "phrase_for", "resolve_clip_dir",
-           "resolve_stage_one", "train_cc_diff", "train_split", "variant_name"]
+           "prepare_base_model", "resolve_base_model", "resolve_stage_one", "train_cc_diff", "train_split", "variant_name"]

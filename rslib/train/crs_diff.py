@@ -44,7 +44,9 @@ from rslib.models.crs_diff import (
     CRSDiffModel,
     CRSLocalAdapter,
     MetadataEncoder,
+    check_null_conditions,
     load_frozen_unet,
+    zero_dropped,
 )
 from rslib.models.text import tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, content_embeddings, keep_only
@@ -314,7 +316,8 @@ class CRSDiffLoss:
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
                  x0_weight_max: float = 1.0, road_loss_weight: float = 1.0,
-                 noise_offset: float = 0.0, condition_maps: Sequence[str] = CONDITION_NAMES):
+                 noise_offset: float = 0.0, condition_maps: Sequence[str] = CONDITION_NAMES,
+                 null_conditions: str = "learned"):
         if road_loss_weight < 1.0:
             raise ValueError(f"road_loss_weight must be >= 1 (1 = every latent cell alike), not {road_loss_weight}")
         self.road_loss_weight = float(road_loss_weight)
@@ -324,6 +327,7 @@ class CRSDiffLoss:
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
         self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max, noise_offset)
         self.condition_maps = check_condition_maps(condition_maps)
+        self.null_conditions = check_null_conditions(null_conditions)
 
     def __call__(self, model: CRSTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -346,7 +350,10 @@ class CRSDiffLoss:
         noise = self.steps.noise(tuple(latents.shape), g).to(dev)
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
+        content, metadata = (batch["content"], content_keep), (batch["metadata"], meta_keep)
+        if self.null_conditions == "zero":  # dropped ones are zeros through the encoders, no learned nulls
+            content, metadata = zero_dropped(*content), zero_dropped(*metadata)
+        pred = model.crs(noisy, t, text, conditions, *content, *metadata)
         loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(maps, tuple(latents.shape[-2:])))
         return {"loss": loss, "noise_mse": noise_mse, "maps_kept": keep["local"].float().mean()}
 
@@ -428,7 +435,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor,
                           timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
                           road_loss_weight=c.road_loss_weight, noise_offset=cfg.unet.noise_offset,
-                          condition_maps=c.condition_maps)
+                          condition_maps=c.condition_maps, null_conditions=c.null_conditions)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
@@ -447,7 +454,9 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                            content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder),
                            # the defaults of from_pretrained(...)(prompt): how this preset samples
                            map_guidance=c.map_guidance, guidance_scale=c.guidance_scale,
-                           num_inference_steps=c.sample_steps, condition_maps=c.condition_maps)
+                           num_inference_steps=c.sample_steps, condition_maps=c.condition_maps,
+                           negative_prompt=c.negative_prompt, guidance_keeps_metadata=c.guidance_keeps_metadata,
+                           null_conditions=c.null_conditions)
     save_pipeline(pipe, out_dir, info)
     return out_dir
 
