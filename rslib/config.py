@@ -193,6 +193,9 @@ class CCDiffConfig:
     # loss weight of the latent cells the boxes cover (others: 1; 1 = paper). At the cpu preset the objects are
     # 3-10 px and cover a few % of the loss: with 5, YOLOScore mAP50 3.3 -> 7.6 (48 layouts), CLIPScore local 22.8 -> 25.5
     object_loss_weight: float = 5.0
+    # the caption a training step reads: "any" of the record's (drawn per step), or the "first" (the paper: the
+    # global caption, which the DIOR-RSVG converter writes first; the referring expressions follow)
+    caption: str = "any"
     instance_dropout: float = 0.1  # all instances of a sample dropped (caption-only generation)
     caption_dropout: float = 0.1  # caption replaced by ""
     # the frozen model the adapter is trained on: "" = this preset's stage one (notebook 02), else a local Stable
@@ -463,8 +466,8 @@ _PRESETS: dict[str, Preset] = {
                         bg_ref_grid=0, retrieval_pool=5000, ref_dtype="float16", steps=30000, batch_size=1,
                         grad_accum=40, lr=1e-4, weight_decay=1e-2, warmup_steps=0, checkpoint_every=300,
                         instance_dropout=0.0, timestep_sampling="uniform", x0_weight_max=1.0, object_loss_weight=1.0,
-                        caption_dropout=0.0, base_model="weights/stable-diffusion-v1-4", sampler="euler",
-                        sample_steps=50, guidance_scale=7.5,
+                        caption="first", caption_dropout=0.0, base_model="weights/stable-diffusion-v1-4",
+                        sampler="euler", sample_steps=50, guidance_scale=7.5,
                         negative_prompt="worst quality, low quality, bad anatomy, watermark, text, blurry",
                         eval_images=1000),
         seg=SegmenterConfig(channels=(64, 128, 256, 512), steps=20000, batch_size=16, lr=1e-3),

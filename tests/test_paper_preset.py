@@ -60,6 +60,7 @@ PAPER_SETTINGS = [
     ("cc.timestep_sampling", "uniform", "cc-diff.md 3: DDPMScheduler epsilon-MSE"),
     ("cc.x0_weight_max", 1.0, "cc-diff.md 3: epsilon-MSE"),
     ("cc.object_loss_weight", 1.0, "cc-diff.md 3: epsilon-MSE over the whole latent"),
+    ("cc.caption", "first", "cc-diff.md 2: the global caption 'This is an aerial image of <scene>. ' + layout"),
     ("cc.caption_dropout", 0.0, "cc-diff.md 3: no condition dropout"),
     ("cc.instance_dropout", 0.0, "cc-diff.md 3: no condition dropout"),
     ("cc.max_instances", 6, "cc-diff.md: N <= 6"),
@@ -202,3 +203,33 @@ def test_cc_diff_trains_on_its_own_base_model_never_on_stage_one(tmp_path, monke
     small = get_preset("smoke", **{"runs_dir": str(tmp_path / "runs")})
     with pytest.raises(FileNotFoundError, match="no stage-one model at .*run notebook 02"):
         resolve_base_model(small)  # the small presets' base is their stage one
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("caption", ["any", "first"])
+def test_cc_diff_training_reads_the_caption_as_configured(caption, monkeypatch):
+    """"first": the global caption only (the paper); "any": one of the record's captions, drawn per step."""
+    import rslib.train.cc_diff as train_cc
+    from rslib.train.cc_diff import CCDiffLoss
+
+    seen = []
+
+    def spy(tokenizer, captions):
+        seen.extend(captions)
+        raise _Stop
+
+    monkeypatch.setattr(train_cc, "tokenize", spy)
+    b = 64
+    batch = {"mean": torch.zeros(b, 4, 2, 2), "std": torch.zeros(b, 4, 2, 2),
+             "captions": [["This is an aerial image of a harbor. ", "the ship on the left", "a white ship"]] * b}
+    with pytest.raises(_Stop):
+        CCDiffLoss(None, 0.18, caption_dropout=0.0, caption=caption)(None, batch, torch.Generator().manual_seed(0))
+    if caption == "first":
+        assert set(seen) == {"This is an aerial image of a harbor. "}
+    else:
+        assert len(set(seen)) == 3
+    with pytest.raises(ValueError, match="cc.caption must be one of any, first, not 'global'"):
+        CCDiffLoss(None, 0.18, caption="global")

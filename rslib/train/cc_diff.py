@@ -66,6 +66,7 @@ REFERENCES_CACHE = "cc_diff_references"
 LATENTS_CACHE = "cc_diff_latents"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter", "references")
 MODES = ("cc_diff", "no_bridge", "gligen")
+CAPTION_CHOICES = ("any", "first")  # cc.caption
 
 
 # ---------------------------------------------------------------------------
@@ -416,7 +417,10 @@ class CCDiffLoss:
                  caption_dropout: float = 0.1, instance_dropout: float = 0.1,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
                  x0_weight_max: float = 1.0, object_loss_weight: float = 1.0,
-                 noise_offset: float = 0.0):
+                 noise_offset: float = 0.0, caption: str = "any"):
+        if caption not in CAPTION_CHOICES:
+            raise ValueError(f"cc.caption must be one of {', '.join(CAPTION_CHOICES)}, not {caption!r}")
+        self.first_caption = caption == "first"
         if object_loss_weight < 1.0:
             raise ValueError(f"object_loss_weight must be >= 1 (1 = every latent cell alike), not {object_loss_weight}")
         self.object_loss_weight = float(object_loss_weight)
@@ -436,6 +440,8 @@ class CCDiffLoss:
         z = torch.randn(mean.shape, generator=g).to(dev)
         latents = (mean + std * z) * self.scaling_factor
         cap_idx = [int(torch.randint(len(c), (1,), generator=g)) for c in batch["captions"]]
+        if self.first_caption:  # drawn all the same, so that both choices see the same noise
+            cap_idx = [0] * len(cap_idx)
         keep_cap = torch.rand(b, generator=g) >= self.caption_dropout
         captions = [c[i] if bool(k) else "" for c, i, k in zip(batch["captions"], cap_idx, keep_cap)]
         keep_inst = (torch.rand(b, generator=g) >= self.instance_dropout).to(dev)
@@ -551,7 +557,8 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, cfg.cc.caption_dropout,
                          cfg.cc.instance_dropout, timestep_sampling=cfg.cc.timestep_sampling,
                          x0_weight_max=cfg.cc.x0_weight_max, object_loss_weight=cfg.cc.object_loss_weight,
-                         noise_offset=0.0 if cfg.cc.base_model else cfg.unet.noise_offset)  # the base's noise
+                         noise_offset=0.0 if cfg.cc.base_model else cfg.unet.noise_offset,  # the base's noise
+                         caption=cfg.cc.caption)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
