@@ -1,6 +1,6 @@
-"""The paper preset is each paper's setup: every setting that ../shared/reference (crs-diff.md, cc-diff.md) states,
-checked value by value, and the code paths those settings switch on (no learned nulls, the unconditional branch's
-contents, the sampler, CC-Diff's own base model, weight decay)."""
+"""The paper preset is each paper's setup: every setting that the papers and their code state, checked value by
+value with where it is stated, and the code paths those settings switch on (no learned nulls, the unconditional
+branch's contents, the sampler, CC-Diff's own base model, weight decay, the caption)."""
 from __future__ import annotations
 
 import os
@@ -24,58 +24,58 @@ CC_NEGATIVE = "worst quality, low quality, bad anatomy, watermark, text, blurry"
 # (dotted setting, the paper's value, where the reference says so)
 PAPER_SETTINGS = [
     # both papers: plain epsilon-MSE on SD 1.x's noise, constant learning rate, no EMA
-    ("lr_decay", "constant", "crs-diff.md 4 (Uni-ControlNet template), cc-diff.md 3: constant, no warm-up"),
+    ("lr_decay", "constant", "CRS-Diff (Uni-ControlNet template), CC-Diff: constant, no warm-up"),
     ("unet.noise_offset", 0.0, "SD's Gaussian noise in both; no offset noise"),
     ("unet.x0_weight_max", 1.0, "epsilon-MSE, no loss weighting"),
     ("unet.ema_decay", None, "no EMA"),
-    ("unet.lr", 1e-5, "crs-diff.md 4: lr 1e-5 (template default; UNVERIFIED)"),
-    ("unet.batch_size", 4, "crs-diff.md 4: batch 4 (template default; UNVERIFIED)"),
-    ("unet.steps", 50000, "crs-diff.md 1: '5w' stage-one checkpoint (UNVERIFIED reading)"),
+    ("unet.lr", 1e-5, "CRS-Diff: lr 1e-5 (template default; UNVERIFIED)"),
+    ("unet.batch_size", 4, "CRS-Diff: batch 4 (template default; UNVERIFIED)"),
+    ("unet.steps", 50000, "CRS-Diff: '5w' stage-one checkpoint (UNVERIFIED reading)"),
     # CRS-Diff stage two
-    ("crs.timestep_sampling", "uniform", "crs-diff.md: DDPM uniform timesteps"),
-    ("crs.x0_weight_max", 1.0, "crs-diff.md: epsilon-MSE"),
-    ("crs.road_loss_weight", 1.0, "crs-diff.md: every latent cell alike"),
-    ("crs.lr", 1e-5, "crs-diff.md 4: lr 1e-5 (template default; UNVERIFIED)"),
-    ("crs.batch_size", 4, "crs-diff.md 4: batch 4 (UNVERIFIED)"),
-    ("crs.steps", 100000, "crs-diff.md 4: 1e5 steps (UNVERIFIED)"),
-    ("crs.warmup_steps", 0, "crs-diff.md 4: no warm-up"),
-    ("crs.checkpoint_every", 500, "crs-diff.md 4: a checkpoint every 500 steps"),
-    ("crs.metadata_dim", 320, "crs-diff.md: 320-d sinusoid per metadata field"),
-    ("crs.metadata_to_adapter", False, "crs-diff.md 6: the adapter gets no metadata; it enters the UNet only"),
-    ("crs.null_conditions", "zero", "crs-diff.md 6: no learned null for dropped content or metadata"),
-    ("crs.map_guidance", False, "crs-diff.md 4: the unconditional branch keeps the local maps"),
-    ("crs.guidance_keeps_metadata", True, "crs-diff.md 4: the unconditional branch keeps the metadata"),
-    ("crs.negative_prompt", CRS_NEGATIVE, "crs-diff.md 4: the negative prompt"),
-    ("crs.sample_steps", 50, "crs-diff.md 4: DDIM, 50 steps"),
-    ("crs.guidance_scale", 7.5, "crs-diff.md 4: CFG s = 7.5"),
+    ("crs.timestep_sampling", "uniform", "CRS-Diff: DDPM uniform timesteps"),
+    ("crs.x0_weight_max", 1.0, "CRS-Diff: epsilon-MSE"),
+    ("crs.road_loss_weight", 1.0, "CRS-Diff: every latent cell alike"),
+    ("crs.lr", 1e-5, "CRS-Diff: lr 1e-5 (template default; UNVERIFIED)"),
+    ("crs.batch_size", 4, "CRS-Diff: batch 4 (UNVERIFIED)"),
+    ("crs.steps", 100000, "CRS-Diff: 1e5 steps (UNVERIFIED)"),
+    ("crs.warmup_steps", 0, "CRS-Diff: no warm-up"),
+    ("crs.checkpoint_every", 500, "CRS-Diff: a checkpoint every 500 steps"),
+    ("crs.metadata_dim", 320, "CRS-Diff: 320-d sinusoid per metadata field"),
+    ("crs.metadata_to_adapter", False, "CRS-Diff: the adapter gets no metadata; it enters the UNet only"),
+    ("crs.null_conditions", "zero", "CRS-Diff: no learned null for dropped content or metadata"),
+    ("crs.map_guidance", False, "CRS-Diff: the unconditional branch keeps the local maps"),
+    ("crs.guidance_keeps_metadata", True, "CRS-Diff: the unconditional branch keeps the metadata"),
+    ("crs.negative_prompt", CRS_NEGATIVE, "CRS-Diff: the negative prompt"),
+    ("crs.sample_steps", 50, "CRS-Diff: DDIM, 50 steps"),
+    ("crs.guidance_scale", 7.5, "CRS-Diff: CFG s = 7.5"),
     ("crs.condition_maps", ("lines", "soft_edges", "sketch", "road", "depth", "segmentation"), "all six maps"),
     # CC-Diff
-    ("cc.base_model", "weights/stable-diffusion-v1-4", "cc-diff.md 1: frozen SD v1.4, not a fine-tuned stage one"),
-    ("cc.batch_size", 1, "cc-diff.md 3: --train_batch_size=1"),
-    ("cc.grad_accum", 40, "cc-diff.md 3: --gradient_accumulation_steps=40"),
-    ("cc.lr", 1e-4, "cc-diff.md 3: --learning_rate=1e-4 constant"),
-    ("cc.warmup_steps", 0, "cc-diff.md 3: no warm-up"),
-    ("cc.weight_decay", 1e-2, "cc-diff.md 3: AdamW wd=1e-2"),
-    ("cc.checkpoint_every", 300, "cc-diff.md 3: --checkpointing_steps=300"),
-    ("cc.timestep_sampling", "uniform", "cc-diff.md 3: DDPMScheduler epsilon-MSE"),
-    ("cc.x0_weight_max", 1.0, "cc-diff.md 3: epsilon-MSE"),
-    ("cc.object_loss_weight", 1.0, "cc-diff.md 3: epsilon-MSE over the whole latent"),
-    ("cc.caption", "first", "cc-diff.md 2: the global caption 'This is an aerial image of <scene>. ' + layout"),
-    ("cc.caption_dropout", 0.0, "cc-diff.md 3: no condition dropout"),
-    ("cc.instance_dropout", 0.0, "cc-diff.md 3: no condition dropout"),
-    ("cc.max_instances", 6, "cc-diff.md: N <= 6"),
-    ("cc.num_fg_queries", 16, "cc-diff.md: Qf = 16"),
-    ("cc.num_bg_queries", 8, "cc-diff.md: Qb = 8"),
-    ("cc.num_bridge_queries", 8, "cc-diff.md: Qc = 8"),
-    ("cc.fusion_heads", 8, "cc-diff.md: MIFusion heads=8"),
-    ("cc.fusion_dim_head", 160, "cc-diff.md: MIFusion dim_head=160"),
-    ("cc.fusion_blocks", ("mid_block", "up_blocks.1"), "cc-diff.md: 4 fusion processors, at C = 1280"),
-    ("cc.image_encoder", "dinov2", "cc-diff.md: D_img = 1024 (DINOv2-large)"),
-    ("cc.sam_checkpoint", "weights/sam_vit_h_4b8939.pth", "cc-diff.md 2: SAM ViT-H masks the reference crops"),
-    ("cc.sampler", "euler", "cc-diff.md 3: EulerDiscreteScheduler"),
-    ("cc.sample_steps", 50, "cc-diff.md 3: 50 steps"),
-    ("cc.guidance_scale", 7.5, "cc-diff.md 3: CFG 7.5"),
-    ("cc.negative_prompt", CC_NEGATIVE, "cc-diff.md 3: the negative prompt"),
+    ("cc.base_model", "weights/stable-diffusion-v1-4", "CC-Diff: frozen SD v1.4, not a fine-tuned stage one"),
+    ("cc.batch_size", 1, "CC-Diff: --train_batch_size=1"),
+    ("cc.grad_accum", 40, "CC-Diff: --gradient_accumulation_steps=40"),
+    ("cc.lr", 1e-4, "CC-Diff: --learning_rate=1e-4 constant"),
+    ("cc.warmup_steps", 0, "CC-Diff: no warm-up"),
+    ("cc.weight_decay", 1e-2, "CC-Diff: AdamW wd=1e-2"),
+    ("cc.checkpoint_every", 300, "CC-Diff: --checkpointing_steps=300"),
+    ("cc.timestep_sampling", "uniform", "CC-Diff: DDPMScheduler epsilon-MSE"),
+    ("cc.x0_weight_max", 1.0, "CC-Diff: epsilon-MSE"),
+    ("cc.object_loss_weight", 1.0, "CC-Diff: epsilon-MSE over the whole latent"),
+    ("cc.caption", "first", "CC-Diff: the global caption 'This is an aerial image of <scene>. ' + layout"),
+    ("cc.caption_dropout", 0.0, "CC-Diff: no condition dropout"),
+    ("cc.instance_dropout", 0.0, "CC-Diff: no condition dropout"),
+    ("cc.max_instances", 6, "CC-Diff: N <= 6"),
+    ("cc.num_fg_queries", 16, "CC-Diff: Qf = 16"),
+    ("cc.num_bg_queries", 8, "CC-Diff: Qb = 8"),
+    ("cc.num_bridge_queries", 8, "CC-Diff: Qc = 8"),
+    ("cc.fusion_heads", 8, "CC-Diff: MIFusion heads=8"),
+    ("cc.fusion_dim_head", 160, "CC-Diff: MIFusion dim_head=160"),
+    ("cc.fusion_blocks", ("mid_block", "up_blocks.1"), "CC-Diff: 4 fusion processors, at C = 1280"),
+    ("cc.image_encoder", "dinov2", "CC-Diff: D_img = 1024 (DINOv2-large)"),
+    ("cc.sam_checkpoint", "weights/sam_vit_h_4b8939.pth", "CC-Diff: SAM ViT-H masks the reference crops"),
+    ("cc.sampler", "euler", "CC-Diff: EulerDiscreteScheduler"),
+    ("cc.sample_steps", 50, "CC-Diff: 50 steps"),
+    ("cc.guidance_scale", 7.5, "CC-Diff: CFG 7.5"),
+    ("cc.negative_prompt", CC_NEGATIVE, "CC-Diff: the negative prompt"),
     ("data.image_size", 512, "both: 512 px"),
 ]
 
@@ -93,7 +93,7 @@ def test_the_paper_preset_has_each_papers_setting(dotted, expected, where):
 
 
 def test_crs_diffs_condition_dropout_is_the_papers():
-    """crs-diff.md 4: caption 0.5; keep all 0.1, drop all 0.1, each map 0.6 (lines) and 0.5."""
+    """CRS-Diff: caption 0.5; keep all 0.1, drop all 0.1, each map 0.6 (lines) and 0.5."""
     d = ConditionDropout()
     assert (d.drop_caption, d.keep_all, d.drop_all) == (0.5, 0.1, 0.1)
     assert d.drop_each == (0.6, 0.5, 0.5, 0.5, 0.5, 0.5)
@@ -103,7 +103,7 @@ def test_the_loop_settings_follow_the_preset():
     cfg = get_preset("paper")
     cc = cc_train_config(cfg)
     assert (cc.batch_size, cc.grad_accum, cc.lr, cc.weight_decay, cc.warmup_steps, cc.max_grad_norm) == \
-        (1, 40, 1e-4, 1e-2, 0, 1.0)  # cc-diff.md 3: max_grad_norm 1
+        (1, 40, 1e-4, 1e-2, 0, 1.0)  # CC-Diff: max_grad_norm 1
     assert cc.lr_decay == "constant" and cc.ema_decay is None
     crs = crs_train_config(cfg)
     assert (crs.batch_size, crs.lr, crs.warmup_steps, crs.ema_decay) == (4, 1e-5, 0, None)
@@ -111,8 +111,8 @@ def test_the_loop_settings_follow_the_preset():
 
 
 def test_samplers_and_the_training_schedule_are_sd_1x():
-    """crs-diff.md 7: DDIM scaled_linear 0.00085-0.012, steps_offset 1, no clipping, set_alpha_to_one False;
-    cc-diff.md 3: EulerDiscreteScheduler; both train on SD's DDPM schedule."""
+    """CRS-Diff: DDIM scaled_linear 0.00085-0.012, steps_offset 1, no clipping, set_alpha_to_one False;
+    CC-Diff: EulerDiscreteScheduler; both train on SD's DDPM schedule."""
     ddim = build_sampler("ddim")
     assert isinstance(ddim, DDIMScheduler) and build_sampler().config == ddim.config
     c = ddim.config
@@ -120,7 +120,7 @@ def test_samplers_and_the_training_schedule_are_sd_1x():
                                                                                   1000)
     assert (c.steps_offset, c.clip_sample, c.set_alpha_to_one, c.prediction_type) == (1, False, False, "epsilon")
     ddim.set_timesteps(50)
-    assert ddim.timesteps.tolist() == list(range(981, 0, -20))  # t = 981, 961, ..., 1 (crs-diff.md 4)
+    assert ddim.timesteps.tolist() == list(range(981, 0, -20))  # t = 981, 961, ..., 1 (CRS-Diff)
     euler = build_sampler("euler")
     assert isinstance(euler, EulerDiscreteScheduler)
     assert (euler.config.beta_schedule, euler.config.beta_start, euler.config.beta_end) == ("scaled_linear",
@@ -186,7 +186,7 @@ def test_crs_diff_training_drops_conditions_as_configured(null_conditions):
 
 
 def test_cc_diff_trains_on_its_own_base_model_never_on_stage_one(tmp_path, monkeypatch):
-    """cc-diff.md 1: the paper's base is SD 1.4 as it is; with cc.base_model set stage one is neither read nor
+    """CC-Diff: the paper's base is SD 1.4 as it is; with cc.base_model set stage one is neither read nor
     trained; a missing folder is named with its setting and the two ways on."""
     sd = tmp_path / "sd14"
     cfg = get_preset("paper", **{"cc.base_model": str(sd), "runs_dir": str(tmp_path / "runs")})
