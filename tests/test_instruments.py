@@ -408,3 +408,28 @@ def test_faster_rcnn_trainability_on_real_format_data(dior_paper):
     test = preset_split(cfg, "test", maps=())
     out = D.detect(model, test.pixel_values())
     assert len(out) == len(test) and all(bool((d["labels"] >= 0).all()) for d in out)
+
+
+def test_crs_diff_paper_scorer_and_its_table(clip_folder, inception_weights, monkeypatch):
+    from rslib.eval import metrics
+    from rslib.eval.tables import crs_diff_text_rows
+
+    assert I.crs_diff_paper_scorer(get_preset("cpu")) is None  # the small presets: RS-CLIP only
+    cfg = replace_eval(get_preset("paper"), clip_score_folder=str(clip_folder), inception_weights=str(inception_weights))
+    # the Inception path itself is checked above; here its 2048-d matrix square root would take a minute
+    monkeypatch.setattr(metrics, "inception_scores", lambda real, gen, path: {"fid_inception": 50.0,
+                                                                              "inception_score": 2.0})
+    score = I.crs_diff_paper_scorer(cfg)
+    real, gen = images_in_range(2, 32, seed=1), images_in_range(2, 32, seed=2)
+    out = score(real, gen, ["a port.", "a farm."])
+    assert out["fid_inception"] == 50.0 and out["inception_score"] == 2.0
+    assert out["clip_score_clip"] == pytest.approx(I.ClipFolderScore.load(clip_folder).score(gen, ["a port.",
+                                                                                                  "a farm."]))
+    small_s1 = {"fid_rsclip": 3.0, "clip_score": 20.0, "scene_agreement": 0.8, "fid_rsclip_real_val": 1.0,
+                "clip_score_real": 22.0, "scene_agreement_real": 0.9}
+    small_crs = {"settings": [{"setting": "all + metadata + content", "fid_rsclip": 2.0, "clip_score": 21.0}]}
+    table, note = crs_diff_text_rows(small_s1, small_crs)
+    assert list(table["fid"]) == [3.0, 2.0, 1.0] and "inception_score" not in table and "RS-CLIP" in note
+    table, note = crs_diff_text_rows({**small_s1, **out}, {"settings": [{**small_crs["settings"][0], **out}]})
+    assert list(table["fid"][:2]) == [50.0, 50.0] and list(table["inception_score"][:2]) == [2.0, 2.0]
+    assert np.isnan(table["fid"][2]) and "InceptionV3" in note and "CLIP ViT-L/14" in note

@@ -207,6 +207,28 @@ def cc_diff_clip_score(cfg: Preset, device: str | torch.device = "cpu") -> OpenC
     return OpenClipScore.load(cfg.eval.open_clip_checkpoint, cfg.eval.open_clip_model, device)
 
 
+def crs_diff_paper_scorer(cfg: Preset, device: str | torch.device = "cpu",
+                          ) -> Callable[[torch.Tensor, torch.Tensor, Sequence[str]], dict[str, float]] | None:
+    """CRS-Diff's text-to-image measures with the papers' instruments a preset names (``cfg.eval``), as a
+    function of (real images, generated images, their captions), images in [-1, 1]: Inception ``fid_inception``
+    and ``inception_score`` (``eval.inception_weights``) and ``clip_score_clip``, CLIPScore with the CLIP folder
+    (``eval.clip_score_folder``). None at the small presets; a named file that is missing is an error now."""
+    from rslib.eval.metrics import inception_scores, inception_weights_file
+
+    clip = crs_diff_clip_score(cfg, device)
+    inception = inception_weights_file(cfg.eval.inception_weights) if cfg.eval.inception_weights else None
+    if clip is None and inception is None:
+        return None
+
+    def score(real: torch.Tensor, generated: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+        out = inception_scores(real, generated, inception) if inception is not None else {}
+        if clip is not None:
+            out["clip_score_clip"] = clip.score(generated, captions)
+        return out
+
+    return score
+
+
 # ---------------------------------------------------------------------------
 # YOLOScore: ultralytics YOLOv8 when installed, else the project's detector
 
@@ -346,5 +368,5 @@ def cc_diff_instruments(cfg: Preset, classes: Sequence[str], device: str | torch
 
 
 __all__ = ["CCDiffInstruments", "ClipFolderScore", "LayoutDetector", "OpenClipScore", "cc_diff_clip_score",
-           "cc_diff_instruments", "crs_diff_clip_score", "hbb_crop", "project_detector", "ultralytics_detector",
+           "cc_diff_instruments", "crs_diff_clip_score", "crs_diff_paper_scorer", "hbb_crop", "project_detector", "ultralytics_detector",
            "ultralytics_installed", "yolo_detections", "yolo_score", "yolo_score_detector"]

@@ -72,6 +72,26 @@ def cc_diff_main_rows(results: dict[str, Any]) -> tuple[pd.DataFrame, str]:
     return table, note
 
 
+def crs_diff_text_rows(stage_one: dict[str, Any], crs: dict[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Our rows of CRS-Diff's text-to-image table (notebook 02's and 03's ``eval.json``) in the published
+    columns: FID, IS and CLIPScore from the papers' instruments where both notebooks had them (the paper preset:
+    ``fid_inception``, ``inception_score``, ``clip_score_clip``), else RS-CLIP's; and a sentence naming them."""
+    full = next(r for r in crs["settings"] if r["setting"] == "all + metadata + content")
+    paper = all(k in r for r in (stage_one, full) for k in ("fid_inception", "clip_score_clip"))
+    fid, clip = ("fid_inception", "clip_score_clip") if paper else ("fid_rsclip", "clip_score")
+    rows = [{"method": "stage one (text only)", "fid": stage_one[fid], "clip_score": stage_one[clip],
+             "zero_shot_oa": stage_one["scene_agreement"]},
+            {"method": "CRS-Diff (all conditions)", "fid": full[fid], "clip_score": full[clip]},
+            {"method": "real test images", "fid": float("nan") if paper else stage_one["fid_rsclip_real_val"],
+             "clip_score": float("nan") if paper else stage_one["clip_score_real"],
+             "zero_shot_oa": stage_one["scene_agreement_real"]}]
+    if paper:  # the Inception Score exists with the Inception instrument only
+        rows[0]["inception_score"], rows[1]["inception_score"] = stage_one["inception_score"], full["inception_score"]
+    note = ("FID and IS with InceptionV3 (eval.inception_weights), CLIPScore with CLIP ViT-L/14 "
+            "(eval.clip_score_folder)" if paper else "FID and CLIPScore with RS-CLIP features")
+    return pd.DataFrame(rows), note + "; zero-shot OA = RS-CLIP scene of the generated image equals the caption's"
+
+
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
     """Write ``df`` as ``<name>.md`` (with a caption line) and ``<name>.csv``; returns both paths."""
     folder = Path(folder)
