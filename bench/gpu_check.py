@@ -52,7 +52,7 @@ from rslib.data.formats import CONDITION_NAMES, ObjectAnnotation
 from rslib.data.synthrs import ensure_synthrs
 from rslib.eval import figures, layout
 from rslib.eval.data import preset_split
-from rslib.pipelines.cc_diff import load_cc_diff
+from rslib.pipelines.cc_diff import load_cc_diff, sample_cc_diff
 from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
 from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
 from rslib.train.autoencoder import train_autoencoder
@@ -192,7 +192,7 @@ def sample_cc_grid(cfg: Preset, plan: Plan, folder: Path, device: torch.device, 
     lays = layout.layouts_of(test, plan.grid, cfg.cc.max_instances)
     prompts = [r.captions[0] for r in test.records[:plan.grid]]
     pipe = load_cc_diff(cfg.run_dir("cc_diff"), device)
-    images, seconds = timed(lambda: layout.sample_cc_diff(pipe, prompts, lays, seed, steps=plan.sample_steps,
+    images, seconds = timed(lambda: sample_cc_diff(pipe, prompts, lays, seed, steps=plan.sample_steps,
                                                           guidance_scale=cfg.cc.guidance_scale), device)
     objects = [[ObjectAnnotation(o["label"], o["bbox"], o["obb"]) for o in lay] for lay in lays]
     path = save_grid("gpu_check_cc_diff", test.images, images, [r.scene for r in test.records], folder, objects)

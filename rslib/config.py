@@ -141,6 +141,13 @@ class CRSDiffConfig:
     guidance_scale: float = 4.0
     control_scale: float = 1.0
     map_guidance: bool = True  # CFG's unconditional branch sees no maps (False: the same maps, as CRS-Diff does)
+    # CFG's unconditional branch keeps the metadata (as CRS-Diff does); False: every field dropped
+    guidance_keeps_metadata: bool = False
+    # what stands for a dropped content image or metadata field, in training and in CFG's unconditional branch:
+    # "learned" null vectors, or "zero": a zero content embedding and zero metadata values through their encoders
+    # (CRS-Diff has no learned nulls)
+    null_conditions: str = "learned"
+    negative_prompt: str = ""  # the unconditional branch's prompt (CRS-Diff: "Low resolution, cropped, ...")
     eval_images: int = 48  # generated test images per setting in notebook 03's table
 
     def __post_init__(self) -> None:
@@ -184,6 +191,7 @@ class CCDiffConfig:
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-4
+    weight_decay: float = 0.0  # AdamW's (1e-2 in the paper)
     warmup_steps: int = 20
     checkpoint_every: int = 100
     mixed_precision: str = ""  # as unet.mixed_precision
@@ -191,11 +199,19 @@ class CCDiffConfig:
     x0_weight_max: float = 20.0  # as crs.x0_weight_max; 1 = plain noise MSE (paper)
     # loss weight of the latent cells the boxes cover (others: 1; 1 = paper): small objects are a few % of the loss
     object_loss_weight: float = 5.0
+    # the caption a training step reads: "any" of the record's (drawn per step), or the "first" (the paper: the
+    # global caption, which the DIOR-RSVG converter writes first; the referring expressions follow)
+    caption: str = "any"
     instance_dropout: float = 0.1  # all instances of a sample dropped (caption-only generation)
     caption_dropout: float = 0.1  # caption replaced by ""
+    # the frozen model the adapter is trained on: "" = this preset's stage one (notebook 02), else a local Stable
+    # Diffusion 1.x diffusers folder, used as it is (the paper: SD 1.4) and never trained here
+    base_model: str = ""
     # sampling and evaluation
+    sampler: str = "ddim"  # "ddim" | "euler" (the paper's EulerDiscreteScheduler)
     sample_steps: int = 20
     guidance_scale: float = 4.0
+    negative_prompt: str = ""  # the unconditional branch's prompt (the paper: "worst quality, low quality, ...")
     eval_images: int = 48  # generated test layouts per variant in notebook 04's table
 
     def __post_init__(self) -> None:
@@ -381,16 +397,22 @@ _PRESETS: dict[str, Preset] = {
                         guidance_scale=7.5, pretrained="weights/stable-diffusion-v1-5"),
         crs=CRSDiffConfig(stem_channels=(32, 64, 128), inject_channels=(192, 256, 384, 512), metadata_dim=320,
                           steps=100000, batch_size=4, lr=1e-5, warmup_steps=0, checkpoint_every=500,
-                          sample_steps=50, guidance_scale=7.5, eval_images=1000, x0_weight_max=1.0, road_loss_weight=1.0,
-                          map_guidance=False),
+                          sample_steps=50, guidance_scale=7.5, eval_images=1000, timestep_sampling="uniform",
+                          x0_weight_max=1.0, road_loss_weight=1.0, metadata_to_adapter=False, map_guidance=False,
+                          guidance_keeps_metadata=True, null_conditions="zero",
+                          negative_prompt="Low resolution, cropped, worst quality, low quality"),
         cc=CCDiffConfig(resampler_dim=1280, resampler_depth=4, resampler_heads=20, resampler_dim_head=64,
                         num_fg_queries=16, num_bg_queries=8, num_bridge_queries=8, ff_mult=4, fusion_heads=8,
                         fusion_dim_head=160, box_hidden=512, max_instances=6, image_encoder="dinov2",
-                        dino_path="weights/dinov2-large", bank_per_class=200, crop_margin=0.0, fg_ref_grid=0,
-                        bg_ref_grid=0, retrieval_pool=5000, ref_dtype="float16", steps=30000, batch_size=4,
-                        grad_accum=10, lr=1e-4, warmup_steps=0, checkpoint_every=300, instance_dropout=0.0,
-                        timestep_sampling="uniform", x0_weight_max=1.0, object_loss_weight=1.0,
-                        caption_dropout=0.0, sample_steps=50, guidance_scale=7.5, eval_images=1000),
+                        dino_path="weights/dinov2-large", bank_per_class=200, crop_margin=0.0,
+                        sam_checkpoint="weights/sam_vit_h_4b8939.pth", fg_ref_grid=0,
+                        bg_ref_grid=0, retrieval_pool=5000, ref_dtype="float16", steps=30000, batch_size=1,
+                        grad_accum=40, lr=1e-4, weight_decay=1e-2, warmup_steps=0, checkpoint_every=300,
+                        instance_dropout=0.0, timestep_sampling="uniform", x0_weight_max=1.0, object_loss_weight=1.0,
+                        caption="first", caption_dropout=0.0, base_model="weights/stable-diffusion-v1-4",
+                        sampler="euler", sample_steps=50, guidance_scale=7.5,
+                        negative_prompt="worst quality, low quality, bad anatomy, watermark, text, blurry",
+                        eval_images=1000),
         seg=SegmenterConfig(channels=(64, 128, 256, 512), steps=20000, batch_size=16, lr=1e-3),
         det=DetectorConfig(kind="faster_rcnn_r50_fpn", backbone_weights="weights/resnet50-0676ba61.pth",
                            channels=(64, 128, 256, 512), strides=(8, 16, 32, 64), fpn_channels=128, head_convs=4,

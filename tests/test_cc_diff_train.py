@@ -129,11 +129,13 @@ def test_sampling_settings_do_not_retrain(inputs, runs):
     preset now says; changing how it trains does not."""
     (s1, clip), (cfg, straight, _) = inputs, runs
     before = (straight / "training.json").stat().st_mtime_ns
-    sampling = replace(cfg, cc=replace(cfg.cc, guidance_scale=9.0, sample_steps=7, eval_images=99))
+    sampling = replace(cfg, cc=replace(cfg.cc, guidance_scale=9.0, sample_steps=7, eval_images=99,
+                                       negative_prompt="blurry"))
     assert train_cc_diff(sampling, s1, clip, straight, progress=False) == straight
     assert (straight / "training.json").stat().st_mtime_ns == before  # reused, not retrained
     pipe = load_cc_diff(straight, "cpu")
     assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (9.0, 7)
+    assert pipe.config.negative_prompt == "blurry"
     assert train_cc_diff(cfg, s1, clip, straight, progress=False) == straight  # and back
     assert load_cc_diff(straight, "cpu").config.guidance_scale == cfg.cc.guidance_scale
     assert (straight / "training.json").stat().st_mtime_ns == before

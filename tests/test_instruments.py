@@ -292,6 +292,62 @@ def test_paper_preset_names_every_instrument_file():
 
 
 # ---------------------------------------------------------------------------
+# CC-Diff's table: the papers' instruments beside the project's
+
+
+def test_cc_diff_instruments_of_a_preset(monkeypatch, tmp_path, open_clip_checkpoint, inception_weights):
+    classes = ("airplane", "ship")
+    none = I.cc_diff_instruments(get_preset("cpu"), classes)  # the small presets: none
+    assert (none.clip, none.yolo, none.inception_weights) == (None, None, None) and none.names() == {}
+    cfg = replace_eval(get_preset("paper"), open_clip_checkpoint=str(open_clip_checkpoint),
+                       open_clip_model=TINY_OPEN_CLIP, inception_weights=str(inception_weights),
+                       yolo_weights=str(tmp_path / "yolo.pt"))
+    monkeypatch.setattr(I, "ultralytics_installed", lambda: False)
+    with pytest.warns(UserWarning, match="ultralytics is not installed"):
+        inst = I.cc_diff_instruments(cfg, classes)
+    assert isinstance(inst.clip, I.OpenClipScore) and inst.yolo is None and inst.inception_weights == inception_weights
+    assert set(inst.names()) == {"clip_global_openclip", "clip_local_openclip", "fid_inception"}
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        I.cc_diff_instruments(replace_eval(cfg, inception_weights=str(tmp_path / "missing.pth"), yolo_weights=""),
+                              classes)
+
+
+def test_paper_layout_scores_and_the_table_take_the_papers_instruments(monkeypatch, open_clip_checkpoint):
+    from rslib.eval.layout import paper_layout_scores
+    from rslib.eval.tables import cc_diff_main_rows
+
+    images = images_in_range(2, size=32)
+    layouts = [[{"label": "ship", "bbox": [0.1, 0.1, 0.5, 0.5]}], []]
+    prompts = ["a port.", "a farm."]
+    clip = I.OpenClipScore.load(open_clip_checkpoint, TINY_OPEN_CLIP)
+    truth = [{"boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]), "scores": torch.tensor([0.9]),
+              "labels": torch.tensor([1])}, {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                             "labels": torch.zeros(0, dtype=torch.long)}]
+    yolo = I.LayoutDetector(lambda x: truth[:len(x)], ("airplane", "ship"), "YOLOv8 (stand-in)")
+    scores = paper_layout_scores(I.CCDiffInstruments(clip, yolo), images, None, prompts, layouts)
+    assert scores["clip_global_openclip"] == pytest.approx(clip.global_score(images, prompts))
+    assert scores["clip_local_openclip"] == pytest.approx(clip.local_score(images, layouts))
+    assert scores["map50_yolo"] == pytest.approx(1.0)  # the detections are the layout
+    assert paper_layout_scores(I.CCDiffInstruments(), images, None, prompts, layouts) == {}
+
+    project = {"clip_local": 20.0, "clip_global": 25.0, "fid_rsclip": 3.0, "map50": 0.5, "map50_95": 0.2,
+               "context": 0.6}
+    small = {"rows": [{"method": "cc_diff", **project}]}
+    table, note = cc_diff_main_rows(small)
+    assert table.iloc[0].to_dict() == {"method": "CC-Diff", "clip_local": 20.0, "clip_global": 25.0, "fid": 3.0,
+                                       "map50": 50.0, "map50_95": 20.0, "context": 0.6}
+    assert "RS-CLIP" in note and "the project's detector" in note
+    paper = {"rows": [{"method": "cc_diff", **project, **scores, "fid_inception": 70.0, "map50_95_yolo": 0.4}],
+             "instruments": {**I.CCDiffInstruments(clip, yolo).names(), "fid_inception": "InceptionV3 (w.pth)"}}
+    table, note = cc_diff_main_rows(paper)
+    row = table.iloc[0].to_dict()
+    assert row["clip_global"] == pytest.approx(scores["clip_global_openclip"]) and row["fid"] == 70.0
+    assert row["map50"] == pytest.approx(100.0) and row["map50_95"] == pytest.approx(40.0)
+    assert "open_clip ViT-L-14" in note and "YOLOv8 (stand-in)" in note and "InceptionV3 (w.pth)" in note
+    assert "RS-CLIP" not in note
+
+
+# ---------------------------------------------------------------------------
 # Trainability with Faster R-CNN R50-FPN
 
 
@@ -353,3 +409,28 @@ def test_faster_rcnn_trainability_on_real_format_data(dior_paper):
     test = preset_split(cfg, "test", maps=())
     out = D.detect(model, test.pixel_values())
     assert len(out) == len(test) and all(bool((d["labels"] >= 0).all()) for d in out)
+
+
+def test_crs_diff_paper_scorer_and_its_table(clip_folder, inception_weights, monkeypatch):
+    from rslib.eval import metrics
+    from rslib.eval.tables import crs_diff_text_rows
+
+    assert I.crs_diff_paper_scorer(get_preset("cpu")) is None  # the small presets: RS-CLIP only
+    cfg = replace_eval(get_preset("paper"), clip_score_folder=str(clip_folder), inception_weights=str(inception_weights))
+    # the Inception path itself is checked above; here its 2048-d matrix square root would take a minute
+    monkeypatch.setattr(metrics, "inception_scores", lambda real, gen, path: {"fid_inception": 50.0,
+                                                                              "inception_score": 2.0})
+    score = I.crs_diff_paper_scorer(cfg)
+    real, gen = images_in_range(2, 32, seed=1), images_in_range(2, 32, seed=2)
+    out = score(real, gen, ["a port.", "a farm."])
+    assert out["fid_inception"] == 50.0 and out["inception_score"] == 2.0
+    assert out["clip_score_clip"] == pytest.approx(I.ClipFolderScore.load(clip_folder).score(gen, ["a port.",
+                                                                                                  "a farm."]))
+    small_s1 = {"fid_rsclip": 3.0, "clip_score": 20.0, "scene_agreement": 0.8, "fid_rsclip_real_val": 1.0,
+                "clip_score_real": 22.0, "scene_agreement_real": 0.9}
+    small_crs = {"settings": [{"setting": "all + metadata + content", "fid_rsclip": 2.0, "clip_score": 21.0}]}
+    table, note = crs_diff_text_rows(small_s1, small_crs)
+    assert list(table["fid"]) == [3.0, 2.0, 1.0] and "inception_score" not in table and "RS-CLIP" in note
+    table, note = crs_diff_text_rows({**small_s1, **out}, {"settings": [{**small_crs["settings"][0], **out}]})
+    assert list(table["fid"][:2]) == [50.0, 50.0] and list(table["inception_score"][:2]) == [2.0, 2.0]
+    assert np.isnan(table["fid"][2]) and "InceptionV3" in note and "CLIP ViT-L/14" in note

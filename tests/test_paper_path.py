@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from safetensors.torch import load_file
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, Dinov2Config,
                           Dinov2Model)
@@ -96,7 +97,8 @@ def cfg(root):
         "crs.steps": 2, "crs.batch_size": 2, "crs.sample_steps": 2,
         "cc.dino_path": str(root / "dino"), "cc.dino_size": 2 * DINO_PATCH, "cc.resampler_dim": 16,
         "cc.resampler_heads": 2, "cc.resampler_dim_head": 8, "cc.fusion_heads": 2, "cc.fusion_dim_head": 8,
-        "cc.box_hidden": 16, "cc.steps": 2, "cc.batch_size": 2, "cc.sample_steps": 2,
+        "cc.box_hidden": 16, "cc.steps": 2, "cc.batch_size": 2, "cc.grad_accum": 2, "cc.sample_steps": 2,
+        "cc.base_model": str(root / "sd"), "cc.sam_checkpoint": "",  # box crops: no SAM stand-in
     }
     return get_preset("paper", **small)
 
@@ -116,10 +118,11 @@ def _finite_images(x: torch.Tensor | np.ndarray, shape: tuple[int, ...]) -> None
     assert tuple(x.shape) == shape and torch.isfinite(x).all()
 
 
-def test_preset_keeps_the_paper_settings(cfg):
+def test_preset_keeps_the_paper_settings(cfg):  # every value: tests/test_paper_preset.py
     assert cfg.name == "paper" and cfg.lr_decay == "constant" and cfg.unet.ema_decay is None
     assert cfg.unet.x0_weight_max == cfg.crs.x0_weight_max == cfg.cc.x0_weight_max == 1.0
     assert not cfg.crs.map_guidance and cfg.cc.timestep_sampling == "uniform" and cfg.cc.image_encoder == "dinov2"
+    assert cfg.crs.null_conditions == "zero" and cfg.cc.sampler == "euler"
 
 
 def test_stage_one_fine_tunes_the_sd_unet(cfg, root, stage_one):
@@ -151,6 +154,8 @@ def test_crs_diff_on_the_sd_unet(cfg, stage_one):
     assert all(np.isfinite(h["loss"]) for h in read_history(out))
     pipe = load_crs_diff(out, "cpu")
     assert pipe.config.map_guidance is False  # the paper's guidance: both CFG branches see the maps
+    assert pipe.config.guidance_keeps_metadata is True and pipe.config.null_conditions == "zero"  # ... the metadata
+    assert pipe.config.negative_prompt == cfg.crs.negative_prompt and not pipe.adapter.config.metadata_to_adapter
     assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (cfg.crs.guidance_scale,
                                                                              cfg.crs.sample_steps)
     tuned = load_file(str(stage_one / UNET_FILE))
@@ -165,15 +170,20 @@ def test_crs_diff_on_the_sd_unet(cfg, stage_one):
     assert images.min() >= -1 and images.max() <= 1
 
 
-def test_cc_diff_with_dinov2_references(cfg, stage_one):
+def test_cc_diff_with_dinov2_references(cfg, root, stage_one):
+    before = load_file(str(stage_one / UNET_FILE))
     out = train_cc_diff(cfg, progress=False)
     assert out == cfg.run_dir("cc_diff") and len(read_history(out)) == 2
     assert all(np.isfinite(h["loss"]) for h in read_history(out))
     info = training_info(out)
     assert info["image_dim"] == 24 and info["bank_entries"] > 0  # DINOv2 tokens, not the CLIP vision tower's
     pipe = load_cc_diff(out, "cpu")
-    tuned = load_file(str(stage_one / UNET_FILE))
-    assert all(torch.equal(v, tuned[k]) for k, v in pipe.unet.state_dict().items())  # stage one, frozen
+    sd = load_file(str(root / "sd" / UNET_FILE))
+    assert all(torch.equal(v, sd[k]) for k, v in pipe.unet.state_dict().items())  # SD itself (cc.base_model), frozen
+    after = load_file(str(stage_one / UNET_FILE))
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # stage one untouched
+    assert any(not torch.equal(v, sd[k]) for k, v in after.items())  # (and it is not SD's)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and pipe.config.negative_prompt == cfg.cc.negative_prompt
     bank = pipe.references
     assert bank.config.encoder == "dinov2" and bank.fg_tokens.shape[1:] == (1 + 2 * 2, 24)  # CLS + 2 x 2 patches
     test = load_folder(split_dir(cfg, "test"), SIZE, maps=(), classes=pipe.classes)

@@ -416,6 +416,62 @@ def test_defaults_pil_output_and_saved_sampling_settings(parts, kind, tmp_path):
     assert np.abs(by_default - run(loaded, kind)).max() > 1e-4  # 3.0 and 2 steps differ
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_saved_negative_prompt_is_the_default(parts, kind, tmp_path):
+    pipe = make_pipe(parts, kind)
+    type(pipe)(**pipe.components, negative_prompt="blurry").save_pretrained(tmp_path / "p")
+    loaded = (load_crs_diff if kind == "crs" else load_cc_diff)(tmp_path / "p", "cpu")
+    assert loaded.config.negative_prompt == "blurry"
+    _, by_default = loaded.encode_prompt(PROMPTS[0], torch.device("cpu"), 1, True)[:2]
+    _, given = pipe.encode_prompt(PROMPTS[0], torch.device("cpu"), 1, True, negative_prompt="blurry")[:2]
+    _, empty = pipe.encode_prompt(PROMPTS[0], torch.device("cpu"), 1, True)[:2]
+    assert torch.equal(by_default, given) and not torch.equal(by_default, empty)
+    args = call_args(kind)
+    np.testing.assert_array_equal(loaded(**args).images, run(pipe, kind, negative_prompt="blurry"))
+
+
+def crs_encode_inputs(pipe, monkeypatch, **kw) -> dict:
+    """What one CRS-Diff call gives its denoiser's ``encode`` ([uncond ; cond] rows while guiding)."""
+    from rslib.models.crs_diff import CRSDiffModel
+
+    seen = {}
+    original = CRSDiffModel.encode
+
+    def spy(self, text, conditions=None, content_embeds=None, content_keep=None, metadata=None,
+            metadata_keep=None, *args, **kwargs):
+        seen.update(content=content_embeds.clone(), content_keep=content_keep.clone(), metadata=metadata.clone(),
+                    metadata_keep=metadata_keep.clone())
+        return original(self, text, conditions, content_embeds, content_keep, metadata, metadata_keep, *args,
+                        **kwargs)
+
+    monkeypatch.setattr(CRSDiffModel, "encode", spy)
+    content = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    pipe(**call_args("crs", content_image=content, **kw))
+    return seen
+
+
+def test_crs_diff_unconditional_branch_as_the_small_presets_build_it(parts, monkeypatch):
+    """Learned nulls: the unconditional rows drop the content image and every metadata field."""
+    seen = crs_encode_inputs(make_pipe(parts, "crs"), monkeypatch)
+    assert seen["content_keep"].tolist() == [False, False, True, True]
+    assert not seen["metadata_keep"][:2].any() and seen["metadata_keep"][2:].sum() == 2 * 2  # cloud cover, month
+
+
+def test_crs_diff_unconditional_branch_as_the_paper_builds_it(parts, monkeypatch):
+    """CRS-Diff's: a zero content embedding through the tokenizer (no learned null), the same metadata as the
+    conditional rows, zeros for the fields the caller left out, and the images change with it."""
+    pipe = make_pipe(parts, "crs", guidance_keeps_metadata=True, null_conditions="zero")
+    seen = crs_encode_inputs(pipe, monkeypatch)
+    assert seen["content_keep"].all() and seen["metadata_keep"].all()  # no learned null anywhere
+    assert not seen["content"][:2].any() and seen["content"][2:].abs().sum(1).min() > 0
+    torch.testing.assert_close(seen["metadata"][:2], seen["metadata"][2:])
+    assert (seen["metadata"][2:] != 0).sum() == 2 * 2  # the two given fields; the others are zeros
+    monkeypatch.undo()
+    assert np.abs(run(pipe, "crs") - run(make_pipe(parts, "crs"), "crs")).max() > 1e-4
+    with pytest.raises(ValueError, match="null_conditions must be one of learned, zero, not 'none'"):
+        make_pipe(parts, "crs", null_conditions="none")
+
+
 def test_pipelines_and_loaders_at_package_level():
     assert rslib.pipelines.CRSDiffPipeline is rslib.CRSDiffPipeline is CRSDiffPipeline
     assert rslib.pipelines.CCDiffPipeline is rslib.CCDiffPipeline is CCDiffPipeline

@@ -315,3 +315,15 @@ def test_checkpoints_follow_the_umask(tmp_path):
     modes = {("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777)
              for p in [tmp_path / "run", *(tmp_path / "run").rglob("*")]}
     assert modes == {("dir", 0o755), ("file", 0o644)}
+
+
+def test_stamps_leave_out_every_sampling_only_setting():
+    """Changing how a trained model samples never retrains it: none of these is in a training stamp."""
+    from rslib.config import get_preset
+
+    sampling = {"sample_steps", "guidance_scale", "control_scale", "map_guidance", "guidance_keeps_metadata",
+                "negative_prompt", "eval_images"}
+    assert sampling <= set(stage.SAMPLING_ONLY)
+    cfg = get_preset("smoke")
+    for part in ("crs", "cc"):
+        assert not sampling & set(stage.stage_stamp(cfg, part)[part])

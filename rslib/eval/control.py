@@ -17,7 +17,7 @@ latent model built on it: at the cpu preset a 4-px road does not survive the aut
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,10 +69,13 @@ def generate_setting(pipe: Any, test: Mapping[str, Any], setting: tuple[tuple[st
 
 def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: Any, segmenter: torch.nn.Module,
                       n: int, seed: int, settings: Mapping[str, tuple] | None = None, autoencoder_row: bool = True,
+                      paper_scores: Callable[[torch.Tensor, torch.Tensor, Sequence[str]], dict[str, float]] | None = None,
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row of measures per setting, after the real images' row and (when ``pipe`` has a VAE and
     ``autoencoder_row``) the row of the real images passed through it; returns (rows, generated images by name).
-    The last row is the last setting."""
+    The last row is the last setting. ``paper_scores`` (:func:`rslib.eval.instruments.crs_diff_paper_scorer`)
+    adds the papers' measures to every generated row."""
+    extra = paper_scores or (lambda real, gen, prompts: {})
     settings = SETTINGS if settings is None else settings
     target = targets(test, n)
     real = test["pixel_values"][:n]
@@ -87,14 +90,14 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
         images[AUTOENCODER_ROW] = rec
         rows.append({"setting": AUTOENCODER_ROW, **fidelity(rec, target, segmenter),
                      "fid_rsclip": metrics.rs_clip_fid(clip, real, rec),
-                     "clip_score": metrics.clip_score(clip, tokenizer, rec, prompts)})
+                     "clip_score": metrics.clip_score(clip, tokenizer, rec, prompts), **extra(real, rec, prompts)})
     for name, setting in settings.items():
         t0 = time.perf_counter()
         gen = generate_setting(pipe, test, setting, n, seed, **kw)
         images[name] = gen
         rows.append({"setting": name, **fidelity(gen, target, segmenter),
                      "fid_rsclip": metrics.rs_clip_fid(clip, real, gen),
-                     "clip_score": metrics.clip_score(clip, tokenizer, gen, prompts),
+                     "clip_score": metrics.clip_score(clip, tokenizer, gen, prompts), **extra(real, gen, prompts),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
 

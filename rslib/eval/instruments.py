@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,28 @@ def cc_diff_clip_score(cfg: Preset, device: str | torch.device = "cpu") -> OpenC
     return OpenClipScore.load(cfg.eval.open_clip_checkpoint, cfg.eval.open_clip_model, device)
 
 
+def crs_diff_paper_scorer(cfg: Preset, device: str | torch.device = "cpu",
+                          ) -> Callable[[torch.Tensor, torch.Tensor, Sequence[str]], dict[str, float]] | None:
+    """CRS-Diff's text-to-image measures with the papers' instruments a preset names (``cfg.eval``), as a
+    function of (real images, generated images, their captions), images in [-1, 1]: Inception ``fid_inception``
+    and ``inception_score`` (``eval.inception_weights``) and ``clip_score_clip``, CLIPScore with the CLIP folder
+    (``eval.clip_score_folder``). None at the small presets; a named file that is missing is an error now."""
+    from rslib.eval.metrics import inception_scores, inception_weights_file
+
+    clip = crs_diff_clip_score(cfg, device)
+    inception = inception_weights_file(cfg.eval.inception_weights) if cfg.eval.inception_weights else None
+    if clip is None and inception is None:
+        return None
+
+    def score(real: torch.Tensor, generated: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+        out = inception_scores(real, generated, inception) if inception is not None else {}
+        if clip is not None:
+            out["clip_score_clip"] = clip.score(generated, captions)
+        return out
+
+    return score
+
+
 # ---------------------------------------------------------------------------
 # YOLOScore: ultralytics YOLOv8 when installed, else the project's detector
 
@@ -297,6 +320,49 @@ def yolo_score(detector: LayoutDetector, images: torch.Tensor, targets: Sequence
     return {**scores, "instrument": detector.label}
 
 
-__all__ = ["ClipFolderScore", "LayoutDetector", "OpenClipScore", "cc_diff_clip_score", "crs_diff_clip_score",
-           "hbb_crop", "project_detector",
-           "ultralytics_detector", "ultralytics_installed", "yolo_detections", "yolo_score", "yolo_score_detector"]
+# ---------------------------------------------------------------------------
+# CC-Diff's table: the papers' instruments beside the project's
+
+
+@dataclass
+class CCDiffInstruments:
+    """The papers' CC-Diff instruments a preset names (``cfg.eval``), each None where it names none: open_clip
+    CLIPScore, YOLOv8 (the project's detector scores every table anyway) and Inception FID."""
+
+    clip: OpenClipScore | None = None
+    yolo: LayoutDetector | None = None
+    inception_weights: Path | None = None
+
+    def names(self) -> dict[str, str]:
+        """Which instrument gave each paper column, for the table's caption."""
+        out = {}
+        if self.clip is not None:
+            out["clip_global_openclip"] = out["clip_local_openclip"] = "open_clip ViT-L-14 (eval.open_clip_checkpoint)"
+        if self.yolo is not None:
+            out["map50_yolo"] = out["map50_95_yolo"] = self.yolo.label
+        if self.inception_weights is not None:
+            out["fid_inception"] = f"InceptionV3 ({self.inception_weights.name})"
+        return out
+
+
+def cc_diff_instruments(cfg: Preset, classes: Sequence[str], device: str | torch.device = "cpu"
+                        ) -> CCDiffInstruments:
+    """CC-Diff's paper instruments of a preset (none at the small presets): each file named in ``cfg.eval`` is
+    loaded, a missing one is an error naming it. YOLOv8 also needs the optional ``ultralytics`` package: without
+    it, a warning and no YOLOv8 column."""
+    from rslib.eval.metrics import inception_weights_file
+
+    yolo = None
+    if cfg.eval.yolo_weights:
+        if ultralytics_installed():
+            yolo = ultralytics_detector(cfg.eval.yolo_weights, classes, imgsz=cfg.det.input_size or 800)
+        else:
+            warnings.warn("eval.yolo_weights is set but ultralytics is not installed (pip install 'rslib[yolo]'): "
+                          "YOLOScore is the project's detector only", stacklevel=2)
+    inception = Path(inception_weights_file(cfg.eval.inception_weights)) if cfg.eval.inception_weights else None
+    return CCDiffInstruments(cc_diff_clip_score(cfg, device), yolo, inception)
+
+
+__all__ = ["CCDiffInstruments", "ClipFolderScore", "LayoutDetector", "OpenClipScore", "cc_diff_clip_score",
+           "cc_diff_instruments", "crs_diff_clip_score", "crs_diff_paper_scorer", "hbb_crop", "project_detector", "ultralytics_detector",
+           "ultralytics_installed", "yolo_detections", "yolo_score", "yolo_score_detector"]

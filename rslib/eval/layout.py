@@ -28,6 +28,7 @@ from rslib.eval.data import EvalSet
 from rslib.eval.coco_ap import average_precision, match_images
 from rslib.eval.detector import coco_inputs, detect, detection_map
 from rslib.eval.fidelity import context_hits, on_context_fraction
+from rslib.eval.instruments import CCDiffInstruments, yolo_score
 from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
 from rslib.pipelines.cc_diff import sample_cc_diff
@@ -108,15 +109,38 @@ def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[st
                                            classes)}
 
 
+def paper_layout_scores(instruments: CCDiffInstruments, images: torch.Tensor, real: torch.Tensor | None,
+                        prompts: Sequence[str], layouts: Sequence[Sequence[dict[str, Any]]]) -> dict[str, float]:
+    """The papers' measures of images by the instruments a preset names (none: {}): open_clip CLIPScore global
+    and local (``clip_global_openclip``, ``clip_local_openclip``), YOLOv8's ``map50_yolo`` and ``map50_95_yolo``
+    (fractions, as ``map50``), and Inception FID against ``real`` (``fid_inception``; 0 when ``real`` is None:
+    the real images themselves)."""
+    out: dict[str, float] = {}
+    if instruments.clip is not None:
+        out["clip_global_openclip"] = instruments.clip.global_score(images, prompts)
+        out["clip_local_openclip"] = instruments.clip.local_score(images, layouts)
+    if instruments.yolo is not None:
+        scores = yolo_score(instruments.yolo, images, targets_of(layouts, instruments.yolo.classes))
+        out["map50_yolo"], out["map50_95_yolo"] = scores["map50"], scores["map"]
+    if instruments.inception_weights is not None:
+        out["fid_inception"] = 0.0 if real is None else metrics.inception_scores(
+            real, images, instruments.inception_weights)["fid_inception"]
+    return out
+
+
 def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer: Any, detector: torch.nn.Module,
                       segmenter: torch.nn.Module, n: int, seed: int, max_objects: int | None = None,
+                      instruments: CCDiffInstruments | None = None,
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """One row of :func:`layout_scores` per pipeline (and one for the real images); returns (rows, images)."""
+    """One row of :func:`layout_scores` per pipeline (and one for the real images), with the papers' measures of
+    ``instruments`` (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them; returns (rows, images)."""
+    instruments = instruments or CCDiffInstruments()
     layouts = layouts_of(data, n, max_objects)
     prompts = [r.captions[0] if r.captions else "" for r in data.records[:n]]
     real = data.pixel_values(slice(0, n))
     rows = [{"method": "real test images", **layout_scores(real, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                            detector, segmenter)}]
+                                                            detector, segmenter),
+             **paper_layout_scores(instruments, real, None, prompts, layouts)}]
     rows[0]["fid_rsclip"] = 0.0
     images = {}
     for name, pipe in pipes.items():
@@ -124,7 +148,9 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
         gen = sample_cc_diff(pipe, prompts, layouts, seed, **kw)
         images[name] = gen
         rows.append({"method": name, **layout_scores(gen, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                     detector, segmenter), "seconds": round(time.perf_counter() - t0, 1)})
+                                                     detector, segmenter),
+                     **paper_layout_scores(instruments, gen, real, prompts, layouts),
+                     "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
 
 

@@ -187,7 +187,7 @@ INCEPTION_WEIGHTS_HINT = ("the FID InceptionV3 weights of torch-fidelity, pt_inc
                           "(download it once on a machine with network access and give its local path)")
 
 
-def _inception_weights(path: str | os.PathLike) -> str:
+def inception_weights_file(path: str | os.PathLike) -> str:
     """The local InceptionV3 weights file, or a FileNotFoundError naming it; torch-fidelity must be installed."""
     from rslib.config import resolve_path
 
@@ -207,7 +207,7 @@ def inception_fid(feature_extractor_weights_path: str | os.PathLike, feature: in
     ``normalize=True``); a missing file raises FileNotFoundError naming it."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    path = _inception_weights(feature_extractor_weights_path)
+    path = inception_weights_file(feature_extractor_weights_path)
     return FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=path, **kwargs)
 
 
@@ -216,7 +216,7 @@ def inception_score_metric(feature_extractor_weights_path: str | os.PathLike, sp
     from torchmetrics.image.fid import NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore
 
-    path = _inception_weights(feature_extractor_weights_path)
+    path = inception_weights_file(feature_extractor_weights_path)
     net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
                              feature_extractor_weights_path=path)
     return InceptionScore(feature=net, splits=splits, normalize=True, **kwargs)

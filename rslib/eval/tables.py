@@ -42,6 +42,56 @@ def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, metrics: Sequence[str]
     return left.join(right, how="outer").reindex(order).rename_axis(key).reset_index()
 
 
+CC_DIFF_NAMES = {"cc_diff": "CC-Diff", "no_bridge": "CC-Diff without context bridge", "gligen": "GLIGEN",
+                 "real test images": "real test images"}
+# each column of CC-Diff's published table: (the papers' instrument's key, the project's instrument's key)
+CC_DIFF_COLUMNS = {"clip_local": ("clip_local_openclip", "clip_local"),
+                   "clip_global": ("clip_global_openclip", "clip_global"),
+                   "fid": ("fid_inception", "fid_rsclip"),
+                   "map50": ("map50_yolo", "map50"), "map50_95": ("map50_95_yolo", "map50_95")}
+PROJECT_INSTRUMENTS = {"clip_local": "RS-CLIP", "clip_global": "RS-CLIP", "fid": "RS-CLIP features",
+                       "map50": "the project's detector", "map50_95": "the project's detector"}
+
+
+def cc_diff_main_rows(results: dict[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Our rows of CC-Diff's main table (notebook 04's ``eval.json``) in the published table's columns and units
+    (mAP in %), each column from the papers' instrument where notebook 04 had it (``results["instruments"]``,
+    the paper preset), else the project's; and a sentence naming the instrument of each column."""
+    rows = results["rows"]
+    used = {col: paper if all(paper in r for r in rows) else ours for col, (paper, ours) in CC_DIFF_COLUMNS.items()}
+    scale = {"map50": 100.0, "map50_95": 100.0}
+    table = pd.DataFrame([{"method": CC_DIFF_NAMES.get(r["method"], r["method"]),
+                           **{col: scale.get(col, 1.0) * r[key] for col, key in used.items()},
+                           "context": r["context"]} for r in rows])
+    names = results.get("instruments", {})
+    by = {col: names.get(key, PROJECT_INSTRUMENTS[col]) for col, key in used.items()}
+    groups: dict[str, list[str]] = {}
+    for col, name in by.items():
+        groups.setdefault(name, []).append(col)
+    note = "; ".join(f"{', '.join(cols)}: {name}" for name, cols in groups.items())
+    return table, note
+
+
+def crs_diff_text_rows(stage_one: dict[str, Any], crs: dict[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Our rows of CRS-Diff's text-to-image table (notebook 02's and 03's ``eval.json``) in the published
+    columns: FID, IS and CLIPScore from the papers' instruments where both notebooks had them (the paper preset:
+    ``fid_inception``, ``inception_score``, ``clip_score_clip``), else RS-CLIP's; and a sentence naming them."""
+    full = next(r for r in crs["settings"] if r["setting"] == "all + metadata + content")
+    paper = all(k in r for r in (stage_one, full) for k in ("fid_inception", "clip_score_clip"))
+    fid, clip = ("fid_inception", "clip_score_clip") if paper else ("fid_rsclip", "clip_score")
+    rows = [{"method": "stage one (text only)", "fid": stage_one[fid], "clip_score": stage_one[clip],
+             "zero_shot_oa": stage_one["scene_agreement"]},
+            {"method": "CRS-Diff (all conditions)", "fid": full[fid], "clip_score": full[clip]},
+            {"method": "real test images", "fid": float("nan") if paper else stage_one["fid_rsclip_real_val"],
+             "clip_score": float("nan") if paper else stage_one["clip_score_real"],
+             "zero_shot_oa": stage_one["scene_agreement_real"]}]
+    if paper:  # the Inception Score exists with the Inception instrument only
+        rows[0]["inception_score"], rows[1]["inception_score"] = stage_one["inception_score"], full["inception_score"]
+    note = ("FID and IS with InceptionV3 (eval.inception_weights), CLIPScore with CLIP ViT-L/14 "
+            "(eval.clip_score_folder)" if paper else "FID and CLIPScore with RS-CLIP features")
+    return pd.DataFrame(rows), note + "; zero-shot OA = RS-CLIP scene of the generated image equals the caption's"
+
+
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
     """Write ``df`` as ``<name>.md`` (with a caption line) and ``<name>.csv``; returns both paths."""
     folder = Path(folder)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 
 from rslib.config import Preset, resolve_path
 
@@ -75,7 +75,15 @@ def build_noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False)
 
 
-def build_sampler() -> DDIMScheduler:
-    """The default sampler: DDIM with SD's settings (steps_offset 1, no clipping)."""
-    return DDIMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1)
+SAMPLERS = ("ddim", "euler")
+
+
+def build_sampler(kind: str = "ddim") -> DDIMScheduler | EulerDiscreteScheduler:
+    """A sampler with SD 1.x's schedule: "ddim" (steps_offset 1, no clipping, as CRS-Diff samples) or "euler"
+    (``EulerDiscreteScheduler`` as SD 1.4's folder configures it, as CC-Diff samples)."""
+    if kind == "ddim":
+        return DDIMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
+                             steps_offset=1)
+    if kind == "euler":
+        return EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type="epsilon", steps_offset=1)
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {kind!r} (cc.sampler)")

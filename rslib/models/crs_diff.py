@@ -61,6 +61,26 @@ def metadata_sinusoids(values: torch.Tensor, dim: int, max_value: float = 1000.0
     return emb
 
 
+NULL_CONDITIONS = ("learned", "zero")
+
+
+def check_null_conditions(kind: str) -> str:
+    """``kind`` if it names what stands for a dropped content image or metadata field, else a ValueError."""
+    if kind not in NULL_CONDITIONS:
+        raise ValueError(f"null_conditions must be one of {', '.join(NULL_CONDITIONS)}, not {kind!r} "
+                         f"(crs.null_conditions)")
+    return kind
+
+
+def zero_dropped(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CRS-Diff's dropped conditions without learned nulls: the dropped rows of ``values`` (content embeddings
+    (B, D) with ``keep`` (B,), or metadata (B, F) with ``keep`` (B, F)) set to zero and every row kept, so that
+    zeros go through the encoder (``crs.null_conditions = "zero"``)."""
+    mask = keep.to(values.device).bool()
+    mask = mask[:, None] if mask.ndim < values.ndim else mask
+    return values * mask.to(values.dtype), torch.ones_like(keep, dtype=torch.bool)
+
+
 class MetadataEncoder(ModelMixin, ConfigMixin):
     """Seven metadata fields -> one vector for the UNet time embedding (sinusoid + a Linear per field, summed).
 
@@ -629,7 +649,7 @@ def trainable_parameter_counts(model: CRSDiffModel) -> dict[str, int]:
 
 
 __all__ = [
-    "AttnFeatureDenorm2d", "CRSConditions", "CRSDiffModel", "CRSLocalAdapter", "ContentTokenizer", "FDNResnetBlock2D",
+    "NULL_CONDITIONS", "check_null_conditions", "zero_dropped", "AttnFeatureDenorm2d", "CRSConditions", "CRSDiffModel", "CRSLocalAdapter", "ContentTokenizer", "FDNResnetBlock2D",
     "FeatureDenorm2d", "LocalFeatureExtractor", "MetadataEncoder", "SpatialSelfAttention2d", "control_scales",
     "join_context", "load_frozen_unet", "metadata_sinusoids", "trainable_parameter_counts",
     "with_identity_class_embedding", "zero_module",

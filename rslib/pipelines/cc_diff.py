@@ -169,13 +169,13 @@ class CCDiffPipeline(RSPipeline):
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, scheduler: DDIMScheduler, adapter: CCDiffAdapter,
                  references: ReferenceBank, max_instances: int | None = None, guidance_scale: float | None = None,
-                 num_inference_steps: int | None = None):
+                 num_inference_steps: int | None = None, negative_prompt: str | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, adapter=adapter, references=references)
         # the defaults of __call__, saved with the folder (train_cc_diff stores its preset's)
         self.register_to_config(max_instances=max_instances, guidance_scale=guidance_scale,
-                                num_inference_steps=num_inference_steps)
+                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt)
 
     @property
     def classes(self) -> list[str]:
@@ -301,8 +301,8 @@ class CCDiffPipeline(RSPipeline):
         warning. ``background``: None (the scene the prompt retrieves), a retrieval-pool index (or one per
         prompt), or tokens (T, D_img) / (B, T, D_img). ``fg_refs`` (B, N, T, D_img) overrides the instance
         references. ``prompt_embeds`` come with ``pooled_prompt_embeds`` (as ``encode_prompt`` returns them).
-        ``guidance_scale`` and ``num_inference_steps`` default to the pipeline's config (the preset that trained
-        it). ``output_type``: "pil" (default), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or
+        ``guidance_scale``, ``num_inference_steps`` and ``negative_prompt`` default to the pipeline's config (the
+        preset that trained it). ``output_type``: "pil" (default), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or
         "latent".
         """
         guidance_scale, num_inference_steps = self.sampling_defaults(guidance_scale, num_inference_steps)

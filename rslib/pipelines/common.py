@@ -216,7 +216,8 @@ class RSPipeline(DiffusionPipeline):
         batch = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negs = [negative_prompt] if negative_prompt is None or isinstance(negative_prompt, str) else negative_prompt
-            negs = one_per_prompt(["" if n is None else n for n in negs], batch, "negative_prompt")
+            default = self.config.get("negative_prompt") or ""  # the preset's that trained it, else ""
+            negs = one_per_prompt([default if n is None else n for n in negs], batch, "negative_prompt")
             negative_prompt_embeds = self.text_states(negs, device)[0]
         if not do_classifier_free_guidance:
             negative_prompt_embeds = None

@@ -4,14 +4,17 @@ Components: the frozen stage-one parts (``vae``, ``text_encoder``, ``tokenizer``
 embedding, DDIM ``scheduler``), the trained condition branch (``adapter`` with its feature extractor,
 ``metadata_encoder``, ``content_tokenizer``) and the RS-CLIP image tower (``image_encoder``) that embeds content
 images. ``save_pretrained`` / ``from_pretrained`` round-trip every part (safetensors) and the sampling defaults
-(``guidance_scale``, ``num_inference_steps``, ``map_guidance``) of the preset that trained it.
+(``guidance_scale``, ``num_inference_steps``, ``negative_prompt`` and what the unconditional branch sees) of the preset
+that trained it.
 
 The denoiser is :class:`rslib.models.crs_diff.CRSDiffModel`, the module training optimises: the pipeline calls its
 ``encode`` once per call and its ``denoise`` at every step. It follows diffusers' pipeline contract
 (:mod:`rslib.pipelines.common`).
 
-Classifier-free guidance: the unconditional branch has the negative (default empty) prompt, the learned null
-content tokens and the learned null metadata; the condition maps are the same in both branches (as upstream).
+Classifier-free guidance: the unconditional branch has the negative prompt (the config's, default empty), no
+content (the learned null tokens, or with ``null_conditions="zero"`` a zero content embedding, as CRS-Diff does),
+the learned null metadata (or, with ``guidance_keeps_metadata``, the same metadata, as CRS-Diff does) and the same
+condition maps (or none, with ``map_guidance``).
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from rslib.models.crs_diff import (
     CRSDiffModel,
     CRSLocalAdapter,
     MetadataEncoder,
+    check_null_conditions,
     control_scales,
+    zero_dropped,
 )
 from rslib.models.text import content_embeddings
 from rslib.pipelines.common import (
@@ -263,7 +268,8 @@ class CRSDiffPipeline(RSPipeline):
                  metadata_encoder: MetadataEncoder | None = None, content_tokenizer: ContentTokenizer | None = None,
                  image_encoder: CLIPVisionModelWithProjection | None = None, map_guidance: bool = False,
                  guidance_scale: float | None = None, num_inference_steps: int | None = None,
-                 condition_maps: Sequence[str] | None = None):
+                 condition_maps: Sequence[str] | None = None, negative_prompt: str | None = None,
+                 guidance_keeps_metadata: bool = False, null_conditions: str = "learned"):
         super().__init__()
         if unet is not None and unet.config.class_embed_type != "identity":
             raise ValueError("CRSDiffPipeline needs the UNet with class_embed_type='identity' "
@@ -272,8 +278,10 @@ class CRSDiffPipeline(RSPipeline):
                               scheduler=scheduler, adapter=adapter, metadata_encoder=metadata_encoder,
                               content_tokenizer=content_tokenizer, image_encoder=image_encoder)
         # the defaults of __call__, saved with the folder (train_crs_diff stores its preset's)
+        check_null_conditions(null_conditions)
         self.register_to_config(map_guidance=bool(map_guidance), guidance_scale=guidance_scale,
-                                num_inference_steps=num_inference_steps)
+                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+                                guidance_keeps_metadata=bool(guidance_keeps_metadata), null_conditions=null_conditions)
         # the maps the adapter was trained on (crs.condition_maps; None: all six): the others are always zero
         self.register_to_config(condition_maps=None if condition_maps is None else list(condition_maps))
 
@@ -379,8 +387,8 @@ class CRSDiffPipeline(RSPipeline):
         residual). ``text_only=True`` runs the frozen stage-one UNet alone (no residuals, metadata or content).
         ``map_guidance``: the unconditional branch of classifier-free guidance sees no maps (all zero, the "drop
         all" case of training), so the guidance scale amplifies the maps as it amplifies the prompt; off
-        (CRS-Diff's own choice) both branches see the same maps. ``guidance_scale``, ``num_inference_steps`` and
-        ``map_guidance`` default to the pipeline's config (the preset that trained it). ``output_type``: "pil"
+        (CRS-Diff's own choice) both branches see the same maps. ``guidance_scale``, ``num_inference_steps``,
+        ``negative_prompt`` and ``map_guidance`` default to the pipeline's config (the preset that trained it). ``output_type``: "pil"
         (default), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or "latent".
         """
         guidance_scale, num_inference_steps = self.sampling_defaults(guidance_scale, num_inference_steps)
@@ -430,10 +438,13 @@ class CRSDiffPipeline(RSPipeline):
                 feats = self.adapter.features(cond)  # once: the maps do not change over the steps
                 unfeats = self.adapter.features(torch.zeros_like(cond)) if map_guidance and guiding else feats
                 features = [both_branches(f, u) for f, u in zip(feats, unfeats)]
-            dropped_c, dropped_m = torch.zeros_like(keep_c), torch.zeros_like(keep_m)  # the nulls, unconditionally
-            encoded = model.encode(text, None, both_branches(embeds, embeds), both_branches(keep_c, dropped_c),
-                                   both_branches(values, values), both_branches(keep_m, dropped_m), scales,
-                                   global_strength, features=features)
+            dropped_c = torch.zeros_like(keep_c)  # the unconditional branch has no content
+            dropped_m = keep_m if self.config.get("guidance_keeps_metadata", False) else torch.zeros_like(keep_m)
+            content_in = (both_branches(embeds, embeds), both_branches(keep_c, dropped_c))
+            metadata_in = (both_branches(values, values), both_branches(keep_m, dropped_m))
+            if self.config.get("null_conditions", "learned") == "zero":  # zeros through the encoders, no nulls
+                content_in, metadata_in = zero_dropped(*content_in), zero_dropped(*metadata_in)
+            encoded = model.encode(text, None, *content_in, *metadata_in, scales, global_strength, features=features)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch * n, height, width, dtype, device, generator, latents)

@@ -65,10 +65,34 @@ from rslib.utils import atomic_write_dir, pick_device, read_tensor_cache, write_
 REFERENCES_CACHE = "cc_diff_references"
 LATENTS_CACHE = "cc_diff_latents"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter", "references")
+CAPTION_CHOICES = ("any", "first")  # cc.caption
 
 
 # ---------------------------------------------------------------------------
 # Inputs
+
+
+def resolve_base_model(cfg: Preset, stage_one_dir: str | os.PathLike | None = None) -> Path:
+    """The frozen model CC-Diff trains on: ``stage_one_dir`` if given, else ``cc.base_model`` (a local Stable
+    Diffusion folder, used as it is: the paper's SD 1.4), else this preset's stage one (notebook 02)."""
+    if stage_one_dir or not cfg.cc.base_model:
+        return resolve_stage_one(cfg, stage_one_dir)
+    path = resolve_path(cfg.cc.base_model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"cc.base_model: no Stable Diffusion folder (model_index.json) at {path}: put a local "
+                                f"diffusers copy of stable-diffusion-v1-4 there, or set cc.base_model=\"\" to train on "
+                                f"this preset's stage one")
+    return path
+
+
+def prepare_base_model(cfg: Preset) -> Path:
+    """The base model of :func:`resolve_base_model`; this preset's stage one is trained first if it is the base
+    (``cc.base_model`` empty). A base model from ``cc.base_model`` is never trained here."""
+    if not cfg.cc.base_model:
+        from rslib.train.stage_one import train_stage_one
+
+        return train_stage_one(cfg)
+    return resolve_base_model(cfg)
 
 
 def dataset_classes(cfg: Preset) -> list[str]:
@@ -350,7 +374,10 @@ class CCDiffLoss:
                  caption_dropout: float = 0.1, instance_dropout: float = 0.1,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
                  x0_weight_max: float = 1.0, object_loss_weight: float = 1.0,
-                 noise_offset: float = 0.0):
+                 noise_offset: float = 0.0, caption: str = "any"):
+        if caption not in CAPTION_CHOICES:
+            raise ValueError(f"cc.caption must be one of {', '.join(CAPTION_CHOICES)}, not {caption!r}")
+        self.first_caption = caption == "first"
         if object_loss_weight < 1.0:
             raise ValueError(f"object_loss_weight must be >= 1 (1 = every latent cell alike), not {object_loss_weight}")
         self.object_loss_weight = float(object_loss_weight)
@@ -370,6 +397,8 @@ class CCDiffLoss:
         z = torch.randn(mean.shape, generator=g).to(dev)
         latents = (mean + std * z) * self.scaling_factor
         cap_idx = [int(torch.randint(len(c), (1,), generator=g)) for c in batch["captions"]]
+        if self.first_caption:  # drawn all the same, so that both choices see the same noise
+            cap_idx = [0] * len(cap_idx)
         keep_cap = torch.rand(b, generator=g) >= self.caption_dropout
         captions = [c[i] if bool(k) else "" for c, i, k in zip(batch["captions"], cap_idx, keep_cap)]
         keep_inst = (torch.rand(b, generator=g) >= self.instance_dropout).to(dev)
@@ -429,7 +458,8 @@ def cc_train_config(cfg: Preset) -> TrainConfig:
     whose bridge or box MLP gets no gradient)."""
     c = cfg.cc
     return stage_train_config(cfg, c.mixed_precision, steps=c.steps, batch_size=c.batch_size,
-                              grad_accum=c.grad_accum, lr=c.lr, warmup_steps=min(c.warmup_steps, c.steps),
+                              grad_accum=c.grad_accum, lr=c.lr, weight_decay=c.weight_decay,
+                              warmup_steps=min(c.warmup_steps, c.steps),
                               ema_decay=None, checkpoint_every=c.checkpoint_every, log_every=10, num_workers=0,
                               find_unused_parameters=c.mode != "cc_diff")
 
@@ -437,13 +467,14 @@ def cc_train_config(cfg: Preset) -> TrainConfig:
 def sampling_defaults(cfg: Preset) -> dict[str, Any]:
     """How ``from_pretrained(...)(prompt)`` samples a trained folder by default: as the preset says."""
     c = cfg.cc
-    return {"max_instances": c.max_instances, "guidance_scale": c.guidance_scale, "num_inference_steps": c.sample_steps}
+    return {"max_instances": c.max_instances, "guidance_scale": c.guidance_scale, "num_inference_steps": c.sample_steps,
+            "negative_prompt": c.negative_prompt}
 
 
 def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                   clip_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                   force: bool = False, *, stop_after: int | None = None, progress: bool = True) -> Path:
-    """Train the CC-Diff adapter on the frozen stage-one model; returns the saved pipeline folder.
+    """Train the CC-Diff adapter on its frozen base model (:func:`resolve_base_model`); returns the pipeline folder.
 
     ``cc.mode`` ("cc_diff" | "no_bridge" | "gligen") picks the variant; an ablation saves to
     ``runs/<preset>/cc_diff_<mode>`` (:func:`variant_name`). A finished folder with the same training settings is
@@ -451,7 +482,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     ``stop_after=k`` stops after step k (checkpoint only).
     """
     c = cfg.cc
-    s1 = resolve_stage_one(cfg, stage_one_dir)
+    s1 = resolve_base_model(cfg, stage_one_dir)
     needs_refs = c.mode != "gligen"
     clip_path = resolve_clip_dir(cfg, clip_dir) if needs_refs else None
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg))
@@ -482,13 +513,15 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     model = CCTrainModel(parts["unet"], parts["text_encoder"], parts["tokenizer"], adapter, bank.phrases)
     loss_fn = CCDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor, bank, c.caption_dropout,
                          c.instance_dropout, timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
-                         object_loss_weight=c.object_loss_weight, noise_offset=cfg.unet.noise_offset)
+                         object_loss_weight=c.object_loss_weight,
+                         noise_offset=0.0 if c.base_model else cfg.unet.noise_offset,  # the base's noise
+                         caption=c.caption)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
         return out_dir
     pipe = CCDiffPipeline(vae=parts["vae"].cpu(), text_encoder=parts["text_encoder"].cpu(),
-                          tokenizer=parts["tokenizer"], unet=parts["unet"].cpu(), scheduler=build_sampler(),
+                          tokenizer=parts["tokenizer"], unet=parts["unet"].cpu(), scheduler=build_sampler(c.sampler),
                           adapter=adapter.cpu(), references=bank.cpu(), **sampling_defaults(cfg))
     save_pipeline_folder(pipe, out_dir, PARTS)
     finish(out_dir, stamp, result, t0, preset=cfg.name, mode=c.mode, encode_seconds=round(encode_s, 2),
@@ -500,4 +533,4 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
 
 __all__ = ["CCDiffLoss", "CCTrainModel", "CCTrainingData", "build_adapter", "build_references",
            "cached_references", "cc_train_config", "dataset_classes", "empty_bank", "encode_training_data",
-           "phrase_for", "train_cc_diff", "train_split", "variant_name"]
+           "phrase_for", "prepare_base_model", "resolve_base_model", "train_cc_diff", "train_split", "variant_name"]

@@ -40,7 +40,8 @@ from rslib.data.datasets import (ConditionDropout, RSDataset, collate, load_spli
                                  pick_captions, split_dataset)
 from rslib.data.formats import CONDITION_NAMES
 from rslib.models.base import build_noise_scheduler, build_sampler
-from rslib.models.crs_diff import ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder
+from rslib.models.crs_diff import (ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder,
+                                   check_null_conditions, zero_dropped)
 from rslib.models.text import content_embeddings, tokenize
 from rslib.pipelines.crs_diff import CRSDiffPipeline, keep_only
 from rslib.train.loop import TrainConfig, cpu_generator, train_loop
@@ -239,7 +240,8 @@ class CRSDiffLoss:
     def __init__(self, tokenizer: CLIPTokenizer, scaling_factor: float, dropout: ConditionDropout | None = None,
                  noise_scheduler: DDPMScheduler | None = None, timestep_sampling: str = "uniform",
                  x0_weight_max: float = 1.0, road_loss_weight: float = 1.0,
-                 noise_offset: float = 0.0, condition_maps: Sequence[str] = CONDITION_NAMES):
+                 noise_offset: float = 0.0, condition_maps: Sequence[str] = CONDITION_NAMES,
+                 null_conditions: str = "learned"):
         if road_loss_weight < 1.0:
             raise ValueError(f"road_loss_weight must be >= 1 (1 = every latent cell alike), not {road_loss_weight}")
         self.road_loss_weight = float(road_loss_weight)
@@ -249,6 +251,7 @@ class CRSDiffLoss:
         self.noise_scheduler = noise_scheduler or build_noise_scheduler()
         self.steps = AdapterTimesteps(self.noise_scheduler, timestep_sampling, x0_weight_max, noise_offset)
         self.condition_maps = check_condition_maps(condition_maps)
+        self.null_conditions = check_null_conditions(null_conditions)
 
     def __call__(self, model: CRSTrainModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The loss of one batch; every random draw comes from ``generator``."""
@@ -271,7 +274,10 @@ class CRSDiffLoss:
         noise = self.steps.noise(tuple(latents.shape), g).to(dev)
         t = self.steps.sample(b, g).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = model.crs(noisy, t, text, conditions, batch["content"], content_keep, batch["metadata"], meta_keep)
+        content, metadata = (batch["content"], content_keep), (batch["metadata"], meta_keep)
+        if self.null_conditions == "zero":  # dropped ones are zeros through the encoders, no learned nulls
+            content, metadata = zero_dropped(*content), zero_dropped(*metadata)
+        pred = model.crs(noisy, t, text, conditions, *content, *metadata)
         loss, noise_mse = self.steps.loss(pred, noise, t, self.road_weights(maps, tuple(latents.shape[-2:])))
         return {"loss": loss, "noise_mse": noise_mse, "maps_kept": keep["local"].float().mean()}
 
@@ -309,7 +315,8 @@ def crs_train_config(cfg: Preset) -> TrainConfig:
 def sampling_defaults(cfg: Preset) -> dict[str, Any]:
     """How ``from_pretrained(...)(prompt)`` samples a trained folder by default: as the preset says."""
     c = cfg.crs
-    return {"map_guidance": c.map_guidance, "guidance_scale": c.guidance_scale, "num_inference_steps": c.sample_steps}
+    return {"map_guidance": c.map_guidance, "guidance_scale": c.guidance_scale, "num_inference_steps": c.sample_steps,
+            "negative_prompt": c.negative_prompt, "guidance_keeps_metadata": c.guidance_keeps_metadata}
 
 
 def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
@@ -350,7 +357,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     loss_fn = CRSDiffLoss(parts["tokenizer"], parts["vae"].config.scaling_factor,
                           timestep_sampling=c.timestep_sampling, x0_weight_max=c.x0_weight_max,
                           road_loss_weight=c.road_loss_weight, noise_offset=cfg.unet.noise_offset,
-                          condition_maps=c.condition_maps)
+                          condition_maps=c.condition_maps, null_conditions=c.null_conditions)
     result = train_loop(model, loss_fn, data, tcfg, work, collate_fn=collate, stop_after=stop_after,
                         progress=progress)
     if result.steps < tcfg.steps:
@@ -362,7 +369,8 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                            tokenizer=parts["tokenizer"], unet=crs.unet.cpu(), scheduler=build_sampler(),
                            adapter=crs.adapter.cpu(), metadata_encoder=_cpu(crs.metadata_encoder),
                            content_tokenizer=_cpu(crs.content_tokenizer), image_encoder=_cpu(image_encoder),
-                           condition_maps=c.condition_maps, **sampling_defaults(cfg))
+                           condition_maps=c.condition_maps, null_conditions=c.null_conditions,
+                           **sampling_defaults(cfg))
     save_pipeline_folder(pipe, out_dir, PARTS)
     finish(out_dir, stamp, result, t0, preset=cfg.name, fusion=c.fusion, use_metadata=c.use_metadata,
            use_content=c.use_content, condition_maps=list(c.condition_maps), encode_seconds=round(encode_s, 2),

@@ -51,7 +51,8 @@ STAMP_NAME = "stamp.json"  # in the work folder: the settings a run was started 
 
 
 # settings that only change how a trained model is sampled or evaluated, not the model: left out of the stamps
-SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "map_guidance", "eval_images")
+SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "map_guidance", "guidance_keeps_metadata",
+                 "negative_prompt", "eval_images")
 
 
 def training_settings(part_cfg: Any) -> dict[str, Any]:
