@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import fixtures_real as fx
 import standins
 from rslib.config import get_preset
 from rslib.data.__main__ import main
-from rslib.data.formats import CONDITION_NAMES, read_records
+from rslib.data.formats import CONDITION_NAMES, METADATA_FIELDS, read_records
 from rslib.eval.data import load_folder
 from rslib.eval.instruments import cc_diff_clip_score, crs_diff_clip_score
 from rslib.eval.layout import layouts_of, sample_cc_diff
@@ -36,6 +36,7 @@ from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
 from rslib.train import cc_diff as cc_train
 from rslib.train import crs_diff as crs_train
 from rslib.train.crs_diff import load_split_tensors, split_dataset, train_crs_diff
+from rslib.train import stage_one as stage_one_train
 from rslib.train.stage_one import stage_one_history, train_stage_one
 from standins import DINO_DIM, DINO_PATCH, UNET_FILE
 from test_conditions import save_script
@@ -125,7 +126,24 @@ def _overrides(cfg) -> dict:
 
 @pytest.fixture(scope="module")
 def stage_one(cfg, root):
-    return train_stage_one(on(cfg, root, "rsicd"), progress=False)
+    """Stage one trained on the converted RSICD, with the captions it was trained on."""
+    trained_on = []
+    latent_dataset = stage_one_train.latent_dataset
+
+    def spy(*args, **kwargs):
+        data = latent_dataset(*args, **kwargs)
+        trained_on.extend(data.captions)
+        return data
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage_one_train, "latent_dataset", spy)
+        out = train_stage_one(on(cfg, root, "rsicd"), progress=False)
+    return out, trained_on
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
 
 
 def file_maps(split: Path, rec) -> np.ndarray:
@@ -136,6 +154,24 @@ def file_maps(split: Path, rec) -> np.ndarray:
             arr = np.asarray(im.convert("RGB" if name == "segmentation" else "L"))
         out.append(arr.transpose(2, 0, 1) if arr.ndim == 3 else np.repeat(arr[None], 3, 0))
     return np.concatenate(out)
+
+
+@dataclass
+class Sampled:
+    images: torch.Tensor  # (1, 3, SIZE, SIZE) in [-1, 1]
+    objects: list[dict]  # the layout they were sampled from
+
+
+def sample_a_layout(pipe, cfg, data: Path) -> tuple[str, Sampled]:
+    """The first training layout with objects (the test splits hold classes the tiny training splits lack), sampled
+    with the pipeline's own sampler; checks the images and returns the caption and what was sampled."""
+    train = load_folder(data / "train", SIZE, maps=(), classes=pipe.classes)
+    layouts = layouts_of(train, len(train), cfg.cc.max_instances)
+    i = next(k for k, lay in enumerate(layouts) if lay)
+    images = sample_cc_diff(pipe, [train.captions[i]], [layouts[i]], 0, guidance_scale=cfg.cc.guidance_scale,
+                            steps=cfg.cc.sample_steps)
+    finite_images(images, 1)
+    return train.captions[i], Sampled(images, layouts[i])
 
 
 def finite_images(x: torch.Tensor, n: int) -> None:
@@ -162,18 +198,26 @@ def test_every_converted_split_has_all_maps_and_content(root, fmt):
 
 
 def test_dota_is_tiled(root):
-    names = [r.file_name for r in read_records(root / "data" / "dota" / "train")]
-    assert len(names) > 2 and all(Image.open(root / "data" / "dota" / "train" / n).size == (32, 32) for n in names)
+    train = root / "data" / "dota" / "train"
+    names = [r.file_name for r in read_records(train)]
+    assert len(names) > 2 and all(image_size(train / n) == (32, 32) for n in names)  # 100 x 50 and 40 x 40 cut
 
 
 def test_stage_one_on_rsicd(cfg, root, stage_one):
-    assert len(stage_one_history(stage_one)) == 2
+    out, trained_on = stage_one
+    assert len(stage_one_history(out)) == 2
+    train = [name for name, split, _ in fx.RSICD_ENTRIES if split == "train"]
+    assert sorted(trained_on) == sorted([s.strip() for s in fx.rsicd_sentences(n)] for n in train)  # five each
+    sd = load_file(str(root / "sd" / UNET_FILE))
+    tuned = load_file(str(out / UNET_FILE))
+    assert 0 < max(float((sd[k] - tuned[k]).abs().max()) for k in sd) < 1e-3  # fine-tuned from SD
     rsicd = on(cfg, root, "rsicd")
-    images = sample_stage_one(load_stage_one(stage_one, "cpu"), ["an aerial image of an airport."], rsicd, seed=0)
+    images = sample_stage_one(load_stage_one(out, "cpu"), ["an aerial image of an airport."], rsicd, seed=0)
     assert images.shape == (1, SIZE, SIZE, 3) and images.dtype == np.uint8
 
 
 def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monkeypatch):
+    stage_one, _ = stage_one
     fmow = on(cfg, root, "fmow")
     train = root / "data" / "fmow" / "train"
     records = read_records(train)
@@ -193,9 +237,7 @@ def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monk
 
     monkeypatch.setattr(CRSLocalAdapter, "features", spy_features)
     monkeypatch.setattr(crs_train, "cached_training_data", spy_cached)
-    t0 = time.perf_counter()
     out = train_crs_diff(fmow, progress=False)
-    print(f"crs train {time.perf_counter() - t0:.1f} s")
 
     # content: the other airport's image for each airport, its own for the residential sample; all embedded
     content = {Path(r.file_name).name: Path(r.conditions["content"]).name for r in records}
@@ -204,6 +246,7 @@ def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monk
     d = data["train"]
     assert bool(d.has_content.all()) and bool((d.content.abs().sum(1) > 0).all())
     assert all(torch.equal(d.conditions[i], expected[i]) for i in range(len(records)))
+    assert bool(d.metadata_valid.all()) and len(set(d.metadata[:, METADATA_FIELDS.index("cloud_cover")].tolist())) > 1
 
     # what reached the adapter: per item each map is the extracted file or zeros (dropped), and some are not zero
     assert len(seen_maps) == 2
@@ -228,13 +271,13 @@ def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monk
     finite_images(images, 1)
     score = crs_diff_clip_score(fmow)
     assert score is not None and 0 <= score.score(images, [test["captions"][0][0]]) <= 100
-    print(f"crs sample+clip {time.perf_counter() - t0:.1f} s")
     fid = inception_scores(test["pixel_values"][:1].repeat(2, 1, 1, 1), images.repeat(2, 1, 1, 1),
                            fmow.eval.inception_weights, splits=1, feature=64)
     assert fid["fid_inception"] >= 0 and np.isfinite(fid["fid_inception"]) and np.isfinite(fid["inception_score"])
 
 
 def test_cc_diff_trains_on_dior_rsvg_global_captions(cfg, root, stage_one, monkeypatch):
+    stage_one, _ = stage_one
     rsvg = on(cfg, root, "dior-rsvg")
     before = load_file(str(stage_one / UNET_FILE))
     tokenized, in_loss = [], []
@@ -263,15 +306,21 @@ def test_cc_diff_trains_on_dior_rsvg_global_captions(cfg, root, stage_one, monke
     assert all(torch.equal(v, sd[k]) for k, v in pipe.unet.state_dict().items())  # SD itself, frozen
     after = load_file(str(stage_one / UNET_FILE))
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # stage one untouched
-    assert cc_train.cc_info(out)["image_dim"] == DINO_DIM
+    info = cc_train.cc_info(out)
+    assert info["image_dim"] == DINO_DIM and info["bank_entries"] > 0  # DINOv2 tokens of the DIOR-RSVG crops
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)  # the paper's sampler
 
-    test = load_folder(root / "data" / "dior-rsvg" / "test", SIZE, maps=(), classes=pipe.classes)
-    layouts = layouts_of(test, len(test), rsvg.cc.max_instances)
-    i = next(k for k, lay in enumerate(layouts) if lay)
-    images = sample_cc_diff(pipe, [test.captions[i]], [layouts[i]], 0, guidance_scale=rsvg.cc.guidance_scale,
-                            steps=rsvg.cc.sample_steps)
-    finite_images(images, 1)
+    caption, layout = sample_a_layout(pipe, rsvg, root / "data" / "dior-rsvg")
     clip = cc_diff_clip_score(rsvg)
-    assert np.isfinite(clip.global_score(images, [test.captions[i]]))
-    assert np.isfinite(clip.local_score(images, [layouts[i]]))
+    assert np.isfinite(clip.global_score(layout.images, [caption]))
+    assert np.isfinite(clip.local_score(layout.images, [layout.objects]))
+
+
+def test_cc_diff_trains_on_dota_tiles(cfg, root):
+    dota = on(cfg, root, "dota")
+    out = cc_train.train_cc_diff(dota, out_dir=cfg.run_dir("cc_diff_dota"), progress=False)
+    pipe = load_cc_diff(out, "cpu")
+    assert pipe.classes == sorted({o.label for r in read_records(root / "data" / "dota" / "train")
+                                   for o in r.objects})
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    sample_a_layout(pipe, dota, root / "data" / "dota")
