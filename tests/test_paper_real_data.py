@@ -38,6 +38,7 @@ from rslib.train import crs_diff as crs_train
 from rslib.train.crs_diff import load_split_tensors, split_dataset, train_crs_diff
 from rslib.train import stage_one as stage_one_train
 from rslib.train.stage_one import stage_one_history, train_stage_one
+from rslib.train.text_encoder import stage_stamp
 from standins import DINO_DIM, DINO_PATCH, UNET_FILE
 from test_conditions import save_script
 
@@ -324,3 +325,18 @@ def test_cc_diff_trains_on_dota_tiles(cfg, root):
                                    for o in r.objects})
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
     sample_a_layout(pipe, dota, root / "data" / "dota")
+
+
+def test_another_data_set_converted_into_the_same_folder_is_other_data(tmp_path):
+    """A finished stage and the cached latents count for the data set converted into ``data.root``: converting
+    another one there (``--overwrite``) makes them stale, converting the same one again does not."""
+    out = tmp_path / "real"
+    rsicd, fmow = fx.make_rsicd(tmp_path / "src"), fx.make_fmow(tmp_path / "src")
+
+    def convert_into_root(fmt: str, src: Path) -> dict:
+        assert main(["convert", "--format", fmt, "--src", str(src), "--out", str(out), "--overwrite"]) == 0
+        return stage_stamp(get_preset("paper", **{"data.root": str(out)}), "unet")
+
+    first = convert_into_root("rsicd", rsicd)
+    assert convert_into_root("rsicd", rsicd) == first
+    assert convert_into_root("fmow", fmow) != first
