@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import fixtures_real as fx
 import standins
 from rslib.config import get_preset
 from rslib.data.__main__ import main
-from rslib.data.formats import CONDITION_NAMES, METADATA_FIELDS, read_records
+from rslib.data.formats import CONDITION_NAMES, METADATA_FIELDS, dataset_info, read_records
 from rslib.eval.data import load_folder
 from rslib.eval.instruments import cc_diff_clip_score, crs_diff_clip_score
 from rslib.eval.layout import layouts_of, sample_cc_diff
@@ -116,13 +116,7 @@ def cfg(root):
 
 def on(cfg, root: Path, fmt: str):
     """The preset reading the converted data set ``fmt``."""
-    return get_preset("paper", **{**_overrides(cfg), "data.root": str(root / "data" / fmt)})
-
-
-def _overrides(cfg) -> dict:
-    return {"runs_dir": cfg.runs_dir, "device": cfg.device, "mixed_precision": cfg.mixed_precision,
-            "data": cfg.data, "clip": cfg.clip, "vae": cfg.vae, "unet": cfg.unet, "crs": cfg.crs, "cc": cfg.cc,
-            "eval": cfg.eval}
+    return replace(cfg, data=replace(cfg.data, root=str(root / "data" / fmt)))
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +292,7 @@ def test_cc_diff_trains_on_dior_rsvg_global_captions(cfg, root, stage_one, monke
     monkeypatch.setattr(cc_train.CCDiffLoss, "__call__", spy_loss)
     out = cc_train.train_cc_diff(rsvg, progress=False)
 
+    assert dataset_info(root / "data" / "dior-rsvg")["dior_r"]["joined"] > 0  # DIOR-R's oriented boxes
     globals_ = {r.captions[0] for r in read_records(root / "data" / "dior-rsvg" / "train")}
     assert all(c.startswith("This is an aerial image of ") for c in globals_)
     assert len(in_loss) == 2 * 2 * 2 and set(in_loss) <= globals_  # steps x grad_accum x batch, all global
