@@ -8,13 +8,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
-def write_image(path: Path, size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (90, 120, 60)) -> Path:
-    """A small solid image; the format follows the suffix (.jpg or .png)."""
+def textured_pixels(size: tuple[int, int], color: tuple[int, int, int]) -> np.ndarray:
+    """(H, W, 3) uint8: a dark ground of ``color``, a bright block and a grey bar, so that every condition map
+    computed from the pixels (lines, soft edges, sketch) and by brightness has content."""
+    w, h = size
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = np.asarray(color, np.uint8) // 3
+    img[h // 4:3 * h // 4, w // 5:3 * w // 5] = 230
+    img[:, 4 * w // 5:4 * w // 5 + max(1, w // 12)] = 150
+    return img
+
+
+def write_image(path: Path, size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (90, 120, 60),
+                textured: bool = False) -> Path:
+    """A small solid (or :func:`textured_pixels`) image; the format follows the suffix (.jpg or .png)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
+    image = Image.fromarray(textured_pixels(size, color)) if textured else Image.new("RGB", size, color)
+    image.save(path)
     return path
 
 
@@ -35,12 +49,13 @@ def rsicd_sentences(name: str) -> list[str]:
     return [f"  sentence {k} about {stem} . " for k in range(5)]
 
 
-def make_rsicd(root: Path, images_dir: str = "RSICD_images") -> Path:
-    """``dataset_rsicd.json`` plus the images in ``RSICD_images/`` (or ``images/``)."""
+def make_rsicd(root: Path, images_dir: str = "RSICD_images", textured: bool = False) -> Path:
+    """``dataset_rsicd.json`` plus the images in ``RSICD_images/`` (or ``images/``); ``textured``: see
+    :func:`textured_pixels`."""
     src = root / "RSICD"
     entries = []
     for imgid, (name, split, _) in enumerate(RSICD_ENTRIES):
-        write_image(src / images_dir / name, color=(10 * imgid, 100, 50))
+        write_image(src / images_dir / name, color=(10 * imgid, 100, 50), textured=textured)
         sentences = [{"tokens": raw.split()[:-1], "raw": raw, "imgid": imgid, "sentid": 5 * imgid + k}
                      for k, raw in enumerate(rsicd_sentences(name))]
         entries.append({"filename": name, "imgid": imgid, "sentences": sentences, "split": split,
@@ -61,30 +76,30 @@ def fmow_json(width: int, height: int, boxes: list[dict], timestamp: str = "2015
             "raw_location": location, "bounding_boxes": boxes}
 
 
-def fmow_sample(src: Path, split: str, category: str, ident: int, n: int, meta: dict) -> Path:
+def fmow_sample(src: Path, split: str, category: str, ident: int, n: int, meta: dict, textured: bool = False) -> Path:
     """Write ``{split}/<category>/<category>_<id>/<category>_<id>_<n>_rgb.{jpg,json}``; returns the JSON."""
     stem = f"{category}_{ident}_{n}_rgb"
     folder = src / split / category / f"{category}_{ident}"
-    write_image(folder / f"{stem}.jpg", size=(meta["img_width"], meta["img_height"]))
+    write_image(folder / f"{stem}.jpg", size=(meta["img_width"], meta["img_height"]), textured=textured)
     meta = dict(meta, img_filename=f"{stem}.jpg")
     (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2))
     return folder / f"{stem}.json"
 
 
-def make_fmow(root: Path) -> Path:
+def make_fmow(root: Path, textured: bool = False) -> Path:
     """fMoW-rgb with an airport and a residential sample in train, a lake in val and a port in test."""
     src = root / "fmow-rgb"
     fmow_sample(src, "train", "airport", 0, 0,
-                fmow_json(40, 20, [{"box": [4, 2, 10, 8], "category": "airport", "ID": 0}]))
+                fmow_json(40, 20, [{"box": [4, 2, 10, 8], "category": "airport", "ID": 0}]), textured)
     fmow_sample(src, "train", "multi-unit_residential", 3, 1,
                 fmow_json(20, 20, [{"box": [0, 0, 20, 20], "category": "multi-unit_residential", "ID": 3},
                                    {"box": [2, 2, 4, 4], "category": "false_detection", "ID": 4}],
-                          timestamp="2016-11-30T08:00:00.250Z", gsd=1.25, cloud_cover=0))
+                          timestamp="2016-11-30T08:00:00.250Z", gsd=1.25, cloud_cover=0), textured)
     fmow_sample(src, "val", "lake_or_pond", 5, 0,
                 fmow_json(30, 30, [{"box": [25, 25, 10, 10], "category": "lake_or_pond", "ID": 5}],
-                          timestamp="2017-07-04T00:00:00Z"))
+                          timestamp="2017-07-04T00:00:00Z"), textured)
     fmow_sample(src, "test", "port", 9, 0,
-                fmow_json(30, 30, [{"box": [3, 3, 6, 6], "category": "port", "ID": 9}]))
+                fmow_json(30, 30, [{"box": [3, 3, 6, 6], "category": "port", "ID": 9}]), textured)
     return src
 
 
@@ -139,14 +154,15 @@ DIOR_OBB = {
 }
 
 
-def make_dior(root: Path, oriented: bool = True, single_folder: bool = False) -> Path:
-    """DIOR (with DIOR-R oriented boxes): train 00001 00002, val 00003 (no <size>), test 00004."""
+def make_dior(root: Path, oriented: bool = True, single_folder: bool = False, textured: bool = False) -> Path:
+    """DIOR (with DIOR-R oriented boxes): train 00001 00002, val 00003 (no <size>), test 00004; ``textured``: see
+    :func:`textured_pixels`."""
     src = root / "DIOR"
     for ident, objects in DIOR_OBJECTS.items():
         folder = "JPEGImages-test" if ident == "00004" else "JPEGImages-trainval"
         if single_folder:
             folder = "JPEGImages"
-        write_image(src / folder / f"{ident}.jpg", size=(40, 40))
+        write_image(src / folder / f"{ident}.jpg", size=(40, 40), textured=textured)
         size = None if ident == "00003" else (40, 40)
         hbb = src / "Annotations" / "Horizontal Bounding Boxes" / f"{ident}.xml"
         hbb.parent.mkdir(parents=True, exist_ok=True)
@@ -198,14 +214,15 @@ def make_dior_r(root: Path) -> Path:
     return root / "DIOR-R"
 
 
-def make_dior_rsvg(root: Path, by: str = "objects", dior_r_inside: bool = False) -> Path:
+def make_dior_rsvg(root: Path, by: str = "objects", dior_r_inside: bool = False, textured: bool = False) -> Path:
     """DIOR-RSVG; split files list object indexes (published form) or, with ``by='images'``, image ids;
-    ``dior_r_inside`` adds DIOR-R's boxes as ``Annotations/Oriented Bounding Boxes/``."""
+    ``dior_r_inside`` adds DIOR-R's boxes as ``Annotations/Oriented Bounding Boxes/``; ``textured``: see
+    :func:`textured_pixels`."""
     src = root / "DIOR_RSVG"
     if dior_r_inside:
         write_dior_r(src / "Annotations" / "Oriented Bounding Boxes", RSVG_DIOR_R)
     for ident, objects in RSVG_OBJECTS.items():
-        write_image(src / "JPEGImages" / f"{ident}.jpg", size=(40, 40))
+        write_image(src / "JPEGImages" / f"{ident}.jpg", size=(40, 40), textured=textured)
         ann = src / "Annotations" / f"{ident}.xml"
         ann.parent.mkdir(parents=True, exist_ok=True)
         boxes, descriptions = [(c, b) for c, b, _ in objects], [d for *_, d in objects]
@@ -237,14 +254,16 @@ DOTA_SIZES = {"P0000": (100, 50), "P0001": (100, 50), "P0002": (40, 40), "P0003"
 
 
 def make_dota(root: Path, label_folder: str = "labelTxt", test_labels: bool = False,
-              extra: dict[tuple[str, str], str] | None = None, sizes: dict[str, tuple[int, int]] | None = None) -> Path:
+              extra: dict[tuple[str, str], str] | None = None, sizes: dict[str, tuple[int, int]] | None = None,
+              textured: bool = False) -> Path:
     """DOTA: ``{train,val,test}/images/*.png``, ``{train,val}/<label_folder>/*.txt``; test unlabeled by default.
-    ``extra`` adds label files, ``sizes`` gives their images' sizes (default 40 x 40)."""
+    ``extra`` adds label files, ``sizes`` gives their images' sizes (default 40 x 40); ``textured``: see
+    :func:`textured_pixels`."""
     src = root / "DOTA"
     labels = {**DOTA_LABELS, **(extra or {})}
     sizes = {**DOTA_SIZES, **(sizes or {})}
     for (split, ident), text in labels.items():
-        write_image(src / split / "images" / f"{ident}.png", size=sizes.get(ident, (40, 40)))
+        write_image(src / split / "images" / f"{ident}.png", size=sizes.get(ident, (40, 40)), textured=textured)
         if split != "test" or test_labels:
             path = src / split / label_folder / f"{ident}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)

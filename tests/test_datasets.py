@@ -28,6 +28,16 @@ def test_item_shapes_and_ranges(split):
     assert all(isinstance(c, list) for c in batch["captions"])
 
 
+def test_content_from_the_record_or_the_image_itself(split):
+    record, own = RSDataset(split), RSDataset(split, content_from="self")
+    for i in (0, 3):
+        assert torch.equal(own[i]["content"], own[i]["pixel_values"]) and own[i]["has_content"]
+        assert not torch.equal(record[i]["content"], record[i]["pixel_values"])  # another image of its scene
+        assert torch.equal(record[i]["pixel_values"], own[i]["pixel_values"])
+    with pytest.raises(ValueError, match=r"content_from must be one of record, self, not 'other' \(crs.content_source\)"):
+        RSDataset(split, content_from="other")
+
+
 def test_in_memory_matches_disk(split):
     a, b = RSDataset(split), RSDataset(split, in_memory=True)
     for i in (0, 3):

@@ -4,7 +4,6 @@ YOLOScore with YOLOv8 or the project's detector, Inception FID through torchmetr
 torchvision's Faster R-CNN R50-FPN."""
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 import fixtures_real as fx
+import standins
 from rslib.config import get_preset, resolve_path
 from rslib.data.formats import convert, read_records
 from rslib.eval import detector as D
@@ -23,7 +23,7 @@ from rslib.eval import instruments as I
 from rslib.eval.data import preset_split
 from rslib.utils import to_uint8
 
-TINY_OPEN_CLIP = "rslib-test-tiny-clip"
+TINY_OPEN_CLIP = standins.TINY_OPEN_CLIP
 
 
 # ---------------------------------------------------------------------------
@@ -33,18 +33,8 @@ TINY_OPEN_CLIP = "rslib-test-tiny-clip"
 @pytest.fixture(scope="module")
 def open_clip_checkpoint(tmp_path_factory) -> Path:
     """A tiny open_clip model config (the ViT-L-14 layout at toy widths), its random weights saved as a checkpoint."""
-    import open_clip
-
-    root = tmp_path_factory.mktemp("open_clip")
-    (root / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps({
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
-    open_clip.add_model_config(root)
     torch.manual_seed(0)
-    model = open_clip.create_model(TINY_OPEN_CLIP)
-    torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")
-    return root / "open_clip_pytorch_model.bin"
+    return standins.open_clip_checkpoint(tmp_path_factory.mktemp("open_clip"))
 
 
 def images_in_range(n: int, size: int = 48, seed: int = 0) -> torch.Tensor:
@@ -244,19 +234,8 @@ def replace_eval(cfg, **fields):
 def inception_weights(tmp_path_factory) -> Path:
     """Random weights in the layout of torch-fidelity's FID InceptionV3 (built without downloading anything)."""
     pytest.importorskip("torch_fidelity")
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
-    with pytest.MonkeyPatch.context() as mp:  # build the network, skip its download of the real weights
-        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
-        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for m in net.modules():  # activations that keep their scale through 90 layers (no vanishing features)
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
-    return path
+    torch.manual_seed(0)
+    return standins.inception_weights(tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth")
 
 
 def test_inception_fid_reads_the_local_weights_file(inception_weights):

@@ -10,18 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, Dinov2Config,
-                          Dinov2Model)
+from transformers import CLIPModel
 
 from rslib.config import get_preset
 from rslib.data.datasets import load_split_tensors, split_dataset, split_dir
 from rslib.data.synthrs import ensure_synthrs
 from rslib.eval.data import load_folder
 from rslib.eval.layout import layouts_of, sample_cc_diff
-from rslib.models.text import clip_tokenizer
 from rslib.pipelines.cc_diff import load_cc_diff
 from rslib.pipelines.crs_diff import load_crs_diff, sample_crs_diff
 from rslib.pipelines.stage_one import load_stage_one, sample_stage_one
@@ -31,35 +28,9 @@ from rslib.train.crs_diff import train_crs_diff
 from rslib.train.stage import read_history, training_info
 from rslib.train.stage_one import train_stage_one
 from rslib.train.text_encoder import train_text_encoder
+from standins import DINO_PATCH, TEXT_DIM, UNET_FILE, paper_weights
 
 SIZE = 64  # image side; SD's autoencoder (f = 8) gives 8 x 8 latents
-TEXT_DIM = 32  # the CLIP text tower's width = the UNet's cross-attention width (768 for SD 1.x)
-DINO_PATCH = 14
-UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-
-
-def _sd_folder(path, clip: CLIPModel) -> None:
-    """A Stable Diffusion 1.x folder (SD's block types, scaling factor and scheduler) with tiny channels."""
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=4, attention_head_dim=2, cross_attention_dim=TEXT_DIM,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    with torch.no_grad():  # "pretrained" weights, far from a fresh initialisation
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        norm_num_groups=4, sample_size=SIZE, scaling_factor=0.18215)
-    text = CLIPTextModel(clip.config.text_config)  # SD 1.x's text encoder is CLIP ViT-L/14's text tower
-    text.load_state_dict(clip.text_model.state_dict())
-    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
-                              steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +38,7 @@ def root(tmp_path_factory):
     """Tiny stand-ins of the local weights (clip/, sd/, dino/) and a tiny SynthRS (data/)."""
     root = tmp_path_factory.mktemp("paper")
     torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=77).to_dict(),
-        vision_config=CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=64).to_dict(),
-        projection_dim=16))
-    clip.save_pretrained(root / "clip")
-    clip_tokenizer().save_pretrained(root / "clip")
-    _sd_folder(root / "sd", clip)
-    # position embeddings for a larger input than cc.dino_size, as dinov2-large's (518 px) read at 224 px
-    Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
-                             patch_size=DINO_PATCH, image_size=4 * DINO_PATCH)).save_pretrained(root / "dino")
+    paper_weights(root, SIZE)
     # the data: SynthRS written into tmp (data.root), never over the repository's data/synthrs/64px_seed0
     ensure_synthrs(root / "data", {"train": 16, "val": 4, "test": 4}, SIZE, seed=0)
     return root

@@ -97,12 +97,22 @@ class MissingConditionsError(ValueError):
             f"the data set lacks (crs.condition_maps, crs.use_content)")
 
 
+# where a training item's content image comes from: the one its record names ("record": another image of its
+# scene in SynthRS) or the item's own image ("self")
+CONTENT_SOURCES = ("record", "self")
+
+
 class RSDataset(torch.utils.data.Dataset):
-    """A split folder in the record format as torch tensors (see the module docstring)."""
+    """A split folder in the record format as torch tensors (see the module docstring); ``content_from``: see
+    :data:`CONTENT_SOURCES`."""
 
     def __init__(self, split_dir: str | os.PathLike, size: int | None = None, max_objects: int = 12,
                  classes: Sequence[str] | None = None, scenes: Sequence[str] | None = None,
-                 with_conditions: bool = True, in_memory: bool = False):
+                 with_conditions: bool = True, in_memory: bool = False, content_from: str = "record"):
+        if content_from not in CONTENT_SOURCES:
+            raise ValueError(f"content_from must be one of {', '.join(CONTENT_SOURCES)}, not {content_from!r} "
+                             f"(crs.content_source)")
+        self.content_from = content_from
         self.root = Path(split_dir)
         self.records: list[Record] = read_records(self.root)
         if not self.records:
@@ -137,7 +147,9 @@ class RSDataset(torch.utils.data.Dataset):
             maps = [(_as_map(self.root / rec.conditions[n], n, self.size) if n in rec.conditions
                      else np.zeros((3, self.size, self.size), np.uint8)) for n in CONDITION_NAMES]
             out["conditions"] = np.concatenate(maps)
-            if CONTENT in rec.conditions:
+            if self.content_from == "self":  # the image is its own content (Uni-ControlNet's training rule)
+                out["content"] = out["image"]
+            elif CONTENT in rec.conditions:
                 out["content"] = load_image(self.root / rec.conditions[CONTENT], self.size).transpose(2, 0, 1)
         if self._cache is not None:
             self._cache[i] = out

@@ -60,13 +60,28 @@ def training_settings(part_cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in asdict(part_cfg).items() if k not in SAMPLING_ONLY}
 
 
+def conversion_digest(folder: str | os.PathLike) -> str | None:
+    """A digest of the record ``python -m rslib.data convert`` leaves in a data set folder (format, source,
+    records per split, what was skipped), or None where there is none (a folder made by hand)."""
+    from rslib.data.formats import DATASET_MARKER
+
+    try:
+        return hashlib.sha256((Path(folder) / DATASET_MARKER).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def data_stamp(cfg: Preset) -> dict[str, Any]:
     """Which images a preset's data settings stand for, as every stage and cache stamp records them: the data
-    settings and, for SynthRS (generated here), the generator version, since a new version draws other images."""
+    settings and, for SynthRS (generated here), the generator version, since a new version draws other images;
+    for a real data set, the :func:`conversion_digest` of ``data.root``, since another data set converted into
+    the same folder is other data."""
     from rslib.data import synthrs
 
     data = asdict(cfg.data)
-    if not cfg.data.root:
+    if cfg.data.root:
+        data["conversion"] = conversion_digest(cfg.data_dir())
+    else:
         data["synthrs_version"] = synthrs.SYNTHRS_VERSION
     return data
 
