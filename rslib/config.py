@@ -126,6 +126,10 @@ class CRSDiffConfig:
     condition_maps: tuple[str, ...] = ("lines", "soft_edges", "sketch", "road", "depth", "segmentation")
     use_metadata: bool = True
     use_content: bool = True
+    # the content image a training item is given: "self", its own image (Uni-ControlNet's rule; the content tokens
+    # then learn to carry what the image looks like), or "record", the one its record names (another image of
+    # its scene in SynthRS: it shares only the scene type with the item, which the caption already gives)
+    content_source: str = "self"
     metadata_to_adapter: bool = True  # the metadata vector also enters the adapter's time embedding
     timestep_sampling: str = "cubic"  # "uniform" | "cubic": favour noisy steps, where layout is decided
     x0_weight_max: float = 20.0  # a sample's MSE weight: clamp(1/SNR(t), 1, this); 1 = plain noise MSE (paper)

@@ -235,12 +235,14 @@ def test_training_refuses_records_without_the_maps_naming_them_and_the_command(t
     stage_one = tmp_path / "stage_one"  # training refuses before it reads the stage-one model
     stage_one.mkdir()
     (stage_one / "model_index.json").write_text("{}")
-    cfg = real_data_preset(root, tmp_path)
+    cfg = real_data_preset(root, tmp_path, **{"crs.content_source": "record"})  # content images from the records
     with pytest.raises(MissingConditionsError) as e:
         train_crs_diff(cfg, stage_one_dir=stage_one, progress=False)
     msg = str(e.value)
     first = read_records(root / "train")[0].file_name
     assert all(n in msg for n in (*CONDITION_NAMES, "content")) and repr(first) in msg
+    own = real_data_preset(root, tmp_path)  # the default: each image is its own content, no content file needed
+    assert own.crs.content_source == "self" and required_conditions(own, True) == tuple(CONDITION_NAMES)
     assert f"python -m rslib.data conditions --root {root}" in msg
     assert not (cfg.run_dir("crs_diff") / "training").exists()  # refused before anything is written
 

@@ -42,6 +42,7 @@ PAPER_SETTINGS = [
     ("crs.checkpoint_every", 500, "CRS-Diff: a checkpoint every 500 steps"),
     ("crs.metadata_dim", 320, "CRS-Diff: 320-d sinusoid per metadata field"),
     ("crs.metadata_to_adapter", False, "CRS-Diff: the adapter gets no metadata; it enters the UNet only"),
+    ("crs.content_source", "self", "Uni-ControlNet's data layout: one global vector per training image, its own"),
     ("crs.null_conditions", "zero", "CRS-Diff: no learned null for dropped content or metadata"),
     ("crs.map_guidance", False, "CRS-Diff: the unconditional branch keeps the local maps"),
     ("crs.guidance_keeps_metadata", True, "CRS-Diff: the unconditional branch keeps the metadata"),

@@ -275,10 +275,10 @@ def load_all(ds: torch.utils.data.Dataset, n: int | None = None) -> dict[str, An
     return collate([ds[i] for i in range(n)])
 
 
-def split_dataset(cfg: Any, split: str) -> RSDataset:
+def split_dataset(cfg: Any, split: str, content_from: str = "record") -> RSDataset:
     """One split of a preset (``cfg``: rslib.config.Preset) with its condition maps (SynthRS generated first when it
-    is the data)."""
-    return RSDataset(split_dir(cfg, split), size=cfg.data.image_size, max_objects=1)
+    is the data); ``content_from`` as :class:`RSDataset`'s."""
+    return RSDataset(split_dir(cfg, split), size=cfg.data.image_size, max_objects=1, content_from=content_from)
 
 
 def maps_as_uint8(conditions: torch.Tensor) -> torch.Tensor:

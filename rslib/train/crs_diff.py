@@ -136,8 +136,10 @@ def check_condition_maps(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def required_conditions(cfg: Preset, use_content: bool) -> tuple[str, ...]:
-    """What every training record must name: the maps of ``crs.condition_maps`` and, with content, its image."""
-    return check_condition_maps(cfg.crs.condition_maps) + (("content",) if use_content else ())
+    """What every training record must name: the maps of ``crs.condition_maps`` and, with content read from the
+    records (``crs.content_source="record"``), its content image."""
+    from_records = use_content and cfg.crs.content_source == "record"
+    return check_condition_maps(cfg.crs.condition_maps) + (("content",) if from_records else ())
 
 
 @torch.no_grad()
@@ -181,7 +183,7 @@ def cached_training_data(cfg: Preset, ds: RSDataset, stage_one: Path, vae: Autoe
     maps_in_memory = maps_fit_in_memory(ds)
     stamp = json.loads(json.dumps({"preset": cfg.name, "data": data_stamp(cfg), "stage_one": input_stamp(stage_one),
                                    "clip": input_stamp(clip_dir) if image_encoder is not None else None,
-                                   "maps_in_memory": maps_in_memory}))
+                                   "maps_in_memory": maps_in_memory, "content_from": ds.content_from}))
     t = read_tensor_cache(cfg.run_dir(LATENTS_CACHE), stamp)
     if t is not None and len(t["mean"]) == len(ds):
         return CRSTrainingData(t["mean"], t["std"], t["conditions"] if maps_in_memory else ds, t["content"],
@@ -338,7 +340,7 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     if not force and is_finished(out_dir, stamp):
         refresh_sampling_defaults(out_dir, **sampling_defaults(cfg))
         return out_dir
-    train = split_dataset(cfg, "train")
+    train = split_dataset(cfg, "train", content_from=c.content_source)
     train.require_conditions(required_conditions(cfg, c.use_content))  # never train on zeros in their place
     work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()
