@@ -19,6 +19,7 @@ import pytest
 import fixtures_real as fx
 from rslib.data.__main__ import main
 from rslib.data import formats
+from rslib.data.converters import dota_tiling
 from rslib.data.formats import DataFormatError, Record, convert, read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -507,7 +508,7 @@ def test_failure_while_tiling_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_encode(pixels)
 
-    monkeypatch.setattr(formats, "encode_png", encode)
+    monkeypatch.setattr(dota_tiling, "encode_png", encode)  # where the tiles are encoded
     with pytest.raises(OSError, match="disk full"):
         convert("dota", src, out, tile=32, gap=8)
     assert tree(tmp_path) == before

@@ -57,7 +57,7 @@ def _parser() -> OneLineArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command; returns the exit status."""
-    from rslib.data.formats import DataFormatError, UsageError
+    from rslib.data.records import DataFormatError, UsageError
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{split}: {summary['records']} records with {', '.join(summary['maps'])} and content"
                       f"{left_out}")
         else:
-            from rslib.data.formats import convert, dataset_info
+            from rslib.data.converters import convert
+            from rslib.data.records import dataset_info
 
             paths = convert(args.format, args.src, args.out, overwrite=args.overwrite,
                             skip_invalid=args.skip_invalid, split=args.split, dior_r=args.dior_r, tile=args.tile,

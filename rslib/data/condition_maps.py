@@ -1,6 +1,6 @@
 """Condition maps and content images for a converted data set: ``python -m rslib.data conditions``.
 
-For every record of every split under ``root`` (the record format, :mod:`rslib.data.formats`) this computes
+For every record of every split under ``root`` (the record format, :mod:`rslib.data.records`) this computes
 the six CRS-Diff maps (:mod:`rslib.data.conditions`): lines, soft edges and sketch from the pixels; road,
 depth and segmentation with the models the user supplies by local path. Each map goes to
 ``<split>/conditions/<name>/<stem>.png``, and ``<split>/metadata.jsonl`` then names it.
@@ -32,7 +32,7 @@ import numpy as np
 
 from rslib.data.conditions import (MODEL_KINDS, ConditionModel, ModelLike, as_condition_model, line_segments,
                                    sketch, soft_edges)
-from rslib.data.formats import CONDITION_NAMES, CONTENT, DataFormatError, Record, encode_png, read_records
+from rslib.data.records import CONDITION_NAMES, CONTENT, DataFormatError, Record, encode_png, read_records
 
 PIXEL_MAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "lines": line_segments, "soft_edges": soft_edges, "sketch": sketch}

@@ -13,7 +13,7 @@ depth         height map, 0..255, brighter = higher (closer to the sensor)
 segmentation  H x W x 3 colours of the LoveDA 7-class palette
 ============  =========================================================
 
-The model input stacks them in :data:`~rslib.data.formats.CONDITION_NAMES`
+The model input stacks them in :data:`~rslib.data.records.CONDITION_NAMES`
 order as 3 channels each (18 channels, values in [0, 1]), as CRS-Diff does.
 
 For real images, :func:`line_segments`, :func:`soft_edges` and :func:`sketch`
@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import cv2
 import numpy as np
 
-from rslib.data.formats import CONDITION_NAMES
+from rslib.data.records import CONDITION_NAMES
 
 LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 LOVEDA_PALETTE = np.array(

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from rslib.data.conditions import LOVEDA_PALETTE
-from rslib.data.formats import CONDITION_NAMES, CONTENT, METADATA_FIELDS, Record, read_records
+from rslib.data.records import CONDITION_NAMES, CONTENT, METADATA_FIELDS, Record, read_records
 
 # Min-max normalisation intervals of CRS-Diff (year, month, day, GSD m, cloud %, latitude, longitude).
 METADATA_RANGES = {

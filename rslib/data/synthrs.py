@@ -31,17 +31,9 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from rslib.data.captions import NUMBER_WORDS, position_phrase
 from rslib.data.conditions import seg_to_rgb
-from rslib.data.formats import (
-    CONTENT,
-    NUMBER_WORDS,
-    DatasetWriter,
-    ObjectAnnotation,
-    Record,
-    UsageError,
-    encode_png,
-    position_phrase,
-)
+from rslib.data.records import CONTENT, DatasetWriter, ObjectAnnotation, Record, UsageError, encode_png
 
 SCENES = (
     "airport", "port", "dense_residential", "sparse_residential", "industrial", "farmland",
@@ -1094,7 +1086,7 @@ MIN_SIZE = 8  # pixels: the smallest image size write_split accepts
 
 
 def check_split_settings(n: int, size: int, seed: int = 0, split: str = "train", workers: int = 0) -> None:
-    """Raise :class:`~rslib.data.formats.UsageError` naming the first setting :func:`write_split` cannot use."""
+    """Raise :class:`~rslib.data.records.UsageError` naming the first setting :func:`write_split` cannot use."""
     for name, value, lo in (("n", n, 1), ("size", size, MIN_SIZE), ("seed", seed, 0), ("workers", workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise UsageError(f"{name} must be an integer >= {lo}, got {value!r}")

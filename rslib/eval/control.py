@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from rslib.data.datasets import segmentation_to_classes
-from rslib.data.formats import CONDITION_NAMES
+from rslib.data.records import CONDITION_NAMES
 from rslib.eval import metrics
 from rslib.eval.segmenter import edge_f1, miou, predict_classes, road_iou
 

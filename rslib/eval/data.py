@@ -20,7 +20,7 @@ from PIL import Image
 from rslib.config import Preset
 from rslib.data.conditions import rgb_to_seg
 from rslib.data.datasets import load_image, split_dir
-from rslib.data.formats import Record, read_records
+from rslib.data.records import Record, read_records
 from rslib.data.synthrs import OBJECT_CLASSES
 
 EVAL_MAPS = ("segmentation", "road", "soft_edges", "lines")

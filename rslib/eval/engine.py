@@ -23,7 +23,7 @@ from typing import Any
 
 from rslib.config import Preset
 from rslib.data.datasets import split_dir
-from rslib.data.formats import read_records
+from rslib.data.records import read_records
 from rslib.eval.data import preset_split
 from rslib.eval.detector import detector_info, train_detector
 from rslib.eval.layout import layouts_of, targets_of
@@ -116,7 +116,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     from rslib.pipelines.crs_diff import sample_crs_diff
     from rslib.data.datasets import load_split_tensors, split_dataset
     from rslib.data.datasets import segmentation_to_classes
-    from rslib.data.formats import CONDITION_NAMES
+    from rslib.data.records import CONDITION_NAMES
 
     ds = split_dataset(cfg, "train")
     ds.require_conditions(("segmentation",))  # the labels of the generated images: never all-zero maps

@@ -1,6 +1,6 @@
 """Evaluate a folder of generated images against a folder of real ones: every measure that applies.
 
-Both folders are in the record format (``metadata.jsonl`` + images, as :mod:`rslib.data.formats` writes):
+Both folders are in the record format (``metadata.jsonl`` + images, as :mod:`rslib.data.records` writes):
 a generated record keeps the captions, metadata, objects and condition maps it was generated *from*.
 
 ==========================  ===========================================================  ===================

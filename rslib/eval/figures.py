@@ -13,7 +13,7 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rslib.data.formats import CONDITION_NAMES, ObjectAnnotation, Record  # noqa: E402
+from rslib.data.records import CONDITION_NAMES, ObjectAnnotation, Record  # noqa: E402
 
 CLASS_COLOURS = {
     "airplane": "#ff3b30", "ship": "#ffcc00", "storagetank": "#34c759", "vehicle": "#00c7be",

@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, ImagePipelineOutput, UNet2DC
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from rslib.data.datasets import METADATA_RANGES, normalise_metadata
-from rslib.data.formats import CONDITION_NAMES, METADATA_FIELDS
+from rslib.data.records import CONDITION_NAMES, METADATA_FIELDS
 from rslib.models.crs_diff import (
     N_METADATA,
     ContentTokenizer,

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps({"stage": args.stage, "config": cfg.to_dict()}, indent=1, default=str))
         return 0
-    from rslib.data.formats import DataFormatError
+    from rslib.data.records import DataFormatError
     from rslib.train.stage import ResumeRefused
 
     try:

@@ -101,7 +101,7 @@ def dataset_classes(cfg: Preset) -> list[str]:
         from rslib.data.synthrs import OBJECT_CLASSES
 
         return list(OBJECT_CLASSES)
-    from rslib.data.formats import read_records
+    from rslib.data.records import read_records
 
     return sorted({o.label for r in read_records(cfg.data_dir() / "train") for o in r.objects})
 

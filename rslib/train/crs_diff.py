@@ -38,7 +38,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConf
 from rslib.config import Preset, get_preset, resolve_path, with_overrides
 from rslib.data.datasets import (ConditionDropout, RSDataset, collate, load_split_tensors, maps_as_uint8,
                                  pick_captions, split_dataset)
-from rslib.data.formats import CONDITION_NAMES
+from rslib.data.records import CONDITION_NAMES
 from rslib.models.base import build_noise_scheduler, build_sampler
 from rslib.models.crs_diff import (ContentTokenizer, CRSDiffModel, CRSLocalAdapter, MetadataEncoder,
                                    check_null_conditions, zero_dropped)

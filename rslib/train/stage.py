@@ -63,7 +63,7 @@ def training_settings(part_cfg: Any) -> dict[str, Any]:
 def conversion_digest(folder: str | os.PathLike) -> str | None:
     """A digest of the record ``python -m rslib.data convert`` leaves in a data set folder (format, source,
     records per split, what was skipped), or None where there is none (a folder made by hand)."""
-    from rslib.data.formats import DATASET_MARKER
+    from rslib.data.records import DATASET_MARKER
 
     try:
         return hashlib.sha256((Path(folder) / DATASET_MARKER).read_bytes()).hexdigest()
