@@ -737,3 +737,17 @@ def test_converted_records_round_trip(tmp_path):
     for line in (out / "train" / "metadata.jsonl").read_text().splitlines():
         obj = json.loads(line)
         assert Record.from_json(obj, "metadata.jsonl").to_json() == obj
+
+
+def test_formats_is_one_import_for_users_and_rslib_imports_the_owning_modules():
+    """``rslib.data.formats`` re-exports every name it lists; inside rslib each name comes from the module that owns
+    it (records, captions, ccdiff_metadata, converters), never through formats."""
+    import rslib.data.formats as formats
+
+    namespace: dict = {}
+    exec("from rslib.data.formats import *", namespace)
+    assert set(formats.__all__) <= set(namespace) and "convert" in namespace and "Record" in namespace
+    root = Path(formats.__file__).resolve().parents[1]
+    through_formats = [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if p.name != "formats.py"
+                       and ("rslib.data.formats import" in p.read_text() or "rslib.data import formats" in p.read_text())]
+    assert through_formats == []

@@ -10,7 +10,6 @@ import numpy as np
 
 from rslib.data.records import ObjectAnnotation
 
-
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _POSITIONS = {(0, 0): "at the top left", (1, 0): "at the top", (2, 0): "at the top right",
               (0, 1): "on the left", (1, 1): "in the center", (2, 1): "on the right",

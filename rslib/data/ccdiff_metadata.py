@@ -8,7 +8,6 @@ from typing import Iterable
 
 from rslib.data.records import Record, dataset_info, read_records, write_jsonl
 
-
 # CC-Diff's instance counts per format, as (at most, padded to): upstream truncates and pads DIOR(-RSVG) to 6
 # instances; its DOTA converter only pads, so DOTA keeps every object (None: no limit)
 CCDIFF_INSTANCES: dict[str, tuple[int | None, int | None]] = {"dior": (6, 6), "dior-rsvg": (6, 6), "dota": (None, 6)}

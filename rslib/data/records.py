@@ -34,7 +34,6 @@ from PIL import Image
 
 from rslib.utils import atomic_write_dir, recover_dir
 
-
 METADATA_FIELDS = ("year", "month", "day", "gsd", "cloud_cover", "latitude", "longitude")
 CONDITION_NAMES = ("lines", "soft_edges", "sketch", "road", "depth", "segmentation")
 CONTENT = "content"  # the content image: another scene of the same type
@@ -305,6 +304,7 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
 
 
 def write_marker(folder: Path, fmt: str, **info: Any) -> None:
+    """Write ``folder``'s :data:`DATASET_MARKER`: the format, the marker version and ``info``."""
     (folder / DATASET_MARKER).write_text(json.dumps({"format": fmt, "version": MARKER_VERSION, **info}, indent=1))
 
 

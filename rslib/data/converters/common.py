@@ -15,11 +15,9 @@ from PIL import Image
 
 from rslib.data.records import METADATA_FIELDS, DataFormatError, ObjectAnnotation, Record, check_inside
 
-
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MAX_IMAGE_SIDE = 10**6  # pixels: a larger recorded width or height is an invalid value
-
 
 Items = list[tuple[Record, Path]]  # (record, image to copy) for one split
 
@@ -87,22 +85,27 @@ def image_problem(path: Path) -> str | None:
 
 
 def null_metadata() -> dict[str, float | int | None]:
+    """Every metadata field unknown (None)."""
     return {k: None for k in METADATA_FIELDS}
 
 
 def class_key(name: str) -> str:
+    """A class name as matched: lower case, without spaces, underscores and hyphens."""
     return re.sub(r"[\s_\-]+", "", name.strip().lower())
 
 
 def class_lookup(classes: Iterable[str]) -> dict[str, str]:
+    """The canonical class name by :func:`class_key` of each of ``classes``."""
     return {class_key(c): c for c in classes}
 
 
 def clip01(v: float) -> float:
+    """``v`` clipped to [0, 1]."""
     return min(1.0, max(0.0, float(v)))
 
 
 def numbers_text(values: Iterable[float]) -> str:
+    """Numbers as an error message shows them: ``[1, 2.5, 3]``."""
     return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
 
 
@@ -169,6 +172,7 @@ def read_text(path: Path) -> str:
 
 
 def load_json(path: Path) -> Any:
+    """A JSON file (UTF-8); a :class:`DataFormatError` names the line of bad JSON and a truncated file."""
     text = read_text(path)
     try:
         return json.loads(text)
@@ -221,6 +225,7 @@ def scan_folder(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
 
 
 def check_unique(items: Items, where: Path) -> None:
+    """A :class:`DataFormatError` when two records of a split have the same file name."""
     seen: dict[str, Path] = {}
     for rec, image in items:
         if rec.file_name in seen:

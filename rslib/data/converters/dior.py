@@ -23,7 +23,6 @@ from rslib.data.converters.common import (
 from rslib.data.converters.voc import VocXml, voc_boxes
 from rslib.data.records import DataFormatError, Record
 
-
 DIOR_CLASSES = (
     "airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
     "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield", "harbor",
@@ -41,6 +40,7 @@ DIOR_LOOKUP = class_lookup(DIOR_CLASSES)
 
 
 def dior_readable(label: str) -> str:
+    """A DIOR class as a caption writes it ("golffield" -> "golf field")."""
     return _DIOR_READABLE.get(label, label.lower())
 
 

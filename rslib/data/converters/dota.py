@@ -24,7 +24,6 @@ from rslib.data.converters.common import (
 )
 from rslib.data.records import DataFormatError, ObjectAnnotation, Record, UsageError, metadata_problem
 
-
 DOTA_CLASSES_V10 = (
     "plane", "ship", "storage-tank", "baseball-diamond", "tennis-court", "basketball-court",
     "ground-track-field", "harbor", "bridge", "large-vehicle", "small-vehicle", "helicopter",
@@ -103,6 +102,7 @@ def _dota_labels(path: Path, width: int, height: int, classes: tuple[str, ...], 
 
 
 def dota_readable(label: str) -> str:
+    """A DOTA class as a caption writes it ("large-vehicle" -> "large vehicle")."""
     return label.replace("-", " ")
 
 

@@ -13,7 +13,6 @@ from rslib.data.converters.common import DropRecord, InvalidValues, clip01
 from rslib.data.converters.dota import dota_readable
 from rslib.data.records import ObjectAnnotation, Record, encode_png
 
-
 DOTA_GAP = 100  # pixels two neighbouring tiles share (CC-Diff: 512-px tiles, 100-px gap)
 DOTA_MIN_VISIBLE = 0.7  # a tile keeps an object when more than this fraction of its area lies in it (DOTA_devkit)
 

@@ -25,7 +25,6 @@ from rslib.data.converters.common import (
 )
 from rslib.data.records import DataFormatError, Record, are_numbers, check_inside, metadata_problem
 
-
 FMOW_CLASSES = (
     "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture",
     "archaeological_site", "barn", "border_checkpoint", "burial_site", "car_dealership",

@@ -14,7 +14,6 @@ import numpy as np
 from rslib.data.converters.common import MAX_IMAGE_SIDE, InvalidValues, class_key, image_size, read_text
 from rslib.data.records import DataFormatError
 
-
 _XML_TRUNCATED = (expat.errors.XML_ERROR_NO_ELEMENTS, expat.errors.XML_ERROR_UNCLOSED_TOKEN,
                   expat.errors.XML_ERROR_PARTIAL_CHAR, expat.errors.XML_ERROR_UNCLOSED_CDATA_SECTION)
 
@@ -47,6 +46,7 @@ class VocXml:
         self.root = builder.close()
 
     def line(self, el: ET.Element) -> int | None:
+        """The line ``el`` starts on."""
         return self._lines.get(id(el))
 
     def reporter(self, el: ET.Element, invalid: InvalidValues) -> Callable[[str, str], None]:
@@ -54,6 +54,7 @@ class VocXml:
         return lambda reason, value: invalid.found(self.path, self.line(el), reason, value)
 
     def fail(self, el: ET.Element, message: str, fix: str = "") -> DataFormatError:
+        """A :class:`DataFormatError` about ``el``, at its line."""
         return DataFormatError(self.path, message, self.line(el), fix)
 
     def number(self, el: ET.Element, tag: str, finite: bool = True) -> float:
@@ -70,6 +71,7 @@ class VocXml:
         return value
 
     def label(self, obj: ET.Element, lookup: dict[str, str]) -> str:
+        """The canonical class of an <object>'s <name> (``lookup`` by :func:`class_key`)."""
         name = obj.find("name")
         if name is None or not (name.text or "").strip():
             raise self.fail(obj, "<object> has no <name>")
