@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPModel, Dinov2Config, Dinov2Model
 
@@ -130,14 +130,16 @@ def test_sampling_settings_do_not_retrain(inputs, runs):
     (s1, clip), (cfg, straight, _) = inputs, runs
     before = (straight / "training.json").stat().st_mtime_ns
     sampling = replace(cfg, cc=replace(cfg.cc, guidance_scale=9.0, sample_steps=7, eval_images=99,
-                                       negative_prompt="blurry"))
+                                       negative_prompt="blurry", sampler="euler"))
     assert train_cc_diff(sampling, s1, clip, straight, progress=False) == straight
     assert (straight / "training.json").stat().st_mtime_ns == before  # reused, not retrained
     pipe = load_cc_diff(straight, "cpu")
     assert (pipe.config.guidance_scale, pipe.config.num_inference_steps) == (9.0, 7)
-    assert pipe.config.negative_prompt == "blurry"
+    assert pipe.config.negative_prompt == "blurry" and isinstance(pipe.scheduler, EulerDiscreteScheduler)
     assert train_cc_diff(cfg, s1, clip, straight, progress=False) == straight  # and back
-    assert load_cc_diff(straight, "cpu").config.guidance_scale == cfg.cc.guidance_scale
+    back = load_cc_diff(straight, "cpu")
+    assert back.config.guidance_scale == cfg.cc.guidance_scale and isinstance(back.scheduler, DDIMScheduler)
+    assert not list(straight.glob("*.tmp-*"))
     assert (straight / "training.json").stat().st_mtime_ns == before
     assert training_settings(sampling.cc) == training_settings(cfg.cc)
     assert training_settings(replace(cfg.cc, lr=cfg.cc.lr / 2)) != training_settings(cfg.cc)

@@ -58,7 +58,7 @@ from rslib.pipelines.cc_diff import CCDiffPipeline
 from rslib.train.loop import TrainConfig, cpu_generator, train_loop
 from rslib.train.objective import AdapterTimesteps
 from rslib.train.stage import (begin, data_stamp, finish, input_stamp, is_finished, load_stage_one_parts,
-                               refresh_sampling_defaults, resolve_clip_dir, resolve_stage_one, save_pipeline_folder,
+                               refresh_sampling_defaults, refresh_scheduler, resolve_clip_dir, resolve_stage_one, save_pipeline_folder,
                                seed_initial_weights, stage_stamp, stage_train_config)
 from rslib.utils import atomic_write_dir, pick_device, read_tensor_cache, write_tensor_cache
 
@@ -491,6 +491,7 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
                         architecture=ARCHITECTURE_VERSION)
     if not force and is_finished(out_dir, stamp):
         refresh_sampling_defaults(out_dir, **sampling_defaults(cfg))
+        refresh_scheduler(out_dir, build_sampler(cfg.cc.sampler))
         return out_dir
     work = begin(out_dir, stamp, force)
     t0 = time.perf_counter()

@@ -52,7 +52,7 @@ STAMP_NAME = "stamp.json"  # in the work folder: the settings a run was started 
 
 # settings that only change how a trained model is sampled or evaluated, not the model: left out of the stamps
 SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "map_guidance", "guidance_keeps_metadata",
-                 "negative_prompt", "eval_images")
+                 "negative_prompt", "sampler", "eval_images")
 
 
 def training_settings(part_cfg: Any) -> dict[str, Any]:
@@ -345,6 +345,22 @@ def save_pipeline_folder(pipe: Any, out_dir: str | Path, parts: Sequence[str]) -
     os.replace(tmp / "model_index.json", out_dir / "model_index.json")
     shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def refresh_scheduler(out_dir: str | Path, scheduler: Any) -> None:
+    """Make a saved pipeline folder sample with ``scheduler`` (a diffusers scheduler) when it holds another kind
+    (``cc.sampler`` is a sampling-only setting): its ``scheduler/`` config and ``model_index.json`` entry."""
+    index = Path(out_dir) / "model_index.json"
+    config = json.loads(index.read_text())
+    entry = ["diffusers", type(scheduler).__name__]
+    if config.get("scheduler") == entry:
+        return
+    folder = Path(out_dir) / "scheduler"
+    staging = folder.with_name("scheduler.tmp-refresh")
+    scheduler.save_pretrained(staging)
+    os.replace(staging / "scheduler_config.json", folder / "scheduler_config.json")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_json(index, {**config, "scheduler": entry}, indent=2, sort_keys=True)
 
 
 def refresh_sampling_defaults(out_dir: str | Path, **defaults: Any) -> None:
