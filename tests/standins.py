@@ -76,6 +76,22 @@ def paper_weights(root: Path, size: int) -> None:
     dino_folder(root / "dino")
 
 
+def paper_overrides(root: Path, size: int) -> dict:
+    """The paper preset's settings pointed at the stand-ins of :func:`paper_weights` under ``root``: tiny module
+    sizes, 2 training and 2 sampling steps per stage, on CPU in float32."""
+    return {
+        "runs_dir": str(root / "runs"), "device": "cpu", "mixed_precision": "no", "data.image_size": size,
+        "clip.pretrained": str(root / "clip"), "vae.pretrained": str(root / "sd"),
+        "unet.pretrained": str(root / "sd"), "unet.steps": 2, "unet.batch_size": 2, "unet.sample_steps": 2,
+        "crs.stem_channels": (4, 8, 8), "crs.inject_channels": (8, 8, 16, 16), "crs.metadata_dim": 16,
+        "crs.steps": 2, "crs.batch_size": 2, "crs.sample_steps": 2,
+        "cc.dino_path": str(root / "dino"), "cc.dino_size": 2 * DINO_PATCH, "cc.resampler_dim": 16,
+        "cc.resampler_heads": 2, "cc.resampler_dim_head": 8, "cc.fusion_heads": 2, "cc.fusion_dim_head": 8,
+        "cc.box_hidden": 16, "cc.steps": 2, "cc.batch_size": 2, "cc.grad_accum": 2, "cc.sample_steps": 2,
+        "cc.base_model": str(root / "sd"), "cc.sam_checkpoint": "",  # box crops: no SAM stand-in
+    }
+
+
 def open_clip_checkpoint(root: Path) -> Path:
     """A tiny open_clip model config (the ViT-L-14 layout at toy widths, registered as :data:`TINY_OPEN_CLIP`) and
     its random weights saved as a checkpoint file under ``root``."""

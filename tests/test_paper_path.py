@@ -28,7 +28,7 @@ from rslib.train.crs_diff import train_crs_diff
 from rslib.train.stage import read_history, training_info
 from rslib.train.stage_one import train_stage_one
 from rslib.train.text_encoder import train_text_encoder
-from standins import DINO_PATCH, TEXT_DIM, UNET_FILE, paper_weights
+from standins import TEXT_DIM, UNET_FILE, paper_overrides, paper_weights
 
 SIZE = 64  # image side; SD's autoencoder (f = 8) gives 8 x 8 latents
 
@@ -47,20 +47,8 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(root):
     """The paper preset pointed at the stand-ins, with tiny module sizes and 2 training steps per stage."""
-    small = {
-        "runs_dir": str(root / "runs"), "device": "cpu", "mixed_precision": "no",
-        "data.root": str(root / "data"), "data.image_size": SIZE, "data.n_train": 16, "data.n_val": 4,
-        "data.n_test": 4,
-        "clip.pretrained": str(root / "clip"), "vae.pretrained": str(root / "sd"),
-        "unet.pretrained": str(root / "sd"), "unet.steps": 2, "unet.batch_size": 2, "unet.sample_steps": 2,
-        "crs.stem_channels": (4, 8, 8), "crs.inject_channels": (8, 8, 16, 16), "crs.metadata_dim": 16,
-        "crs.steps": 2, "crs.batch_size": 2, "crs.sample_steps": 2,
-        "cc.dino_path": str(root / "dino"), "cc.dino_size": 2 * DINO_PATCH, "cc.resampler_dim": 16,
-        "cc.resampler_heads": 2, "cc.resampler_dim_head": 8, "cc.fusion_heads": 2, "cc.fusion_dim_head": 8,
-        "cc.box_hidden": 16, "cc.steps": 2, "cc.batch_size": 2, "cc.grad_accum": 2, "cc.sample_steps": 2,
-        "cc.base_model": str(root / "sd"), "cc.sam_checkpoint": "",  # box crops: no SAM stand-in
-    }
-    return get_preset("paper", **small)
+    return get_preset("paper", **paper_overrides(root, SIZE), **{
+        "data.root": str(root / "data"), "data.n_train": 16, "data.n_val": 4, "data.n_test": 4})
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from rslib.train.crs_diff import train_crs_diff
 from rslib.train import stage_one as stage_one_train
 from rslib.train.stage import read_history, stage_stamp, training_info
 from rslib.train.stage_one import train_stage_one
-from standins import DINO_DIM, DINO_PATCH, UNET_FILE
+from standins import DINO_DIM, UNET_FILE
 from test_conditions import save_script
 
 SIZE = 64  # image side of the training data and of the stand-in SD's latents (8 x 8)
@@ -99,15 +99,7 @@ def cfg(root):
     """The paper preset pointed at the stand-ins (tiny module sizes, 2 training and 2 sampling steps per stage);
     ``data.root`` is set per stage."""
     return get_preset("paper", **{
-        "runs_dir": str(root / "runs"), "device": "cpu", "mixed_precision": "no", "data.image_size": SIZE,
-        "clip.pretrained": str(root / "clip"), "vae.pretrained": str(root / "sd"),
-        "unet.pretrained": str(root / "sd"), "unet.steps": 2, "unet.batch_size": 2, "unet.sample_steps": 2,
-        "crs.stem_channels": (4, 8, 8), "crs.inject_channels": (8, 8, 16, 16), "crs.metadata_dim": 16,
-        "crs.steps": 2, "crs.batch_size": 2, "crs.sample_steps": 2,
-        "cc.dino_path": str(root / "dino"), "cc.dino_size": 2 * DINO_PATCH, "cc.resampler_dim": 16,
-        "cc.resampler_heads": 2, "cc.resampler_dim_head": 8, "cc.fusion_heads": 2, "cc.fusion_dim_head": 8,
-        "cc.box_hidden": 16, "cc.steps": 2, "cc.batch_size": 2, "cc.grad_accum": 2, "cc.sample_steps": 2,
-        "cc.base_model": str(root / "sd"), "cc.sam_checkpoint": "",  # box crops: no SAM stand-in
+        **standins.paper_overrides(root, SIZE),
         "eval.clip_score_folder": str(root / "clip"),
         "eval.open_clip_checkpoint": str(root / "instruments" / "open_clip" / "open_clip_pytorch_model.bin"),
         "eval.open_clip_model": standins.TINY_OPEN_CLIP,
