@@ -421,7 +421,7 @@ def test_evaluation_rows_include_the_autoencoder_ceiling(parts):
     from transformers import CLIPModel
 
     from rslib.eval import control
-    from rslib.eval.segmenter import build_segmenter
+    from rslib.models.segmenter import build_segmenter
     from rslib.models.text import rs_clip_config
     from rslib.train.autoencoder import reconstruct
 

@@ -22,6 +22,11 @@ from rslib.eval import fidelity as Fi
 from rslib.eval import segmenter as S
 from rslib.eval.data import preset_split
 from rslib.eval.metrics import inception_fid, inception_score_metric, kid_from_features
+from rslib.models import detector as DM
+from rslib.models import segmenter as SM
+from rslib.train import augment as A
+from rslib.train import detector as DT
+from rslib.train import segmenter as ST
 from rslib.train.stage import training_info
 
 
@@ -169,9 +174,9 @@ def test_dihedral_boxes_follow_the_image():
     img[0, 2:5, 3:10] = 1  # rows 2..4, columns 3..9
     box = torch.tensor([[3, 2, 10, 5]]) / 16
     for k in range(8):
-        ys, xs = torch.nonzero(S.dihedral(img, k)[0], as_tuple=True)
+        ys, xs = torch.nonzero(A.dihedral(img, k)[0], as_tuple=True)
         moved = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]) / 16
-        assert torch.allclose(D.dihedral_boxes(box, k), moved), k
+        assert torch.allclose(A.dihedral_boxes(box, k), moved), k
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +190,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_models")
     cfg = get_preset("smoke", **{"seg.steps": 60, "seg.lr": 5e-3, "det.steps": 30, "det.batch_size": 8,
                                  "det.lr": 3e-3})
-    seg = S.train_segmenter(cfg, root / "segmenter", progress=False)
-    det = D.train_detector(cfg, root / "detector", progress=False)
+    seg = ST.train_segmenter(cfg, root / "segmenter", progress=False)
+    det = DT.train_detector(cfg, root / "detector", progress=False)
     return cfg, seg, det
 
 
@@ -200,29 +205,29 @@ def test_segmenter_learns_and_round_trips(trained):
     cfg, folder, _ = trained
     first, last = _falls(folder, cfg.seg.steps)
     assert last < 0.8 * first
-    model = S.load_segmenter(folder)
-    saved, ckpt = load_file(str(folder / S.WEIGHTS_FILE)), load_file(str(folder / "training/checkpoint/model.safetensors"))
+    model = SM.load_segmenter(folder)
+    saved, ckpt = load_file(str(folder / SM.WEIGHTS_FILE)), load_file(str(folder / "training/checkpoint/model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in ckpt.items())  # the final weights, exactly
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     images = preset_split(cfg, "test", maps=()).pixel_values()
     pred = S.predict_classes(model, images)
     assert pred.shape == (len(images), 32, 32) and pred.dtype == torch.long
-    assert torch.equal(pred, S.predict_classes(S.load_segmenter(folder), images))
-    info = S.segmenter_info(folder)
+    assert torch.equal(pred, S.predict_classes(SM.load_segmenter(folder), images))
+    info = ST.segmenter_info(folder)
     assert 0.0 <= info["test"]["miou"] <= 1.0 and "road_iou" in info["test"]
-    assert S.train_segmenter(cfg, folder, progress=False) == folder  # finished: reused, not retrained
+    assert ST.train_segmenter(cfg, folder, progress=False) == folder  # finished: reused, not retrained
 
 
 def test_detector_learns_and_round_trips(trained):
     cfg, _, folder = trained
     first, last = _falls(folder, cfg.det.steps)
     assert last < 0.9 * first
-    model = D.load_detector(folder)
-    saved, ckpt = load_file(str(folder / D.WEIGHTS_FILE)), load_file(str(folder / "training/checkpoint/model.safetensors"))
+    model = DM.load_detector(folder)
+    saved, ckpt = load_file(str(folder / DM.WEIGHTS_FILE)), load_file(str(folder / "training/checkpoint/model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in ckpt.items())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     test = preset_split(cfg, "test", maps=())
-    a, b = D.detect(model, test.pixel_values()), D.detect(D.load_detector(folder), test.pixel_values())
+    a, b = D.detect(model, test.pixel_values()), D.detect(DM.load_detector(folder), test.pixel_values())
     assert len(a) == len(test) and all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a, b))
     scores = D.detection_map(model, test.pixel_values(), test.targets())
     assert {"map50", "map", "map75"} <= set(scores) and 0.0 <= scores["map"] <= scores["map50"] <= 1.0
@@ -247,9 +252,9 @@ def test_evaluation_models_do_not_depend_on_earlier_randomness(tmp_path):
     weights = []
     for i, junk in enumerate((0, 5)):
         torch.rand(junk)  # an earlier cell used the global generator, or did not
-        seg = S.train_segmenter(cfg, tmp_path / f"seg{i}", progress=False)
-        det = D.train_detector(cfg, tmp_path / f"det{i}", progress=False)
-        weights.append((load_file(str(seg / S.WEIGHTS_FILE)), load_file(str(det / D.WEIGHTS_FILE))))
+        seg = ST.train_segmenter(cfg, tmp_path / f"seg{i}", progress=False)
+        det = DT.train_detector(cfg, tmp_path / f"det{i}", progress=False)
+        weights.append((load_file(str(seg / SM.WEIGHTS_FILE)), load_file(str(det / DM.WEIGHTS_FILE))))
     for a, b in zip(*weights):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -260,13 +265,13 @@ def test_box_activation_of_the_detector():
     det = get_preset("smoke").det
     torch.manual_seed(0)
     feats = [torch.randn(2, det.fpn_channels, 8, 8), torch.randn(2, det.fpn_channels, 4, 4)]
-    ours = D.build_detector(replace(det, box_activation="relu"), 32).head.regression_head
+    ours = DM.build_detector(replace(det, box_activation="relu"), 32).head.regression_head
     groups = ours.conv[1].num_groups
     theirs = FCOSRegressionHead(det.fpn_channels, 1, det.head_convs, norm_layer=lambda c: nn.GroupNorm(groups, c))
     theirs.load_state_dict(ours.state_dict())
     for a, b in zip(ours(feats), theirs(feats)):
         assert torch.equal(a, b)
-    head = D.build_detector(det, 32).head.regression_head  # softplus by default
+    head = DM.build_detector(det, 32).head.regression_head  # softplus by default
     with torch.no_grad():
         head.bbox_reg.bias.fill_(-5.0)  # pre-activations negative everywhere: relu would be dead
     reg, _ = head(feats)
@@ -274,7 +279,7 @@ def test_box_activation_of_the_detector():
     reg.sum().backward()
     assert head.bbox_reg.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="box_activation"):
-        D.build_detector(replace(det, box_activation="tanh"), 32)
+        DM.build_detector(replace(det, box_activation="tanh"), 32)
 
 
 def test_detection_map_perfect_and_empty():
@@ -382,7 +387,7 @@ def test_paired_bootstrap_of_two_variants(trained):
     data = preset_split(cfg, "test", maps=())
     lays = layout.layouts_of(data, len(data), cfg.cc.max_instances)
     targets = layout.targets_of(lays, data.classes)
-    images, segmenter = data.pixel_values(), S.load_segmenter(seg_dir)
+    images, segmenter = data.pixel_values(), SM.load_segmenter(seg_dir)
     perfect = [{"boxes": t["boxes"] * data.size, "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
                for t in targets]
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}

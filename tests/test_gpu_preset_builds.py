@@ -424,7 +424,9 @@ def test_stage_two_losses_run_under_bf16_autocast(cfg, unet, crs_unet, text_towe
 
 
 def test_segmenter_trains_one_step(cfg):
-    from rslib.eval.segmenter import NUM_CLASSES, build_segmenter, predict_classes, segmentation_loss_fn
+    from rslib.eval.segmenter import predict_classes
+    from rslib.models.segmenter import NUM_CLASSES, build_segmenter
+    from rslib.train.segmenter import segmentation_loss_fn
 
     levels = len(cfg.seg.channels)
     assert IMAGE % (cfg.seg.patch * 2 ** (levels - 1)) == 0
@@ -444,7 +446,9 @@ def test_segmenter_trains_one_step(cfg):
 
 
 def test_detector_trains_one_step_and_detects(cfg):
-    from rslib.eval.detector import build_detector, detect, detection_loss
+    from rslib.eval.detector import detect
+    from rslib.models.detector import build_detector
+    from rslib.train.detector import detection_loss
 
     d, size = cfg.det, cfg.data.image_size  # FCOS resizes every input to its min_size: the preset's side
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import fixtures_real as fx
 import standins
@@ -21,6 +22,8 @@ from rslib.eval import detector as D
 from rslib.eval import engine
 from rslib.eval import instruments as I
 from rslib.eval.data import preset_split
+from rslib.models import detector as DM
+from rslib.train import detector as DT
 from rslib.utils import to_uint8
 
 TINY_OPEN_CLIP = standins.TINY_OPEN_CLIP
@@ -203,7 +206,7 @@ def test_yolo_score_with_yolov8_maps_its_classes_by_name(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def smoke_detector(tmp_path_factory):
     cfg = get_preset("smoke", **{"runs_dir": str(tmp_path_factory.mktemp("runs")), "det.steps": 2})
-    return cfg, D.train_detector(cfg, progress=False)
+    return cfg, DT.train_detector(cfg, progress=False)
 
 
 def test_yolo_score_without_ultralytics_uses_the_project_detector_labelled(monkeypatch, smoke_detector):
@@ -216,7 +219,7 @@ def test_yolo_score_without_ultralytics_uses_the_project_detector_labelled(monke
     assert small.label == "project detector (fcos_tiny)"
     scores = I.yolo_score(small, test.pixel_values(), test.targets())
     assert {k: scores[k] for k in ("map50", "map", "map75")} == {
-        k: v for k, v in D.detection_map(D.load_detector(folder), test.pixel_values(), test.targets()).items()
+        k: v for k, v in D.detection_map(DM.load_detector(folder), test.pixel_values(), test.targets()).items()
         if k in ("map50", "map", "map75")}
 
 
@@ -343,16 +346,16 @@ def resnet50_file(tmp_path_factory) -> Path:
 
 def test_faster_rcnn_reads_its_backbone_from_the_local_file(resnet50_file, tmp_path):
     det = get_preset("paper", **{"det.backbone_weights": str(resnet50_file), "det.input_size": 64}).det
-    model = D.build_detector(det, 64, num_classes=3)
-    assert isinstance(model, D.FasterRCNNDetector) and model.model.roi_heads.box_predictor.cls_score.out_features == 4
+    model = DM.build_detector(det, 64, num_classes=3)
+    assert isinstance(model, DM.FasterRCNNDetector) and model.model.roi_heads.box_predictor.cls_score.out_features == 4
     saved = torch.load(resnet50_file, weights_only=True)
     body = model.model.backbone.body.state_dict()
     assert all(torch.equal(body[k], saved[k]) for k in body)
     assert not model.model.backbone.body.conv1.weight.requires_grad and model.model.backbone.body.layer4[0].conv1.weight.requires_grad
     with pytest.raises(FileNotFoundError, match="nothing-here.pth"):
-        D.build_detector(get_preset("paper", **{"det.backbone_weights": str(tmp_path / "nothing-here.pth")}).det, 64, 3)
+        DM.build_detector(get_preset("paper", **{"det.backbone_weights": str(tmp_path / "nothing-here.pth")}).det, 64, 3)
     with pytest.raises(ValueError, match="det.kind"):
-        D.build_detector(get_preset("smoke", **{"det.kind": "yolo"}).det, 32, 3)
+        DM.build_detector(get_preset("smoke", **{"det.kind": "yolo"}).det, 32, 3)
 
 
 @pytest.fixture(scope="module")
@@ -376,14 +379,14 @@ def test_faster_rcnn_trainability_on_real_format_data(dior_paper):
     assert sum(len(b) for b in train.boxes) == 5  # so every object is counted
 
     # the trainability detector (engine.detector_trainability trains three of these): 2 steps of R50-FPN
-    folder = D.train_detector(cfg, cfg.run_dir("engine") / "detector_real", progress=False, real_limit=2)
-    info = D.detector_info(folder)
+    folder = DT.train_detector(cfg, cfg.run_dir("engine") / "detector_real", progress=False, real_limit=2)
+    info = DT.detector_info(folder)
     assert info["det"]["kind"] == "faster_rcnn_r50_fpn" and len(info["history"]) == 2
     assert {"map", "map50", "map75"} <= set(info["test"]) and all(0.0 <= info["test"][k] <= 1.0
                                                                   for k in ("map", "map50", "map75"))
-    model = D.load_detector(folder)  # rebuilt from the saved weights, not from the backbone file
-    assert isinstance(model, D.FasterRCNNDetector) and model.classes == tuple(train.classes)
-    saved = D.load_file(str(folder / D.WEIGHTS_FILE))
+    model = DM.load_detector(folder)  # rebuilt from the saved weights, not from the backbone file
+    assert isinstance(model, DM.FasterRCNNDetector) and model.classes == tuple(train.classes)
+    saved = load_file(str(folder / DM.WEIGHTS_FILE))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     test = preset_split(cfg, "test", maps=())
     out = D.detect(model, test.pixel_values())

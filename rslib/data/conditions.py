@@ -28,12 +28,15 @@ import json
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import cv2
 import numpy as np
 
 from rslib.data.records import CONDITION_NAMES
+
+if TYPE_CHECKING:
+    import torch
 
 LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 LOVEDA_PALETTE = np.array(

@@ -25,9 +25,9 @@ from rslib.config import Preset
 from rslib.data.datasets import split_dir
 from rslib.data.records import read_records
 from rslib.eval.data import preset_split
-from rslib.eval.detector import detector_info, train_detector
+from rslib.train.detector import detector_info, train_detector
 from rslib.eval.layout import layouts_of, targets_of
-from rslib.eval.segmenter import segmenter_info, train_segmenter
+from rslib.train.segmenter import segmenter_info, train_segmenter
 from rslib.pipelines.cc_diff import sample_cc_diff
 
 

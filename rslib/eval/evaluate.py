@@ -158,11 +158,11 @@ def evaluate_folders(generated: str | os.PathLike, real: str | os.PathLike, clip
         skipped["fid_inception"] = "no InceptionV3 weights file given (--inception)"
     seg_model = det_model = None
     if segmenter is not None:
-        from rslib.eval.segmenter import load_segmenter
+        from rslib.models.segmenter import load_segmenter
 
         seg_model = load_segmenter(segmenter)
     if detector is not None:
-        from rslib.eval.detector import load_detector
+        from rslib.models.detector import load_detector
 
         det_model = load_detector(detector)
     results.update(image_measures(gen, seg_model, det_model, skipped))

@@ -286,7 +286,7 @@ def ultralytics_installed() -> bool:
 
 
 def project_detector(model: torch.nn.Module, kind: str, reason: str = "") -> LayoutDetector:
-    """The project's trained detector (:func:`rslib.eval.detector.load_detector`) as a :class:`LayoutDetector`."""
+    """The project's trained detector (:func:`rslib.models.detector.load_detector`) as a :class:`LayoutDetector`."""
     from rslib.eval.detector import detect
 
     label = f"project detector ({kind}{'; ' + reason if reason else ''})"
@@ -299,7 +299,7 @@ def yolo_score_detector(cfg: Preset, classes: Sequence[str], detector_dir: str |
     """The preset's YOLOScore detector: YOLOv8 from ``eval.yolo_weights`` when it is set and ultralytics is
     installed; else the project's detector trained at ``detector_dir`` (default ``runs/<preset>/detector``),
     labelled with why."""
-    from rslib.eval.detector import load_detector
+    from rslib.models.detector import load_detector
 
     reason = ""
     if cfg.eval.yolo_weights:

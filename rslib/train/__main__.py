@@ -74,9 +74,9 @@ def _stage_function(stage: str):
     elif stage == "cc_diff":
         from rslib.train.cc_diff import train_cc_diff as fn
     elif stage == "segmenter":
-        from rslib.eval.segmenter import train_segmenter as fn
+        from rslib.train.segmenter import train_segmenter as fn
     else:
-        from rslib.eval.detector import train_detector as fn
+        from rslib.train.detector import train_detector as fn
     return fn
 
 
