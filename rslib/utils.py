@@ -5,13 +5,14 @@ import argparse
 import contextlib
 import functools
 import glob
+import math
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -302,3 +303,16 @@ def int_at_least(lo: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def finite_numbers(value: Any, n: int, name: str) -> list[float]:
+    """``value`` (a sequence or tensor) as ``n`` finite floats, or a ValueError naming the setting ``name``."""
+    try:
+        vals = [float(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {n} numbers, got {value!r}") from None
+    if len(vals) != n:
+        raise ValueError(f"{name} must be {n} numbers, got {len(vals)}: {value!r}")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{name} must be finite numbers, got {value!r}")
+    return vals

@@ -596,7 +596,7 @@ BAD_INPUTS = [
     ("crs", {"conditions": {"roads": np.zeros((32, 32), np.uint8)}}, r"unknown condition map\(s\) \['roads'\]"),
     ("crs", {"conditions": torch.zeros(2, 6, 32, 32)}, r"conditions must be an \(18, H, W\)"),
     ("crs", {"control_scale": float("nan")}, r"control_scale must be finite"),
-    ("crs", {"control_scale": [1.0] * 3}, r"control_scale needs 7 values"),
+    ("crs", {"control_scale": [1.0] * 3}, r"control_scale must be 7 numbers, got 3"),
     ("crs", {"global_strength": float("inf")}, r"global_strength must be finite"),
     ("crs", {"content_image": torch.zeros(3, 3, SIZE, SIZE)}, r"content_image has 3 rows for 2 prompts"),
     ("crs", {"content_image": np.zeros((1, 3, SIZE, SIZE), np.float32)}, r"channels last"),

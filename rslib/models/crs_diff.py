@@ -40,6 +40,7 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn
 from torch import nn
 
 from rslib.config import FUSIONS
+from rslib.utils import finite_numbers
 
 N_METADATA = 7
 N_MAPS = 6
@@ -480,19 +481,10 @@ def _to_like(module: nn.Module, like: nn.Module) -> nn.Module:
 
 
 def control_scales(control_scale: float | Sequence[float], n: int) -> list[float]:
-    """One finite scale per residual from a number or a sequence of n numbers (else a ValueError)."""
+    """One finite scale per residual (mid last) from a number or a sequence of n numbers (else a ValueError)."""
     if isinstance(control_scale, (int, float)):
-        scales = [float(control_scale)] * n
-    else:
-        try:
-            scales = [float(s) for s in control_scale]
-        except (TypeError, ValueError):
-            raise ValueError(f"control_scale must be a number or {n} numbers, not {control_scale!r}") from None
-    if len(scales) != n:
-        raise ValueError(f"control_scale needs {n} values (one per residual, mid last), got {len(scales)}")
-    if not all(math.isfinite(v) for v in scales):
-        raise ValueError(f"control_scale must be finite numbers, got {control_scale!r}")
-    return scales
+        control_scale = [control_scale] * n
+    return finite_numbers(control_scale, n, "control_scale")
 
 
 # ---------------------------------------------------------------------------

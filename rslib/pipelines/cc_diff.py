@@ -26,7 +26,6 @@ and an empty layout the pipeline therefore reproduces the stage-one ``StableDiff
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,11 +47,11 @@ from rslib.models.references import ReferenceBank
 from rslib.pipelines.common import (
     RSPipeline,
     check_finite,
-    decode_latents,
     load_pipeline_folder,
     rows_per_prompt,
     seeded_batches,
 )
+from rslib.utils import finite_numbers
 
 Layout = Sequence[Mapping[str, Any]]
 BOX_AGREEMENT = 0.01  # how far (normalised) an object's 'bbox' may lie from its 'obb''s enclosing box
@@ -61,14 +60,7 @@ logger = logging.getLogger(__name__)
 
 def _numbers(value: Any, n: int, where: str) -> list[float]:
     """``value`` as n finite floats in [0, 1] (a small tolerance is clamped), or a ValueError naming ``where``."""
-    try:
-        vals = [float(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be {n} numbers, got {value!r}") from None
-    if len(vals) != n:
-        raise ValueError(f"{where} must be {n} numbers, got {len(vals)}: {value!r}")
-    if not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"{where} must be finite numbers, got {value!r}")
+    vals = finite_numbers(value, n, where)
     if any(v < -1e-3 or v > 1 + 1e-3 for v in vals):
         raise ValueError(f"{where} must be normalised to [0, 1] (divide pixel coordinates by the image size), "
                          f"got {value!r}")
@@ -361,11 +353,7 @@ class CCDiffPipeline(RSPipeline):
             latents = self.denoise(latents, predict_noise, text, negative_prompt_embeds,
                                    self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end,
                                    callback_on_step_end_tensor_inputs)
-        images = decode_latents(self, latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return self.finish_call(latents, output_type, return_dict)
 
 
 def load_cc_diff(path: str | os.PathLike, device: str | torch.device | None = None) -> CCDiffPipeline:

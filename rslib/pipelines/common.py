@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -345,3 +345,9 @@ class RSPipeline(DiffusionPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         self._num_timesteps = 0
+
+    def finish_call(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """The final latents as the call's output (decoded as ``output_type`` asks), offload hooks released."""
+        images = decode_latents(self, latents, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -46,7 +46,6 @@ from rslib.models.text import content_embeddings
 from rslib.pipelines.common import (
     RSPipeline,
     check_finite,
-    decode_latents,
     load_pipeline_folder,
     rows_per_prompt,
     seeded_batches,
@@ -455,11 +454,7 @@ class CRSDiffPipeline(RSPipeline):
         latents = self.denoise(latents, predict_noise, text, negative_prompt_embeds,
                                self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end,
                                callback_on_step_end_tensor_inputs)
-        images = decode_latents(self, latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return self.finish_call(latents, output_type, return_dict)
 
 
 def load_crs_diff(path: str | os.PathLike, device: str | torch.device | None = None) -> CRSDiffPipeline:
