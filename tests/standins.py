@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
-                          CLIPVisionConfig, Dinov2Config, Dinov2Model)
+                          CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model)
 
 from rslib.models.text import clip_tokenizer
 
@@ -19,6 +19,18 @@ DINO_PATCH = 14
 DINO_DIM = 24
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 TINY_OPEN_CLIP = "rslib-test-tiny-clip"
+
+
+def clip_towers(text_dim: int = TEXT_DIM) -> tuple[CLIPTextModel, CLIPVisionModelWithProjection]:
+    """A one-layer CLIP text tower of width ``text_dim`` and a 32-px vision tower projecting to it, in eval mode
+    (drawn from torch's global generator: seed it first)."""
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=text_dim, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=77,
+                                        projection_dim=text_dim)).eval()
+    image = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                           num_hidden_layers=1, num_attention_heads=2,
+                                                           intermediate_size=64, projection_dim=text_dim)).eval()
+    return text, image
 
 
 def clip_folder(path: Path) -> CLIPModel:

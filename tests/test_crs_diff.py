@@ -8,9 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+import standins
 from rslib.config import get_preset
 from rslib.data.datasets import ConditionDropout
 from rslib.data.formats import CONDITION_NAMES
@@ -35,12 +35,7 @@ def parts():
     """Tiny stage-one parts at the smoke preset (32 px images, 8x8 latents), built from config."""
     cfg = get_preset("smoke")
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=77,
-                                        projection_dim=TEXT_DIM)).eval()
-    image = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                           num_hidden_layers=1, num_attention_heads=2,
-                                                           intermediate_size=64, projection_dim=TEXT_DIM)).eval()
+    text, image = standins.clip_towers(TEXT_DIM)
     vae = build_vae(cfg).eval()
     unet = build_unet(cfg, TEXT_DIM).eval()
     with torch.no_grad():  # a stage-one UNet whose output depends on everything (fresh out_conv is not zero)

@@ -19,10 +19,10 @@ import torch
 from accelerate import cpu_offload
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import rslib
 import rslib.pipelines
+import standins
 from rslib.config import get_preset
 from rslib.data.formats import CONDITION_NAMES
 from rslib.models.base import build_sampler, build_unet, build_vae
@@ -66,12 +66,7 @@ def parts():
     """Tiny stage-one parts at the smoke preset and the trained-looking branches of both pipelines."""
     cfg = get_preset("smoke")
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=77,
-                                        projection_dim=TEXT_DIM)).eval()
-    image = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                           num_hidden_layers=1, num_attention_heads=2,
-                                                           intermediate_size=64, projection_dim=TEXT_DIM)).eval()
+    text, image = standins.clip_towers(TEXT_DIM)
     unet = build_unet(cfg, TEXT_DIM).eval()
     _perturb(unet, 0.02, 1)  # a stage-one UNet whose output depends on everything
     crs_unet = with_identity_class_embedding(unet)
