@@ -33,18 +33,30 @@ def save_figure(fig: plt.Figure, folder: str | os.PathLike, name: str, dpi: int 
 
 
 def _as_display(img: np.ndarray) -> np.ndarray:
+    """An image for ``imshow``: uint8 as it is; a float image is in [-1, 1], the library's image convention (maps
+    and masks in [0, 1] go through :func:`unit_to_uint8` first). CHW becomes HWC."""
     img = np.asarray(img)
     if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):  # CHW -> HWC
         img = img.transpose(1, 2, 0)
     if img.dtype != np.uint8:
-        img = np.clip(img, 0, 1) if img.min() >= 0 else np.clip((img + 1) / 2, 0, 1)
+        low, high = float(img.min()), float(img.max())
+        if low < -1.5 or high > 1.5:  # a decoder's slight overshoot is clipped; another scale is refused
+            raise ValueError(f"a float image to show must be in [-1, 1], got values in [{low:.3g}, {high:.3g}]: "
+                             f"pass uint8 pixels, or maps in [0, 1] through figures.unit_to_uint8")
+        img = np.clip((img + 1) / 2, 0, 1)
     return img.squeeze()
+
+
+def unit_to_uint8(values: "np.ndarray | object") -> np.ndarray:
+    """Maps, masks or attention weights in [0, 1] (tensor or array, any layout) -> uint8 for the figures."""
+    x = values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values, dtype=np.float32)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 6,
                cell: float = 1.9, suptitle: str | None = None, wrap: int = 28,
                row_labels: Sequence[str] | None = None) -> plt.Figure:
-    """Show images (uint8 HWC, or float CHW/HWC in [0,1] or [-1,1]) in a grid with optional titles."""
+    """Show images (uint8, or float in [-1, 1]; HWC or CHW) in a grid with optional titles."""
     n = len(images)
     nrows = max(1, int(np.ceil(n / ncols)))
     fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + (0.35 if suptitle else 0)),
@@ -327,8 +339,8 @@ def crs_fusion_features(pipe: "object", test: dict, items: Sequence[int], fusion
         maps = fusion_maps(pipe.adapter, zt, timestep, text_states, cond)
     cells, titles = [], []
     for k, i in enumerate(items):
-        cells += [test["pixel_values"][i], cond[k, 15:18], _unit_range(maps["before"])[k],
-                  _unit_range(maps["features"])[k], _unit_range(maps["after"])[k]]
+        stretched = [unit_to_uint8(_unit_range(maps[stage])[k]) for stage in ("before", "features", "after")]
+        cells += [test["pixel_values"][i], test["conditions"][i, 15:18]] + stretched  # maps are stored as uint8
         titles += ["image", "segmentation map", "GN(h) before", "condition features", f"after {fusion.upper()}"]
     return image_grid(cells, titles, ncols=5, cell=1.7)
 
