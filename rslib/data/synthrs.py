@@ -430,289 +430,350 @@ def _vehicles_along(c: _Canvas, rng: np.random.Generator, n: int) -> int:
     return placed
 
 
-def _recipe(scene: str, c: _Canvas, rng: np.random.Generator, meta: dict) -> list[str]:
-    """Draw one scene type; returns relation phrases for the captions."""
+def _airport(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """A runway, an apron with parked airplanes (one may be taking off) and a terminal."""
     rel: list[str] = []
+    c.mat[:] = MAT["grass"]
+    ang = rng.uniform(0, math.pi)
+    cx, cy = rng.uniform(0.35, 0.65, size=2)
+    run = _rect(cx, cy, 3.0, 45 * c.per_m, ang)
+    c.fill(run, "runway")
+    c.segments += [tuple(np.r_[run[0], run[1]]), tuple(np.r_[run[2], run[3]])]
+    c.overlays.append(("runway", run))
+    normal = np.array([-math.sin(ang), math.cos(ang)]) * rng.choice([-1, 1])
+    apron_c = np.array([cx, cy]) + normal * (45 * c.per_m / 2 + 70 * c.per_m)
+    apron = _rect(apron_c[0], apron_c[1], rng.uniform(260, 420) * c.per_m, 100 * c.per_m, ang)
+    c.fill(apron, "concrete")
+    c.rect_lines(apron)
+    term_c = apron_c + normal * (50 + 25) * c.per_m
+    _building(c, _rect(term_c[0], term_c[1], 180 * c.per_m, 40 * c.per_m, ang), rng, 14, label=True)
+    n_on_apron = int(rng.integers(1, 5))
+    for k in range(n_on_apron):
+        t = (k - (n_on_apron - 1) / 2) * 55 * c.per_m
+        p = apron_c + np.array([math.cos(ang), math.sin(ang)]) * t
+        plane = _rect(p[0], p[1], 38 * c.per_m, 36 * c.per_m, ang + math.pi / 2)
+        if c.free(plane, ("concrete",)):
+            c.add_object("airplane", plane)
+            c.overlays.append(("airplane", plane, ang + math.pi / 2 * float(rng.choice([1, -1]))))
+    if rng.random() < 0.5:
+        t = rng.uniform(-0.25, 0.25)
+        p = np.array([cx, cy]) + np.array([math.cos(ang), math.sin(ang)]) * t
+        plane = _rect(p[0], p[1], 38 * c.per_m, 36 * c.per_m, ang)
+        if c.free(plane, ("runway",)):
+            c.add_object("airplane", plane)
+            c.overlays.append(("airplane", plane, ang))
+            rel.append("an airplane is taking off on the runway")
+    rel.append("airplanes are parked on the apron next to the runway")
+    _trees(c, rng, 3, ("grass",))
+    return rel
+
+
+def _coast(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """Port: piers into the sea with ships along them, buildings and tanks ashore; beach: sand, foam, a few houses."""
+    rel: list[str] = []
+    c.mat[:] = MAT["urban"] if scene == "port" else MAT["grass"]
+    side, frac = _water_side(c, rng, rng.uniform(0.35, 0.55), shore=None if scene == "port" else "sand")
+    if scene == "beach":
+        # a wide sand strip and foam along the shore
+        water = (np.isin(c.mat, [MAT["water"], MAT["shallow"]])).astype(np.uint8)
+        k = max(3, int(c.r * rng.uniform(0.12, 0.22)))
+        grown = cv2.dilate(water, np.ones((k, k), np.uint8)) > 0
+        c.mat[grown & (water == 0)] = MAT["sand"]
+        c.overlays.append(("foam",))
+        _trees(c, rng, 6, ("grass",))
+        for _ in range(int(rng.integers(0, 5) * dev)):
+            p = _place(c, rng, (rng.uniform(14, 26), rng.uniform(10, 16)), ("grass",), angle=0.0)
+            if p is not None:
+                _building(c, p, rng, rng.uniform(4, 9))
+        rel.append("the sea meets a long sandy beach")
+    else:
+        # piers perpendicular to the shore, ships along them
+        direction = np.array([(0, -1), (1, 0), (0, 1), (-1, 0)][side], dtype=float)
+        along = np.array([direction[1], direction[0]])
+        n_piers = int(rng.integers(1, 4))
+        ships = 0
+        for k in range(n_piers):
+            u = (k + 0.5) / n_piers + rng.uniform(-0.08, 0.08)
+            shore_pt = np.array([0.5, 0.5]) + direction * (0.5 - frac) + along * (u - 0.5)
+            length = rng.uniform(0.2, 0.4)
+            ctr = shore_pt + direction * length / 2
+            pier = _rect(ctr[0], ctr[1], length + 0.05, 18 * c.per_m, math.atan2(direction[1], direction[0]))
+            c.fill(pier, "concrete")
+            c.rect_lines(pier)
+            for s in (-1, 1):
+                for j in range(int(rng.integers(0, 3))):
+                    for _try in range(4):
+                        pos = ctr + direction * rng.uniform(-0.1, 0.45) * length + along * s * (9 + 12) * c.per_m
+                        ship = _rect(pos[0], pos[1], rng.uniform(40, 80) * c.per_m, rng.uniform(12, 18) * c.per_m,
+                                     math.atan2(direction[1], direction[0]))
+                        if c.free(ship, ("water", "shallow")):
+                            c.add_object("ship", ship)
+                            c.overlays.append(("ship", ship, int(rng.integers(4))))
+                            ships += 1
+                            break
+        for _ in range(int(rng.integers(0, 3))):
+            ship = _place(c, rng, (rng.uniform(40, 110), rng.uniform(10, 22)), ("water",))
+            if ship is not None:
+                c.add_object("ship", ship)
+                c.overlays.append(("ship", ship, int(rng.integers(4))))
+        where = {0: "top", 1: "right", 2: "bottom", 3: "left"}[side]
+        if ships:
+            rel.append(f"ships are docked along the pier on the {where}" if where in ("left", "right")
+                       else f"ships are docked along the pier at the {where}")
+        else:
+            rel.append(f"piers stretch into the sea on the {where}" if where in ("left", "right")
+                       else f"piers stretch into the sea at the {where}")
+        for _ in range(int(rng.integers(2, 6) * dev)):
+            p = _place(c, rng, (rng.uniform(40, 80), rng.uniform(20, 35)), ("urban",))
+            if p is not None:
+                _building(c, p, rng, rng.uniform(6, 14))
+        for _ in range(int(rng.integers(0, 4))):
+            d = rng.uniform(18, 30)
+            p = _place(c, rng, (d, d), ("urban",), angle=0.0)
+            if p is not None:
+                c.fill(p, "tank")
+                c.add_object("storagetank", p)
+                c.overlays.append(("tank", p))
+    return rel
+
+
+def _dense_residential(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """A road grid lined with many buildings, some trees and vehicles."""
+    rel: list[str] = []
+    ang = _road_grid(c, rng, rng.uniform(70, 110), rng.uniform(9, 14))
+    n = int(rng.integers(25, 60) * dev)
+    for _ in range(n):
+        p = _place(c, rng, (rng.uniform(10, 20), rng.uniform(8, 14)), ("urban",), angle=ang + rng.choice([0, math.pi / 2]))
+        if p is not None:
+            _building(c, p, rng, rng.uniform(4, 12))
+    _trees(c, rng, 4, ("urban",))
+    _vehicles_along(c, rng, int(rng.integers(2, 8)))
+    rel.append("many buildings are arranged densely along the roads")
+    return rel
+
+
+def _sparse_residential(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """Winding roads, houses scattered among trees."""
+    rel: list[str] = []
+    for _ in range(int(rng.integers(1, 3))):
+        s = int(rng.integers(4))
+        path = _smooth_path(rng, _edge_point(rng, s), _edge_point(rng, (s + 2) % 4), rng.uniform(0.02, 0.1))
+        _road(c, path, rng.uniform(7, 10), straight=False, lanes=1)
+    for _ in range(int(rng.integers(5, 14) * dev)):
+        p = _place(c, rng, (rng.uniform(10, 18), rng.uniform(8, 13)), ("grass",))
+        if p is not None:
+            _building(c, p, rng, rng.uniform(4, 8))
+    _trees(c, rng, int(rng.integers(8, 16)), ("grass",))
+    _vehicles_along(c, rng, int(rng.integers(0, 3)))
+    rel.append("some houses are scattered among green trees")
+    return rel
+
+
+def _industrial(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """Large buildings on a road grid and storage tanks in a tidy block."""
+    rel: list[str] = []
+    c.mat[:] = MAT["bare"] if rng.random() < 0.4 else MAT["urban"]
+    ground = "bare" if c.mat[0, 0] == MAT["bare"] else "urban"
+    _road_grid(c, rng, rng.uniform(160, 240), rng.uniform(10, 14))
+    for _ in range(int(rng.integers(3, 7) * dev)):
+        p = _place(c, rng, (rng.uniform(40, 90), rng.uniform(25, 50)), (ground,), angle=0.0)
+        if p is not None:
+            _building(c, p, rng, rng.uniform(8, 16))
+    # storage tanks in a tidy block
+    d = rng.uniform(18, 32)
+    rows, cols = int(rng.integers(1, 4)), int(rng.integers(2, 5))
+    x0, y0 = rng.uniform(0.1, 0.6, size=2)
+    for i in range(rows):
+        for j in range(cols):
+            cx, cy = x0 + j * d * 1.4 * c.per_m, y0 + i * d * 1.4 * c.per_m
+            p = _rect(cx, cy, d * c.per_m, d * c.per_m, 0.0)
+            if c.free(p, (ground,)):
+                c.fill(p, "tank")
+                c.add_object("storagetank", p)
+                c.overlays.append(("tank", p))
+    _vehicles_along(c, rng, int(rng.integers(1, 5)))
+    rel.append("storage tanks stand in rows in the industrial area")
+    return rel
+
+
+def _farmland(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """Field parcels, maybe a straight road, a farm building or windmills."""
+    rel: list[str] = []
+    c.mat[:] = MAT["grass"]
+    _parcels(c, rng)
+    if rng.random() < 0.6:
+        s = int(rng.integers(4))
+        _road(c, np.stack([_edge_point(rng, s), _edge_point(rng, (s + 2) % 4)]), 8, straight=True, lanes=1)
+    if rng.random() < 0.3:
+        p = _place(c, rng, (20, 12), ("crop", "grass"))
+        if p is not None:
+            _building(c, p, rng, 6)
+    _windmills(c, rng, int(rng.integers(0, 3)) if rng.random() < 0.35 else 0)
+    rel.append("the fields are divided into neat parcels")
+    return rel
+
+
+def _forest(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """Trees everywhere, maybe clearings and a track."""
+    rel: list[str] = []
+    c.mat[:] = MAT["trees"]
+    c.height[:] = 12.0
+    if rng.random() < 0.4:
+        for _ in range(int(rng.integers(1, 3))):
+            cx, cy = rng.uniform(0.1, 0.9, size=2)
+            cv2.ellipse(c.mat, (int(cx * c.r), int(cy * c.r)),
+                        (int(rng.uniform(0.05, 0.15) * c.r), int(rng.uniform(0.05, 0.15) * c.r)),
+                        rng.uniform(0, 180), 0, 360, MAT["grass"], -1)
+    if rng.random() < 0.4:
+        s = int(rng.integers(4))
+        path = _smooth_path(rng, _edge_point(rng, s), _edge_point(rng, (s + 2) % 4), 0.08)
+        _road(c, path, 6, straight=False, lanes=0)
+    c.height[c.mat != MAT["trees"]] = 0
+    rel.append("dense green trees cover the whole area")
+    return rel
+
+
+def _river_scene(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """A river through grass or fields; bridge: a road crossing it, else maybe boats on it."""
+    rel: list[str] = []
+    c.mat[:] = MAT["grass"]
+    if rng.random() < 0.5:
+        _parcels(c, rng)
+    path = _river(c, rng, rng.uniform(35, 70) if scene == "river" else rng.uniform(40, 60))
+    _trees(c, rng, int(rng.integers(4, 12)), ("grass", "crop"))
+    if scene == "bridge":
+        i = len(path) // 2 + int(rng.integers(-3, 4))
+        t = path[min(i + 1, len(path) - 1)] - path[max(i - 1, 0)]
+        n = np.array([-t[1], t[0]]) / (np.linalg.norm(t) + 1e-9)
+        a, b = path[i] - n * 1.0, path[i] + n * 1.0
+        width = rng.uniform(12, 20)
+        # bridge shadow on the water, then the deck
+        deck = _rect(path[i][0], path[i][1], 2.0, width * c.per_m, math.atan2(n[1], n[0]))
+        c.cast_shadow(deck, 6.0, 0.9)
+        _road(c, np.stack([a, b]), width, straight=True)
+        _vehicles_along(c, rng, int(rng.integers(0, 4)))
+        rel.append("a bridge crosses the river")
+    else:
+        for _ in range(int(rng.integers(0, 3))):
+            p = _place(c, rng, (rng.uniform(20, 40), rng.uniform(6, 10)), ("water",))
+            if p is not None:
+                c.add_object("ship", p)
+                c.overlays.append(("ship", p, int(rng.integers(4))))
+        rel.append("a river winds through the land")
+    return rel
+
+
+def _desert(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """Sand and dunes, maybe bare patches, a road and windmills."""
+    rel: list[str] = []
+    c.mat[:] = MAT["sand"]
+    if rng.random() < 0.4:
+        ys, xs = np.mgrid[0:c.r, 0:c.r] / c.r
+        blob = _noise(rng, 3, c.r) > rng.uniform(0.1, 0.4)
+        c.mat[blob] = MAT["bare"]
+        del ys, xs
+    c.overlays.append(("dunes", rng.uniform(0, math.pi), rng.uniform(8, 16)))
+    if rng.random() < 0.3:
+        s = int(rng.integers(4))
+        _road(c, np.stack([_edge_point(rng, s), _edge_point(rng, (s + 2) % 4)]), 9, straight=True, lanes=1)
+    _windmills(c, rng, int(rng.integers(1, 4)) if rng.random() < 0.3 else 0, allowed=("sand", "bare"))
+    rel.append("yellow sand dunes stretch across the desert")
+    return rel
+
+
+def _parking(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """A parking lot with rows of stalls and vehicles, a road and a few buildings."""
+    rel: list[str] = []
+    ang = rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.1, 0.1)
+    lot = _rect(0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.1, 0.1), rng.uniform(0.6, 0.85),
+                rng.uniform(0.45, 0.7), ang)
+    c.fill(lot, "concrete")
+    c.rect_lines(lot)
+    s = int(rng.integers(4))
+    _road(c, np.stack([_edge_point(rng, s, 0.02, 0.12), _edge_point(rng, (s + 2) % 4, 0.02, 0.12)]), 10, straight=True)
+    # parking rows
+    ctr = lot.mean(0)
+    u = np.array([math.cos(ang), math.sin(ang)])
+    v = np.array([-math.sin(ang), math.cos(ang)])
+    Lw = np.linalg.norm(lot[1] - lot[0])
+    Lh = np.linalg.norm(lot[3] - lot[0])
+    n_rows = max(1, int(Lh / (14 * c.per_m)))
+    fill_p = rng.uniform(0.3, 0.9)
+    for i in range(n_rows):
+        off = (i - (n_rows - 1) / 2) * 14 * c.per_m
+        a, b = ctr + v * off - u * Lw / 2 * 0.95, ctr + v * off + u * Lw / 2 * 0.95
+        c.overlays.append(("stall_line", np.stack([a, b])))
+        n_slots = int(Lw / (3.2 * c.per_m))
+        for j in range(n_slots):
+            if rng.random() > fill_p:
+                continue
+            pos = ctr + v * (off + 4 * c.per_m * (1 if i % 2 else -1)) + u * (-Lw / 2 + (j + 0.5) * 3.2 * c.per_m)
+            car = _rect(pos[0], pos[1], 5.2 * c.per_m, 2.3 * c.per_m, ang + math.pi / 2)
+            if 0.01 < car.min() and car.max() < 0.99:
+                c.add_object("vehicle", car)
+                c.overlays.append(("vehicle", car, int(rng.integers(6))))
+    for _ in range(int(rng.integers(0, 3))):
+        p = _place(c, rng, (rng.uniform(25, 45), rng.uniform(15, 25)), ("urban",), angle=ang)
+        if p is not None:
+            _building(c, p, rng, rng.uniform(6, 12))
+    rel.append("many vehicles are parked in rows in the parking lot")
+    return rel
+
+
+def _playground(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> list[str]:
+    """A ground track field, tennis courts, buildings and trees."""
+    rel: list[str] = []
+    if rng.random() < 0.5:
+        c.mat[:] = MAT["grass"]
+    ground = "grass" if c.mat[0, 0] == MAT["grass"] else "urban"
+    ang = rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.2, 0.2)
+    p = _place(c, rng, (176, 96), (ground,), angle=ang, region=(0.3, 0.3, 0.7, 0.7), tries=60)
+    if p is not None:
+        ctr, L, W = p.mean(0), np.linalg.norm(p[1] - p[0]), np.linalg.norm(p[3] - p[0])
+        cv2.ellipse(c.mat, tuple(int(v) for v in c.px(ctr)), (int(L / 2 * c.r * 16), int(W / 2 * c.r * 16)),
+                    math.degrees(ang), 0, 360, MAT["track"], -1, shift=4)
+        c.add_object("groundtrackfield", p)
+        c.overlays.append(("track", p, ang))
+    for _ in range(int(rng.integers(1, 4))):
+        q = _place(c, rng, (36, 18), (ground,), angle=ang + rng.choice([0, math.pi / 2]))
+        if q is not None:
+            c.fill(q, "court", var=int(rng.integers(2)))
+            c.rect_lines(q)
+            c.add_object("tenniscourt", q)
+            c.overlays.append(("court", q))
+    for _ in range(int(rng.integers(1, 5) * dev)):
+        q = _place(c, rng, (rng.uniform(30, 60), rng.uniform(15, 25)), (ground,), angle=ang)
+        if q is not None:
+            _building(c, q, rng, rng.uniform(8, 15))
+    _trees(c, rng, 5, (ground,))
+    rel.append("a ground track field is surrounded by buildings and trees")
+    return rel
+
+
+# Each scene type's recipe: (canvas, layout rng, development 0.75..1.25 by year, scene) -> relation phrases
+SCENE_RECIPES = {
+    "airport": _airport,
+    "port": _coast,
+    "beach": _coast,
+    "dense_residential": _dense_residential,
+    "sparse_residential": _sparse_residential,
+    "industrial": _industrial,
+    "farmland": _farmland,
+    "forest": _forest,
+    "river": _river_scene,
+    "bridge": _river_scene,
+    "desert": _desert,
+    "parking": _parking,
+    "playground": _playground,
+}
+
+
+def _recipe(scene: str, c: _Canvas, rng: np.random.Generator, meta: dict) -> list[str]:
+    """Draw one scene type (its recipe in :data:`SCENE_RECIPES`); returns relation phrases for the captions."""
     dev = 0.75 + 0.5 * (meta["year"] - 2000) / 24  # later years are more built-up
     if scene in ("dense_residential", "sparse_residential", "industrial", "parking", "playground"):
         c.mat[:] = MAT["urban"] if scene != "sparse_residential" else MAT["grass"]
-
-    if scene == "airport":
-        c.mat[:] = MAT["grass"]
-        ang = rng.uniform(0, math.pi)
-        cx, cy = rng.uniform(0.35, 0.65, size=2)
-        run = _rect(cx, cy, 3.0, 45 * c.per_m, ang)
-        c.fill(run, "runway")
-        c.segments += [tuple(np.r_[run[0], run[1]]), tuple(np.r_[run[2], run[3]])]
-        c.overlays.append(("runway", run))
-        normal = np.array([-math.sin(ang), math.cos(ang)]) * rng.choice([-1, 1])
-        apron_c = np.array([cx, cy]) + normal * (45 * c.per_m / 2 + 70 * c.per_m)
-        apron = _rect(apron_c[0], apron_c[1], rng.uniform(260, 420) * c.per_m, 100 * c.per_m, ang)
-        c.fill(apron, "concrete")
-        c.rect_lines(apron)
-        term_c = apron_c + normal * (50 + 25) * c.per_m
-        _building(c, _rect(term_c[0], term_c[1], 180 * c.per_m, 40 * c.per_m, ang), rng, 14, label=True)
-        n_on_apron = int(rng.integers(1, 5))
-        for k in range(n_on_apron):
-            t = (k - (n_on_apron - 1) / 2) * 55 * c.per_m
-            p = apron_c + np.array([math.cos(ang), math.sin(ang)]) * t
-            plane = _rect(p[0], p[1], 38 * c.per_m, 36 * c.per_m, ang + math.pi / 2)
-            if c.free(plane, ("concrete",)):
-                c.add_object("airplane", plane)
-                c.overlays.append(("airplane", plane, ang + math.pi / 2 * float(rng.choice([1, -1]))))
-        if rng.random() < 0.5:
-            t = rng.uniform(-0.25, 0.25)
-            p = np.array([cx, cy]) + np.array([math.cos(ang), math.sin(ang)]) * t
-            plane = _rect(p[0], p[1], 38 * c.per_m, 36 * c.per_m, ang)
-            if c.free(plane, ("runway",)):
-                c.add_object("airplane", plane)
-                c.overlays.append(("airplane", plane, ang))
-                rel.append("an airplane is taking off on the runway")
-        rel.append("airplanes are parked on the apron next to the runway")
-        _trees(c, rng, 3, ("grass",))
-
-    elif scene in ("port", "beach"):
-        c.mat[:] = MAT["urban"] if scene == "port" else MAT["grass"]
-        side, frac = _water_side(c, rng, rng.uniform(0.35, 0.55), shore=None if scene == "port" else "sand")
-        if scene == "beach":
-            # a wide sand strip and foam along the shore
-            water = (np.isin(c.mat, [MAT["water"], MAT["shallow"]])).astype(np.uint8)
-            k = max(3, int(c.r * rng.uniform(0.12, 0.22)))
-            grown = cv2.dilate(water, np.ones((k, k), np.uint8)) > 0
-            c.mat[grown & (water == 0)] = MAT["sand"]
-            c.overlays.append(("foam",))
-            _trees(c, rng, 6, ("grass",))
-            for _ in range(int(rng.integers(0, 5) * dev)):
-                p = _place(c, rng, (rng.uniform(14, 26), rng.uniform(10, 16)), ("grass",), angle=0.0)
-                if p is not None:
-                    _building(c, p, rng, rng.uniform(4, 9))
-            rel.append("the sea meets a long sandy beach")
-        else:
-            # piers perpendicular to the shore, ships along them
-            direction = np.array([(0, -1), (1, 0), (0, 1), (-1, 0)][side], dtype=float)
-            along = np.array([direction[1], direction[0]])
-            n_piers = int(rng.integers(1, 4))
-            ships = 0
-            for k in range(n_piers):
-                u = (k + 0.5) / n_piers + rng.uniform(-0.08, 0.08)
-                shore_pt = np.array([0.5, 0.5]) + direction * (0.5 - frac) + along * (u - 0.5)
-                length = rng.uniform(0.2, 0.4)
-                ctr = shore_pt + direction * length / 2
-                pier = _rect(ctr[0], ctr[1], length + 0.05, 18 * c.per_m, math.atan2(direction[1], direction[0]))
-                c.fill(pier, "concrete")
-                c.rect_lines(pier)
-                for s in (-1, 1):
-                    for j in range(int(rng.integers(0, 3))):
-                        for _try in range(4):
-                            pos = ctr + direction * rng.uniform(-0.1, 0.45) * length + along * s * (9 + 12) * c.per_m
-                            ship = _rect(pos[0], pos[1], rng.uniform(40, 80) * c.per_m, rng.uniform(12, 18) * c.per_m,
-                                         math.atan2(direction[1], direction[0]))
-                            if c.free(ship, ("water", "shallow")):
-                                c.add_object("ship", ship)
-                                c.overlays.append(("ship", ship, int(rng.integers(4))))
-                                ships += 1
-                                break
-            for _ in range(int(rng.integers(0, 3))):
-                ship = _place(c, rng, (rng.uniform(40, 110), rng.uniform(10, 22)), ("water",))
-                if ship is not None:
-                    c.add_object("ship", ship)
-                    c.overlays.append(("ship", ship, int(rng.integers(4))))
-            where = {0: "top", 1: "right", 2: "bottom", 3: "left"}[side]
-            if ships:
-                rel.append(f"ships are docked along the pier on the {where}" if where in ("left", "right")
-                           else f"ships are docked along the pier at the {where}")
-            else:
-                rel.append(f"piers stretch into the sea on the {where}" if where in ("left", "right")
-                           else f"piers stretch into the sea at the {where}")
-            for _ in range(int(rng.integers(2, 6) * dev)):
-                p = _place(c, rng, (rng.uniform(40, 80), rng.uniform(20, 35)), ("urban",))
-                if p is not None:
-                    _building(c, p, rng, rng.uniform(6, 14))
-            for _ in range(int(rng.integers(0, 4))):
-                d = rng.uniform(18, 30)
-                p = _place(c, rng, (d, d), ("urban",), angle=0.0)
-                if p is not None:
-                    c.fill(p, "tank")
-                    c.add_object("storagetank", p)
-                    c.overlays.append(("tank", p))
-
-    elif scene == "dense_residential":
-        ang = _road_grid(c, rng, rng.uniform(70, 110), rng.uniform(9, 14))
-        n = int(rng.integers(25, 60) * dev)
-        for _ in range(n):
-            p = _place(c, rng, (rng.uniform(10, 20), rng.uniform(8, 14)), ("urban",), angle=ang + rng.choice([0, math.pi / 2]))
-            if p is not None:
-                _building(c, p, rng, rng.uniform(4, 12))
-        _trees(c, rng, 4, ("urban",))
-        _vehicles_along(c, rng, int(rng.integers(2, 8)))
-        rel.append("many buildings are arranged densely along the roads")
-
-    elif scene == "sparse_residential":
-        for _ in range(int(rng.integers(1, 3))):
-            s = int(rng.integers(4))
-            path = _smooth_path(rng, _edge_point(rng, s), _edge_point(rng, (s + 2) % 4), rng.uniform(0.02, 0.1))
-            _road(c, path, rng.uniform(7, 10), straight=False, lanes=1)
-        for _ in range(int(rng.integers(5, 14) * dev)):
-            p = _place(c, rng, (rng.uniform(10, 18), rng.uniform(8, 13)), ("grass",))
-            if p is not None:
-                _building(c, p, rng, rng.uniform(4, 8))
-        _trees(c, rng, int(rng.integers(8, 16)), ("grass",))
-        _vehicles_along(c, rng, int(rng.integers(0, 3)))
-        rel.append("some houses are scattered among green trees")
-
-    elif scene == "industrial":
-        c.mat[:] = MAT["bare"] if rng.random() < 0.4 else MAT["urban"]
-        ground = "bare" if c.mat[0, 0] == MAT["bare"] else "urban"
-        _road_grid(c, rng, rng.uniform(160, 240), rng.uniform(10, 14))
-        for _ in range(int(rng.integers(3, 7) * dev)):
-            p = _place(c, rng, (rng.uniform(40, 90), rng.uniform(25, 50)), (ground,), angle=0.0)
-            if p is not None:
-                _building(c, p, rng, rng.uniform(8, 16))
-        # storage tanks in a tidy block
-        d = rng.uniform(18, 32)
-        rows, cols = int(rng.integers(1, 4)), int(rng.integers(2, 5))
-        x0, y0 = rng.uniform(0.1, 0.6, size=2)
-        for i in range(rows):
-            for j in range(cols):
-                cx, cy = x0 + j * d * 1.4 * c.per_m, y0 + i * d * 1.4 * c.per_m
-                p = _rect(cx, cy, d * c.per_m, d * c.per_m, 0.0)
-                if c.free(p, (ground,)):
-                    c.fill(p, "tank")
-                    c.add_object("storagetank", p)
-                    c.overlays.append(("tank", p))
-        _vehicles_along(c, rng, int(rng.integers(1, 5)))
-        rel.append("storage tanks stand in rows in the industrial area")
-
-    elif scene == "farmland":
-        c.mat[:] = MAT["grass"]
-        _parcels(c, rng)
-        if rng.random() < 0.6:
-            s = int(rng.integers(4))
-            _road(c, np.stack([_edge_point(rng, s), _edge_point(rng, (s + 2) % 4)]), 8, straight=True, lanes=1)
-        if rng.random() < 0.3:
-            p = _place(c, rng, (20, 12), ("crop", "grass"))
-            if p is not None:
-                _building(c, p, rng, 6)
-        _windmills(c, rng, int(rng.integers(0, 3)) if rng.random() < 0.35 else 0)
-        rel.append("the fields are divided into neat parcels")
-
-    elif scene == "forest":
-        c.mat[:] = MAT["trees"]
-        c.height[:] = 12.0
-        if rng.random() < 0.4:
-            for _ in range(int(rng.integers(1, 3))):
-                cx, cy = rng.uniform(0.1, 0.9, size=2)
-                cv2.ellipse(c.mat, (int(cx * c.r), int(cy * c.r)),
-                            (int(rng.uniform(0.05, 0.15) * c.r), int(rng.uniform(0.05, 0.15) * c.r)),
-                            rng.uniform(0, 180), 0, 360, MAT["grass"], -1)
-        if rng.random() < 0.4:
-            s = int(rng.integers(4))
-            path = _smooth_path(rng, _edge_point(rng, s), _edge_point(rng, (s + 2) % 4), 0.08)
-            _road(c, path, 6, straight=False, lanes=0)
-        c.height[c.mat != MAT["trees"]] = 0
-        rel.append("dense green trees cover the whole area")
-
-    elif scene in ("river", "bridge"):
-        c.mat[:] = MAT["grass"]
-        if rng.random() < 0.5:
-            _parcels(c, rng)
-        path = _river(c, rng, rng.uniform(35, 70) if scene == "river" else rng.uniform(40, 60))
-        _trees(c, rng, int(rng.integers(4, 12)), ("grass", "crop"))
-        if scene == "bridge":
-            i = len(path) // 2 + int(rng.integers(-3, 4))
-            t = path[min(i + 1, len(path) - 1)] - path[max(i - 1, 0)]
-            n = np.array([-t[1], t[0]]) / (np.linalg.norm(t) + 1e-9)
-            a, b = path[i] - n * 1.0, path[i] + n * 1.0
-            width = rng.uniform(12, 20)
-            # bridge shadow on the water, then the deck
-            deck = _rect(path[i][0], path[i][1], 2.0, width * c.per_m, math.atan2(n[1], n[0]))
-            c.cast_shadow(deck, 6.0, 0.9)
-            _road(c, np.stack([a, b]), width, straight=True)
-            _vehicles_along(c, rng, int(rng.integers(0, 4)))
-            rel.append("a bridge crosses the river")
-        else:
-            for _ in range(int(rng.integers(0, 3))):
-                p = _place(c, rng, (rng.uniform(20, 40), rng.uniform(6, 10)), ("water",))
-                if p is not None:
-                    c.add_object("ship", p)
-                    c.overlays.append(("ship", p, int(rng.integers(4))))
-            rel.append("a river winds through the land")
-
-    elif scene == "desert":
-        c.mat[:] = MAT["sand"]
-        if rng.random() < 0.4:
-            ys, xs = np.mgrid[0:c.r, 0:c.r] / c.r
-            blob = _noise(rng, 3, c.r) > rng.uniform(0.1, 0.4)
-            c.mat[blob] = MAT["bare"]
-            del ys, xs
-        c.overlays.append(("dunes", rng.uniform(0, math.pi), rng.uniform(8, 16)))
-        if rng.random() < 0.3:
-            s = int(rng.integers(4))
-            _road(c, np.stack([_edge_point(rng, s), _edge_point(rng, (s + 2) % 4)]), 9, straight=True, lanes=1)
-        _windmills(c, rng, int(rng.integers(1, 4)) if rng.random() < 0.3 else 0, allowed=("sand", "bare"))
-        rel.append("yellow sand dunes stretch across the desert")
-
-    elif scene == "parking":
-        ang = rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.1, 0.1)
-        lot = _rect(0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.1, 0.1), rng.uniform(0.6, 0.85),
-                    rng.uniform(0.45, 0.7), ang)
-        c.fill(lot, "concrete")
-        c.rect_lines(lot)
-        s = int(rng.integers(4))
-        _road(c, np.stack([_edge_point(rng, s, 0.02, 0.12), _edge_point(rng, (s + 2) % 4, 0.02, 0.12)]), 10, straight=True)
-        # parking rows
-        ctr = lot.mean(0)
-        u = np.array([math.cos(ang), math.sin(ang)])
-        v = np.array([-math.sin(ang), math.cos(ang)])
-        Lw = np.linalg.norm(lot[1] - lot[0])
-        Lh = np.linalg.norm(lot[3] - lot[0])
-        n_rows = max(1, int(Lh / (14 * c.per_m)))
-        fill_p = rng.uniform(0.3, 0.9)
-        for i in range(n_rows):
-            off = (i - (n_rows - 1) / 2) * 14 * c.per_m
-            a, b = ctr + v * off - u * Lw / 2 * 0.95, ctr + v * off + u * Lw / 2 * 0.95
-            c.overlays.append(("stall_line", np.stack([a, b])))
-            n_slots = int(Lw / (3.2 * c.per_m))
-            for j in range(n_slots):
-                if rng.random() > fill_p:
-                    continue
-                pos = ctr + v * (off + 4 * c.per_m * (1 if i % 2 else -1)) + u * (-Lw / 2 + (j + 0.5) * 3.2 * c.per_m)
-                car = _rect(pos[0], pos[1], 5.2 * c.per_m, 2.3 * c.per_m, ang + math.pi / 2)
-                if 0.01 < car.min() and car.max() < 0.99:
-                    c.add_object("vehicle", car)
-                    c.overlays.append(("vehicle", car, int(rng.integers(6))))
-        for _ in range(int(rng.integers(0, 3))):
-            p = _place(c, rng, (rng.uniform(25, 45), rng.uniform(15, 25)), ("urban",), angle=ang)
-            if p is not None:
-                _building(c, p, rng, rng.uniform(6, 12))
-        rel.append("many vehicles are parked in rows in the parking lot")
-
-    elif scene == "playground":
-        if rng.random() < 0.5:
-            c.mat[:] = MAT["grass"]
-        ground = "grass" if c.mat[0, 0] == MAT["grass"] else "urban"
-        ang = rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.2, 0.2)
-        p = _place(c, rng, (176, 96), (ground,), angle=ang, region=(0.3, 0.3, 0.7, 0.7), tries=60)
-        if p is not None:
-            ctr, L, W = p.mean(0), np.linalg.norm(p[1] - p[0]), np.linalg.norm(p[3] - p[0])
-            cv2.ellipse(c.mat, tuple(int(v) for v in c.px(ctr)), (int(L / 2 * c.r * 16), int(W / 2 * c.r * 16)),
-                        math.degrees(ang), 0, 360, MAT["track"], -1, shift=4)
-            c.add_object("groundtrackfield", p)
-            c.overlays.append(("track", p, ang))
-        for _ in range(int(rng.integers(1, 4))):
-            q = _place(c, rng, (36, 18), (ground,), angle=ang + rng.choice([0, math.pi / 2]))
-            if q is not None:
-                c.fill(q, "court", var=int(rng.integers(2)))
-                c.rect_lines(q)
-                c.add_object("tenniscourt", q)
-                c.overlays.append(("court", q))
-        for _ in range(int(rng.integers(1, 5) * dev)):
-            q = _place(c, rng, (rng.uniform(30, 60), rng.uniform(15, 25)), (ground,), angle=ang)
-            if q is not None:
-                _building(c, q, rng, rng.uniform(8, 15))
-        _trees(c, rng, 5, (ground,))
-        rel.append("a ground track field is surrounded by buildings and trees")
-    return rel
+    return SCENE_RECIPES[scene](c, rng, dev, scene)
 
 
 def _windmills(c: _Canvas, rng: np.random.Generator, n: int, allowed: Sequence[str] = ("crop", "grass")) -> None:
