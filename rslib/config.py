@@ -116,6 +116,9 @@ class UNetConfig:
 class CRSDiffConfig:
     """CRS-Diff stage two: sizes of the condition branch, its training, and notebook 03's evaluation."""
 
+    # the record-format data set CRS-Diff trains and is measured on, with its condition maps (python -m rslib.data
+    # conditions); "" = data.root, stage one's (the paper's stage-two data are not published; e.g. fMoW)
+    data_root: str = ""
     stem_channels: tuple[int, ...] = (16, 32)  # feature-extractor stem; log2(VAE factor) entries
     inject_channels: tuple[int, ...] = (32, 64, 128)  # extractor features, one per UNet level
     metadata_dim: int = 64  # sinusoid size per metadata field (320 in the paper)
@@ -165,6 +168,7 @@ class CCDiffConfig:
     "gligen" (GLIGEN-style gated self-attention over phrase + box tokens, no references)."""
 
     mode: str = "cc_diff"
+    data_root: str = ""  # the data set CC-Diff trains and is measured on (DIOR-RSVG, DOTA); "" = data.root
     use_layout_attention: bool = True
     fusion_blocks: tuple[str, ...] = ("mid_block", "up_blocks.1")  # UNet blocks whose attn2 get a fusion module
     resampler_dim: int = 128
@@ -305,6 +309,18 @@ class Preset:
     def run_dir(self, stage: str) -> Path:
         """Folder of one stage's artifact, e.g. runs/cpu/stage_one."""
         return resolve_path(self.runs_dir) / self.name / stage
+
+    def data_run_dir(self, stage: str) -> Path:
+        """Folder of an instrument trained on this configuration's data set (the segmenter, the detector):
+        runs/<preset>/<stage> on SynthRS, runs/<preset>/<stage>_<data folder name> on a real one, so that each
+        paper's data set keeps its own."""
+        return self.run_dir(f"{stage}_{resolve_path(self.data.root).name}" if self.data.root else stage)
+
+    def stage_data(self, part: str) -> "Preset":
+        """This preset with ``<part>.data_root`` ("crs" or "cc") as its data set, where that is set: each paper's
+        second stage may train on another data set than stage one and RS-CLIP (``data.root``)."""
+        root = getattr(self, part).data_root
+        return replace(self, data=replace(self.data, root=root)) if root and root != self.data.root else self
 
     def synthrs_dir(self) -> Path:
         """Folder of the SynthRS splits for this preset's image size and seed."""
@@ -456,7 +472,10 @@ def _override(obj: Any, keys: list[str], value: Any) -> Any:
     head, *rest = keys
     if not hasattr(obj, head):
         raise ValueError(f"preset has no field {head!r} (fields: {', '.join(asdict(obj))})")
-    new = _override(getattr(obj, head), rest, value) if rest else value
+    old = getattr(obj, head)
+    if not rest and isinstance(old, tuple) and isinstance(value, list):  # JSON (papermill, --set) has no tuples
+        value = tuple(value)
+    new = _override(old, rest, value) if rest else value
     return replace(obj, **{head: new})
 
 

@@ -234,3 +234,22 @@ def test_cc_diff_training_reads_the_caption_as_configured(caption, monkeypatch):
         assert len(set(seen)) == 3
     with pytest.raises(ValueError, match="cc.caption must be one of any, first, not 'global'"):
         CCDiffLoss(None, 0.18, caption="global")
+
+
+def test_each_stage_reads_its_own_data_set():
+    """Stage one trains on data.root (RSICD in CRS-Diff), CRS-Diff on crs.data_root and CC-Diff on cc.data_root
+    (DIOR-RSVG); the stage's training settings leave the root to the data stamp, and each data set gets its own
+    instruments."""
+    from rslib.train.stage import training_settings
+
+    cfg = get_preset("paper", **{"data.root": "data/rsicd", "crs.data_root": "data/fmow",
+                                 "cc.data_root": "data/dior-rsvg"})
+    crs, cc = cfg.stage_data("crs"), cfg.stage_data("cc")
+    assert (crs.data.root, cc.data.root, cfg.data.root) == ("data/fmow", "data/dior-rsvg", "data/rsicd")
+    assert crs.crs == cfg.crs and crs.unet == cfg.unet and crs.stage_data("crs") == crs
+    assert "data_root" not in training_settings(cfg.crs) and "data_root" not in training_settings(cfg.cc)
+    assert crs.data_run_dir("segmenter").name == "segmenter_fmow"
+    assert cc.data_run_dir("detector").name == "detector_dior-rsvg"
+    plain = get_preset("cpu")
+    assert plain.stage_data("crs") is plain and plain.stage_data("cc") is plain
+    assert plain.data_run_dir("segmenter") == plain.run_dir("segmenter")

@@ -96,20 +96,18 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cfg(root):
-    """The paper preset pointed at the stand-ins (tiny module sizes, 2 training and 2 sampling steps per stage);
-    ``data.root`` is set per stage."""
+    """The paper preset pointed at the stand-ins (tiny module sizes, 2 training and 2 sampling steps per stage) and
+    at one data set per paper's stage, as a user sets them: RSICD for stage one (``data.root``), fMoW for CRS-Diff
+    (``crs.data_root``), DIOR-RSVG for CC-Diff (``cc.data_root``)."""
     return get_preset("paper", **{
         **standins.paper_overrides(root, SIZE),
+        "data.root": str(root / "data" / "rsicd"), "crs.data_root": str(root / "data" / "fmow"),
+        "cc.data_root": str(root / "data" / "dior-rsvg"),
         "eval.clip_score_folder": str(root / "clip"),
         "eval.open_clip_checkpoint": str(root / "instruments" / "open_clip" / "open_clip_pytorch_model.bin"),
         "eval.open_clip_model": standins.TINY_OPEN_CLIP,
         "eval.inception_weights": str(root / "instruments" / "pt_inception-2015-12-05-6726825d.pth"),
     })
-
-
-def on(cfg, root: Path, fmt: str):
-    """The preset reading the converted data set ``fmt``."""
-    return replace(cfg, data=replace(cfg.data, root=str(root / "data" / fmt)))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +123,7 @@ def stage_one(cfg, root):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stage_one_train, "latent_dataset", spy)
-        out = train_stage_one(on(cfg, root, "rsicd"), progress=False)
+        out = train_stage_one(cfg, progress=False)  # data.root: RSICD
     return out, trained_on
 
 
@@ -199,14 +197,14 @@ def test_stage_one_on_rsicd(cfg, root, stage_one):
     sd = load_file(str(root / "sd" / UNET_FILE))
     tuned = load_file(str(out / UNET_FILE))
     assert 0 < max(float((sd[k] - tuned[k]).abs().max()) for k in sd) < 1e-3  # fine-tuned from SD
-    rsicd = on(cfg, root, "rsicd")
-    images = sample_stage_one(load_stage_one(out, "cpu"), ["an aerial image of an airport."], rsicd, seed=0)
+    images = sample_stage_one(load_stage_one(out, "cpu"), ["an aerial image of an airport."], cfg, seed=0)
     assert images.shape == (1, SIZE, SIZE, 3) and images.dtype == np.uint8
 
 
 def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monkeypatch):
     stage_one, _ = stage_one
-    fmow = on(cfg, root, "fmow")
+    fmow = cfg.stage_data("crs")  # what CRS-Diff reads: crs.data_root
+    assert fmow.data.root == str(root / "data" / "fmow") and cfg.data.root.endswith("rsicd")
     train = root / "data" / "fmow" / "train"
     records = read_records(train)
     expected = [torch.from_numpy(file_maps(train, r)) for r in records]
@@ -225,7 +223,8 @@ def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monk
 
     monkeypatch.setattr(CRSLocalAdapter, "features", spy_features)
     monkeypatch.setattr(crs_train, "cached_training_data", spy_cached)
-    out = train_crs_diff(fmow, progress=False)
+    out = train_crs_diff(cfg, progress=False)  # the preset as the user gives it: data.root is stage one's
+    assert training_info(out)["stamp"]["data"]["root"] == fmow.data.root
 
     # content: the other airport's image for each airport, its own for the residential sample; all embedded
     content = {Path(r.file_name).name: Path(r.conditions["content"]).name for r in records}
@@ -266,7 +265,7 @@ def test_crs_diff_trains_on_the_fmow_maps_and_content(cfg, root, stage_one, monk
 
 def test_cc_diff_trains_on_dior_rsvg_global_captions(cfg, root, stage_one, monkeypatch):
     stage_one, _ = stage_one
-    rsvg = on(cfg, root, "dior-rsvg")
+    rsvg = cfg.stage_data("cc")  # what CC-Diff reads: cc.data_root
     before = load_file(str(stage_one / UNET_FILE))
     tokenized, in_loss = [], []
     tokenize, loss_call = cc_train.tokenize, cc_train.CCDiffLoss.__call__
@@ -283,7 +282,8 @@ def test_cc_diff_trains_on_dior_rsvg_global_captions(cfg, root, stage_one, monke
 
     monkeypatch.setattr(cc_train, "tokenize", spy_tokenize)
     monkeypatch.setattr(cc_train.CCDiffLoss, "__call__", spy_loss)
-    out = cc_train.train_cc_diff(rsvg, progress=False)
+    out = cc_train.train_cc_diff(cfg, progress=False)
+    assert training_info(out)["stamp"]["data"]["root"] == rsvg.data.root
 
     assert dataset_info(root / "data" / "dior-rsvg")["dior_r"]["joined"] > 0  # DIOR-R's oriented boxes
     globals_ = {r.captions[0] for r in read_records(root / "data" / "dior-rsvg" / "train")}
@@ -306,7 +306,7 @@ def test_cc_diff_trains_on_dior_rsvg_global_captions(cfg, root, stage_one, monke
 
 
 def test_cc_diff_trains_on_dota_tiles(cfg, root):
-    dota = on(cfg, root, "dota")
+    dota = replace(cfg, cc=replace(cfg.cc, data_root=str(root / "data" / "dota"))).stage_data("cc")
     out = cc_train.train_cc_diff(dota, out_dir=cfg.run_dir("cc_diff_dota"), progress=False)
     pipe = load_cc_diff(out, "cpu")
     assert pipe.classes == sorted({o.label for r in read_records(root / "data" / "dota" / "train")

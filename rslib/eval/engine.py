@@ -92,6 +92,7 @@ def detector_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed:
     """mAP, mAP50, mAP75 (%) on the real test split of three detectors: trained on n_real real images
     (``steps_fraction`` of ``det.steps``), on them plus n_gen CC-Diff images generated from the layouts of the
     first n_gen training images (the same number of epochs), and on the real images for as many steps."""
+    cfg = cfg.stage_data("cc")
     short, long = _presets(cfg, n_real, n_gen, steps_fraction)
     train = preset_split(cfg, "train", maps=())
     lays = layouts_of(train, n_gen, cfg.cc.max_instances)
@@ -112,6 +113,7 @@ def road_trainability(cfg: Preset, pipe: Any, n_real: int, n_gen: int, seed: int
     (``steps_fraction`` of ``seg.steps``), on them plus n_gen CRS-Diff images generated from the first n_gen
     training items' maps (labelled with their segmentation; the same number of epochs), and on the real images
     for as many steps."""
+    cfg = cfg.stage_data("crs")
     short, long = _presets(cfg, n_real, n_gen, steps_fraction)
     from rslib.pipelines.crs_diff import sample_crs_diff
     from rslib.data.datasets import load_split_tensors, split_dataset

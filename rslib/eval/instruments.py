@@ -306,7 +306,7 @@ def yolo_score_detector(cfg: Preset, classes: Sequence[str], detector_dir: str |
         if ultralytics_installed():
             return ultralytics_detector(cfg.eval.yolo_weights, classes, imgsz=cfg.det.input_size or 800)
         reason = "ultralytics not installed: pip install 'rslib[yolo]' for YOLOv8"
-    model = load_detector(detector_dir if detector_dir is not None else cfg.run_dir("detector"))
+    model = load_detector(detector_dir if detector_dir is not None else cfg.data_run_dir("detector"))
     return project_detector(model, cfg.det.kind, reason)
 
 

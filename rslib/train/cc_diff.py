@@ -479,8 +479,9 @@ def train_cc_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     ``cc.mode`` ("cc_diff" | "no_bridge" | "gligen") picks the variant; an ablation saves to
     ``runs/<preset>/cc_diff_<mode>`` (:func:`variant_name`). A finished folder with the same training settings is
     reused unless ``force`` (with the preset's sampling defaults); an interrupted run resumes from its checkpoint;
-    ``stop_after=k`` stops after step k (checkpoint only).
+    ``stop_after=k`` stops after step k (checkpoint only). The data set is ``cc.data_root``, else ``data.root``.
     """
+    cfg = cfg.stage_data("cc")
     c = cfg.cc
     s1 = resolve_base_model(cfg, stage_one_dir)
     needs_refs = c.mode != "gligen"

@@ -330,8 +330,9 @@ def train_crs_diff(cfg: Preset, stage_one_dir: str | os.PathLike | None = None,
     The ablations are settings: ``crs.fusion`` ("aff" | "ff" | "sum"), ``crs.use_metadata`` and
     ``crs.use_content``; a variant saves to ``runs/<preset>/crs_diff_<variant>`` (:func:`variant_name`). A finished
     folder with the same training settings is reused unless ``force`` (with the preset's sampling defaults); an
-    interrupted run resumes from its checkpoint.
+    interrupted run resumes from its checkpoint. The data set is ``crs.data_root``, else ``data.root``.
     """
+    cfg = cfg.stage_data("crs")
     c = cfg.crs
     s1 = resolve_stage_one(cfg, stage_one_dir)
     out_dir = resolve_path(out_dir) if out_dir else cfg.run_dir(variant_name(cfg))

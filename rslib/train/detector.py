@@ -97,7 +97,7 @@ def train_detector(cfg: Preset, out_dir: str | os.PathLike | None = None,
     with the same settings (and the same extra set) is reused unless ``force``.
     """
     default = "detector" if extra is None else "detector_extra"
-    out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir(default)
+    out_dir = resolve_path(out_dir) if out_dir is not None else cfg.data_run_dir(default)
     stamp = {**stage_stamp(cfg, "det"), "extra": _extra_digest(extra), "real_limit": real_limit}
     if not force and is_finished(out_dir, stamp):
         return out_dir

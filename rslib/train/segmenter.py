@@ -83,7 +83,7 @@ def train_segmenter(cfg: Preset, out_dir: str | os.PathLike | None = None, force
     unless ``force``. For the trainability experiment, ``real_limit`` keeps the first real training images
     only and ``extra`` = (images (N, 3, S, S) in [-1, 1] or uint8, class maps (N, S, S) long) adds generated ones.
     """
-    out_dir = resolve_path(out_dir) if out_dir is not None else cfg.run_dir("segmenter")
+    out_dir = resolve_path(out_dir) if out_dir is not None else cfg.data_run_dir("segmenter")
     stamp = {**stage_stamp(cfg, "seg"), "real_limit": real_limit,
              "extra": None if extra is None else [len(extra[0]), float(extra[0].float().sum()), int(extra[1].sum())]}
     if not force and is_finished(out_dir, stamp):

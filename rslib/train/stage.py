@@ -55,9 +55,14 @@ SAMPLING_ONLY = ("sample_steps", "guidance_scale", "control_scale", "map_guidanc
                  "negative_prompt", "sampler", "eval_images")
 
 
+# a stage's own data set (crs.data_root, cc.data_root): the stamp records it as the data (:func:`data_stamp`)
+DATA_SETTINGS = ("data_root",)
+
+
 def training_settings(part_cfg: Any) -> dict[str, Any]:
-    """A stage config (dataclass) as a dict without its sampling-only fields (:data:`SAMPLING_ONLY`)."""
-    return {k: v for k, v in asdict(part_cfg).items() if k not in SAMPLING_ONLY}
+    """A stage config (dataclass) as a dict without its sampling-only fields (:data:`SAMPLING_ONLY`) and its data
+    root (:data:`DATA_SETTINGS`, in the data stamp instead)."""
+    return {k: v for k, v in asdict(part_cfg).items() if k not in SAMPLING_ONLY + DATA_SETTINGS}
 
 
 def conversion_digest(folder: str | os.PathLike) -> str | None:
