@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast reproduce notebooks-clean bench gpu-check gpu-check-dry clean
+.PHONY: install test test-fast test-paper reproduce notebooks-clean bench gpu-check gpu-check-dry clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ test: install
 
 test-fast: install
 	RSLIB_PRESET=smoke $(BIN)/python -m pytest -q tests -x
+
+# the paper path alone: the paper preset's settings, every stage on real-format data sets, notebooks 02-05 at
+# RSLIB_PRESET=paper on them (tiny stand-in weights in the real formats; make test runs these too)
+test-paper: install
+	RSLIB_PRESET=smoke $(BIN)/python -m pytest -q tests/test_paper_preset.py tests/test_paper_path.py \
+		tests/test_paper_real_data.py tests/test_paper_notebooks.py
 
 reproduce: install
 	$(BIN)/python -m rslib.notebooks --preset $(PRESET)

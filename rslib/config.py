@@ -277,7 +277,7 @@ class EvalConfig:
     clip_score_folder: str = ""
     # open_clip checkpoint file and model name: CC-Diff's CLIPScore (raw cosine x 100, global and local)
     open_clip_checkpoint: str = ""
-    open_clip_model: str = "ViT-L-14"
+    open_clip_model: str = "ViT-L-14"  # or the path of an open_clip model config JSON
     # ultralytics YOLOv8 model trained on the real training split: CC-Diff's YOLOScore. Needs the optional
     # ``yolo`` extra (pip install ultralytics); without it the project's detector scores, labelled as such
     yolo_weights: str = ""

@@ -91,7 +91,7 @@ def run_notebooks(preset: str = "cpu", only: list[str] | None = None, parameters
                   overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Execute the notebooks at a preset, with ``overrides`` (dotted settings, as ``--set`` gives them) passed to
     every notebook; returns {notebook: seconds}."""
-    overrides = dict(overrides or {})
+    overrides = json.loads(json.dumps(overrides or {}))  # tuples as lists: papermill would pass them as strings
     cfg = get_preset(preset, **overrides)
     out_dir = cfg.run_dir("notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)

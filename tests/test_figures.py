@@ -40,3 +40,11 @@ def test_image_grid_mixes_uint8_maps_and_generated_images():
     fig = figures.image_grid([maps, generated], ["map", "generated"], ncols=2)
     assert len(fig.axes) == 2
     figures.plt.close(fig)
+
+
+def test_sweep_figure_pads_short_rows_of_float_images_with_white():
+    rows = [[torch.zeros(3, 8, 8)] * 2, [torch.zeros(3, 8, 8)] * 3]  # [-1, 1] images: mid grey
+    fig = figures.sweep_figure(rows, ["two", "three"], [["a", "b"], ["a", "b", "c"]])
+    padded = fig.axes[2].get_images()[0].get_array()
+    assert padded.dtype == np.uint8 and int(padded.min()) == 255
+    figures.plt.close(fig)

@@ -87,6 +87,19 @@ def test_local_clip_score_crops_each_instance_box(open_clip_checkpoint):
     assert I.hbb_crop(Image.new("RGB", (40, 40)), [0.0, 0.0, 0.001, 0.001]).size == (1, 1)
 
 
+def test_open_clip_model_from_a_config_file(open_clip_checkpoint, tmp_path):
+    """A model open_clip does not ship is named by its config file: registered there, the same network results."""
+    config = tmp_path / "my-remote-sensing-clip.json"
+    config.write_text((open_clip_checkpoint.parent / f"{TINY_OPEN_CLIP}.json").read_text())
+    from_file = I.OpenClipScore.load(open_clip_checkpoint, str(config))
+    registered = I.OpenClipScore.load(open_clip_checkpoint, TINY_OPEN_CLIP)
+    images = images_in_range(2)
+    assert torch.equal(from_file.image_features([I.to_pil(x) for x in images]),
+                       registered.image_features([I.to_pil(x) for x in images]))
+    with pytest.raises(FileNotFoundError, match="open_clip model config"):
+        I.OpenClipScore.load(open_clip_checkpoint, str(tmp_path / "missing.json"))
+
+
 def test_missing_open_clip_checkpoint_is_named(tmp_path):
     missing = tmp_path / "open_clip_pytorch_model.bin"
     with pytest.raises(FileNotFoundError, match=str(missing)):

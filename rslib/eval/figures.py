@@ -125,7 +125,7 @@ def sweep_figure(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str]
     ncols = max(len(r) for r in rows)
     images, titles = [], []
     for r, t in zip(rows, col_titles):
-        images += list(r) + [np.full_like(r[0], 255)] * (ncols - len(r))
+        images += list(r) + [np.full_like(_as_display(r[0]), 255, dtype=np.uint8)] * (ncols - len(r))  # white
         titles += list(t) + [""] * (ncols - len(r))
     return image_grid(images, titles, ncols=ncols, cell=cell, row_labels=row_labels)
 

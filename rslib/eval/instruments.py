@@ -83,9 +83,16 @@ class OpenClipScore:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, model_name: str = "ViT-L-14",
              device: str | torch.device = "cpu") -> "OpenClipScore":
-        """open_clip ``model_name`` with the weights of a local checkpoint file, and its evaluation transform."""
+        """open_clip ``model_name`` (a name open_clip ships, or the path of a model config JSON file, which is
+        registered and named by its stem) with the weights of a local checkpoint file, and its evaluation
+        transform."""
         import open_clip
 
+        if str(model_name).endswith(".json"):
+            config = _local_file(model_name, "open_clip model config (eval.open_clip_model)",
+                                 "an open_clip model config JSON (embed_dim, vision_cfg, text_cfg)")
+            open_clip.add_model_config(config)
+            model_name = config.stem
         path = _local_file(checkpoint, "open_clip checkpoint (eval.open_clip_checkpoint)", OPEN_CLIP_HINT)
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(path),
                                                                       device=device)

@@ -80,16 +80,18 @@ def crs_diff_text_rows(stage_one: dict[str, Any], crs: dict[str, Any]) -> tuple[
     paper = all(k in r for r in (stage_one, full) for k in ("fid_inception", "clip_score_clip"))
     fid, clip = ("fid_inception", "clip_score_clip") if paper else ("fid_rsclip", "clip_score")
     rows = [{"method": "stage one (text only)", "fid": stage_one[fid], "clip_score": stage_one[clip],
-             "zero_shot_oa": stage_one["scene_agreement"]},
+             "zero_shot_oa": stage_one.get("scene_agreement", float("nan"))},
             {"method": "CRS-Diff (all conditions)", "fid": full[fid], "clip_score": full[clip]},
             {"method": "real test images", "fid": float("nan") if paper else stage_one["fid_rsclip_real_val"],
              "clip_score": float("nan") if paper else stage_one["clip_score_real"],
-             "zero_shot_oa": stage_one["scene_agreement_real"]}]
+             "zero_shot_oa": stage_one.get("scene_agreement_real", float("nan"))}]
     if paper:  # the Inception Score exists with the Inception instrument only
         rows[0]["inception_score"], rows[1]["inception_score"] = stage_one["inception_score"], full["inception_score"]
     note = ("FID and IS with InceptionV3 (eval.inception_weights), CLIPScore with CLIP ViT-L/14 "
             "(eval.clip_score_folder)" if paper else "FID and CLIPScore with RS-CLIP features")
-    return pd.DataFrame(rows), note + "; zero-shot OA = RS-CLIP scene of the generated image equals the caption's"
+    if "scene_agreement" in stage_one:  # SynthRS's scene labels (a real data set has none: no OA)
+        note += "; zero-shot OA = RS-CLIP scene of the generated image equals the caption's"
+    return pd.DataFrame(rows), note
 
 
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
