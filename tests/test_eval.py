@@ -410,3 +410,81 @@ def test_paired_bootstrap_of_two_variants(trained):
     assert some["low"] < 100 * full < some["high"]
     with pytest.raises(ValueError, match="one image of each variant per layout"):
         layout.paired_bootstrap(images, images[:-1], lays, data.classes, _Oracle(perfect), segmenter)
+
+
+def test_layout_intervals_of_one_variant(trained):
+    """Perfect detections give mAP50 100 in every redraw, none give 0; half of the images found give an interval
+    around the COCO value that draws vary; context coherence's interval holds its value on all layouts."""
+    from rslib.eval import layout
+
+    cfg, seg_dir, _ = trained
+    data = preset_split(cfg, "test", maps=())
+    lays = layout.layouts_of(data, len(data), cfg.cc.max_instances)
+    targets = layout.targets_of(lays, data.classes)
+    images, segmenter = data.pixel_values(), SM.load_segmenter(seg_dir)
+    perfect = [{"boxes": t["boxes"] * data.size, "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
+               for t in targets]
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+             for _ in targets]
+    assert layout.layout_intervals(images, lays, data.classes, _Oracle(perfect), segmenter,
+                                   n_boot=20)["map50"] == [100.0, 100.0]
+    assert layout.layout_intervals(images, lays, data.classes, _Oracle(empty), segmenter,
+                                   n_boot=20)["map50"] == [0.0, 0.0]
+    half = [p if i % 2 else e for i, (p, e) in enumerate(zip(perfect, empty))]
+    full = 100 * D.score_detections([{**h, "boxes": h["boxes"] / data.size} for h in half], targets,
+                                    data.size)["map50"]
+    ci = layout.layout_intervals(images, lays, data.classes, _Oracle(half), segmenter, n_boot=200)
+    assert ci["map50"][0] < full < ci["map50"][1]
+    context = layout.on_context_fraction(layout.predict_classes(segmenter, images), [t["boxes"] for t in targets],
+                                         [t["labels"] for t in targets], data.classes)
+    assert ci["context"][0] <= context <= ci["context"][1]
+    with pytest.raises(ValueError, match="one image per layout"):
+        layout.layout_intervals(images[:-1], lays, data.classes, _Oracle(perfect), segmenter)
+
+
+def test_fidelity_intervals_hold_the_measure_and_shrink_to_it(trained):
+    """The bootstrap intervals of road IoU and mIoU over the items contain the pooled value; with every item
+    alike (one image repeated) they close on it."""
+    from rslib.eval import control
+    from rslib.data.datasets import load_split_tensors, split_dataset
+
+    cfg, seg_dir, _ = trained
+    segmenter = SM.load_segmenter(seg_dir)
+    test = load_split_tensors(split_dataset(cfg, "test"))
+    n = len(test["pixel_values"])
+    target = control.targets(test, n)
+    images = test["pixel_values"][:n]
+    value = control.fidelity(images, target, segmenter)
+    ci = control.fidelity_intervals(images, target, segmenter, n_boot=200)
+    for k in ("road_iou", "miou"):
+        assert ci[k][0] <= value[k] <= ci[k][1], k
+    one = {k: v[:1].repeat(n, *[1] * (v.dim() - 1)) for k, v in target.items()}
+    same = control.fidelity_intervals(images[:1].repeat(n, 1, 1, 1), one, segmenter, n_boot=50)
+    assert same["miou"][0] == pytest.approx(same["miou"][1])
+
+
+def test_measures_table_reads_value_and_interval():
+    from rslib.eval.tables import measures_table
+
+    table = measures_table([{"method": "a", "map50": 13.456, "fid": 2.0, "ci": {"map50": [10.0, 17.25]}},
+                            {"method": "b", "map50": 1.0, "fid": 3.0}], "method", digits=2)
+    assert table.loc["a", "map50"] == "13.46 [10.00, 17.25]" and table.loc["b", "map50"] == 1.0
+    assert table.loc["a", "fid"] == 2.0 and "ci" not in table.columns
+
+
+def test_content_margin_is_positive_for_own_content_and_negative_against_it():
+    """An image given back as its own content image is closer to it than to the others' (margin > 0); images
+    paired with another item's content are not (mean margin < 0 for distinct images)."""
+    from transformers import CLIPModel
+
+    from rslib.eval import control
+    from rslib.models.text import rs_clip_config
+
+    torch.manual_seed(0)
+    clip = CLIPModel(rs_clip_config(get_preset("smoke"))).eval()
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    own = control.content_margin_of(images, images, clip)
+    assert own.shape == (6,) and bool((own > 0).all())
+    assert float(control.content_margin_of(images, images.roll(1, 0), clip).mean()) < 0
+    with pytest.raises(ValueError, match="n >= 2"):
+        control.content_margin_of(images[:1], images[:1], clip)

@@ -322,17 +322,17 @@ def test_paper_layout_scores_and_the_table_take_the_papers_instruments(monkeypat
     scores = paper_layout_scores(I.CCDiffInstruments(clip, yolo), images, None, prompts, layouts)
     assert scores["clip_global_openclip"] == pytest.approx(clip.global_score(images, prompts))
     assert scores["clip_local_openclip"] == pytest.approx(clip.local_score(images, layouts))
-    assert scores["map50_yolo"] == pytest.approx(1.0)  # the detections are the layout
+    assert scores["map50_yolo"] == pytest.approx(100.0)  # the detections are the layout (mAP in %)
     assert paper_layout_scores(I.CCDiffInstruments(), images, None, prompts, layouts) == {}
 
-    project = {"clip_local": 20.0, "clip_global": 25.0, "fid_rsclip": 3.0, "map50": 0.5, "map50_95": 0.2,
+    project = {"clip_local": 20.0, "clip_global": 25.0, "fid_rsclip": 3.0, "map50": 50.0, "map50_95": 20.0,
                "context": 0.6}
     small = {"rows": [{"method": "cc_diff", **project}]}
     table, note = cc_diff_main_rows(small)
     assert table.iloc[0].to_dict() == {"method": "CC-Diff", "clip_local": 20.0, "clip_global": 25.0, "fid": 3.0,
                                        "map50": 50.0, "map50_95": 20.0, "context": 0.6}
     assert "RS-CLIP" in note and "the project's detector" in note
-    paper = {"rows": [{"method": "cc_diff", **project, **scores, "fid_inception": 70.0, "map50_95_yolo": 0.4}],
+    paper = {"rows": [{"method": "cc_diff", **project, **scores, "fid_inception": 70.0, "map50_95_yolo": 40.0}],
              "instruments": {**I.CCDiffInstruments(clip, yolo).names(), "fid_inception": "InceptionV3 (w.pth)"}}
     table, note = cc_diff_main_rows(paper)
     row = table.iloc[0].to_dict()

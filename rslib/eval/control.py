@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from rslib.data.datasets import segmentation_to_classes
 from rslib.data.records import CONDITION_NAMES
 from rslib.eval import metrics
 from rslib.eval.segmenter import edge_f1, miou, predict_classes, road_iou
+from rslib.models.segmenter import NUM_CLASSES, ROAD
 
 ROAD_CHANNEL = 3 * CONDITION_NAMES.index("road")
 EDGE_CHANNEL = 3 * CONDITION_NAMES.index("soft_edges")
@@ -54,6 +56,32 @@ def fidelity(images: torch.Tensor, target: Mapping[str, torch.Tensor], segmenter
             "edge_f1": edge_f1(images, target["soft_edges"])}
 
 
+def fidelity_intervals(images: torch.Tensor, target: Mapping[str, torch.Tensor], segmenter: torch.nn.Module,
+                       n_boot: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals over the items of :func:`fidelity`'s road IoU and mIoU (each redraw pools the
+    pixels of its items, as the measures do)."""
+    pred = predict_classes(segmenter, images)  # (n, H, W)
+    road_pred, road = pred == ROAD, target["road"].bool()
+    inter = (road_pred & road).flatten(1).sum(1).double()
+    union = (road_pred | road).flatten(1).sum(1).double()
+    cms = torch.stack([metrics.confusion_matrix(p.flatten(), t.flatten(), NUM_CLASSES)
+                       for p, t in zip(pred, target["segmentation"])]).double()  # (n, C, C)
+
+    def road_iou_of(idx: np.ndarray) -> float:
+        u = union[torch.from_numpy(idx)].sum()
+        return float(inter[torch.from_numpy(idx)].sum() / u) if u > 0 else float("nan")
+
+    def miou_of(idx: np.ndarray) -> float:
+        cm = cms[torch.from_numpy(idx)].sum(0)
+        i = cm.diag()
+        u = cm.sum(0) + cm.sum(1) - i
+        return float((i[u > 0] / u[u > 0]).mean()) if bool((u > 0).any()) else float("nan")
+
+    n = len(images)
+    return {"road_iou": metrics.bootstrap_interval(road_iou_of, n, resamples=n_boot, seed=seed),
+            "miou": metrics.bootstrap_interval(miou_of, n, resamples=n_boot, seed=seed)}
+
+
 def generate_setting(pipe: Any, test: Mapping[str, Any], setting: tuple[tuple[str, ...] | None, bool, bool],
                      n: int, seed: int, **kw: Any) -> torch.Tensor:
     """Generate the first n test items under one setting: (maps, with metadata, with content image)."""
@@ -72,7 +100,8 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
                       paper_scores: Callable[[torch.Tensor, torch.Tensor, Sequence[str]], dict[str, float]] | None = None,
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row of measures per setting, after the real images' row and (when ``pipe`` has a VAE and
-    ``autoencoder_row``) the row of the real images passed through it; returns (rows, generated images by name).
+    ``autoencoder_row``) the row of the real images passed through it, each generated or real row with the
+    bootstrap 95% intervals of its road IoU and mIoU (``ci``); returns (rows, generated images by name).
     The last row is the last setting. ``paper_scores`` (:func:`rslib.eval.instruments.crs_diff_paper_scorer`)
     adds the papers' measures to every generated row."""
     extra = paper_scores or (lambda real, gen, prompts: {})
@@ -81,7 +110,8 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
     real = test["pixel_values"][:n]
     prompts = [c[0] for c in test["captions"][:n]]
     rows = [{"setting": "real test images", **fidelity(real, target, segmenter),
-             "fid_rsclip": 0.0, "clip_score": metrics.clip_score(clip, tokenizer, real, prompts)}]
+             "fid_rsclip": 0.0, "clip_score": metrics.clip_score(clip, tokenizer, real, prompts),
+             "ci": fidelity_intervals(real, target, segmenter, seed=seed)}]
     images = {}
     if autoencoder_row and getattr(pipe, "vae", None) is not None:
         from rslib.train.autoencoder import reconstruct
@@ -98,8 +128,36 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
         rows.append({"setting": name, **fidelity(gen, target, segmenter),
                      "fid_rsclip": metrics.rs_clip_fid(clip, real, gen),
                      "clip_score": metrics.clip_score(clip, tokenizer, gen, prompts), **extra(real, gen, prompts),
+                     "ci": fidelity_intervals(gen, target, segmenter, seed=seed),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
+
+
+def content_margin_of(images: torch.Tensor, content: torch.Tensor, clip: Any) -> torch.Tensor:
+    """Per image (n,): the RS-CLIP image cosine of ``images[i]`` to ``content[i]`` minus its mean cosine to the
+    other items' content images. Above 0: each image is closer to its own content image than to the others'."""
+    n = len(images)
+    if n < 2 or len(content) != n:
+        raise ValueError(f"need n >= 2 images and one content image each, got {n} images and {len(content)}")
+    from rslib.models.text import encode_images
+
+    cos = encode_images(clip, images) @ encode_images(clip, content).T  # (n, n): image i vs content image j
+    own = cos.diag()
+    return own - (cos.sum(1) - own) / (n - 1)
+
+
+def content_margins(pipe: Any, test: Mapping[str, Any], clip: Any, n: int, seed: int,
+                    maps: tuple[str, ...] = (), **kw: Any) -> torch.Tensor:
+    """Whether the content image acts: each of the first n test items generated from its caption (and ``maps``)
+    with its own content image, scored by :func:`content_margin_of` (n,). The caption alone can give a margin
+    too where content images share the item's scene: compare with the same measure of images generated without
+    a content image."""
+    from rslib.pipelines.crs_diff import sample_crs_diff
+
+    prompts = [c[0] for c in test["captions"][:n]]
+    gen = sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][:n], maps=maps,
+                          content_images=test["content"][:n], **kw)
+    return content_margin_of(gen, test["content"][:n], clip)
 
 
 def _with_field(records: Sequence[Any], n: int, field: str, values: Sequence[float],
@@ -138,7 +196,11 @@ def metadata_adherence(pipe: Any, test: Mapping[str, Any], records: Sequence[Any
     by_brightness = {"brightness": list(fidelity.CLOUD_BRIGHTNESS_SWEEP),
                      "generated": fidelity.cloud_spearman_by_brightness(gen_c, cloud),
                      "real": fidelity.cloud_spearman_by_brightness(test["pixel_values"][:n], real_cover)}
-    return {"cloud_asked": cloud, "cloud_seen": [float(x) for x in seen],
+    seen_, green_, cloud_, summer_ = (np.asarray(v, dtype=float) for v in (seen, green, cloud, summer))
+    ci = {"cloud_spearman": metrics.bootstrap_interval(lambda i: fidelity.spearman(cloud_[i], seen_[i]), n, seed=seed),
+          "season_spearman": metrics.bootstrap_interval(lambda i: fidelity.spearman(summer_[i], green_[i]), n,
+                                                        seed=seed)}
+    return {"cloud_asked": cloud, "cloud_seen": [float(x) for x in seen], "ci": ci,
             "cloud_spearman": fidelity.spearman(cloud, seen), "cloud_by_brightness": by_brightness,
             "months": months, "greenness": [float(x) for x in green],
             "season_spearman": fidelity.spearman(summer, green), "images_cloud": gen_c, "images_month": gen_m}

@@ -98,11 +98,11 @@ def local_clip_score(clip: Any, tokenizer: Any, images: torch.Tensor,
 def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str],
                   layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], clip: Any, tokenizer: Any,
                   detector: torch.nn.Module, segmenter: torch.nn.Module) -> dict[str, float]:
-    """YOLOScore (mAP50, mAP50-95), CLIPScore global and local, RS-CLIP FID and context coherence of images."""
+    """YOLOScore (mAP50, mAP50-95, in %), CLIPScore global and local, RS-CLIP FID and context coherence of images."""
     targets = targets_of(layouts, classes)
     det = detection_map(detector, images, targets)
     seg = predict_classes(segmenter, images)
-    return {"map50": det["map50"], "map50_95": det["map"], "clip_global": metrics.clip_score(clip, tokenizer, images, prompts),
+    return {"map50": 100 * det["map50"], "map50_95": 100 * det["map"], "clip_global": metrics.clip_score(clip, tokenizer, images, prompts),
             "clip_local": local_clip_score(clip, tokenizer, images, layouts),
             "fid_rsclip": metrics.rs_clip_fid(clip, real, images),
             "context": on_context_fraction(seg, [t["boxes"] for t in targets], [t["labels"] for t in targets],
@@ -113,7 +113,7 @@ def paper_layout_scores(instruments: CCDiffInstruments, images: torch.Tensor, re
                         prompts: Sequence[str], layouts: Sequence[Sequence[dict[str, Any]]]) -> dict[str, float]:
     """The papers' measures of images by the instruments a preset names (none: {}): open_clip CLIPScore global
     and local (``clip_global_openclip``, ``clip_local_openclip``), YOLOv8's ``map50_yolo`` and ``map50_95_yolo``
-    (fractions, as ``map50``), and Inception FID against ``real`` (``fid_inception``; 0 when ``real`` is None:
+    (in %, as ``map50``), and Inception FID against ``real`` (``fid_inception``; 0 when ``real`` is None:
     the real images themselves)."""
     out: dict[str, float] = {}
     if instruments.clip is not None:
@@ -121,7 +121,7 @@ def paper_layout_scores(instruments: CCDiffInstruments, images: torch.Tensor, re
         out["clip_local_openclip"] = instruments.clip.local_score(images, layouts)
     if instruments.yolo is not None:
         scores = yolo_score(instruments.yolo, images, targets_of(layouts, instruments.yolo.classes))
-        out["map50_yolo"], out["map50_95_yolo"] = scores["map50"], scores["map"]
+        out["map50_yolo"], out["map50_95_yolo"] = 100 * scores["map50"], 100 * scores["map"]
     if instruments.inception_weights is not None:
         out["fid_inception"] = 0.0 if real is None else metrics.inception_scores(
             real, images, instruments.inception_weights)["fid_inception"]
@@ -133,14 +133,16 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
                       instruments: CCDiffInstruments | None = None,
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row of :func:`layout_scores` per pipeline (and one for the real images), with the papers' measures of
-    ``instruments`` (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them; returns (rows, images)."""
+    ``instruments`` (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them and the bootstrap 95%
+    intervals of mAP50 and context coherence (``ci``, :func:`layout_intervals`); returns (rows, images)."""
     instruments = instruments or CCDiffInstruments()
     layouts = layouts_of(data, n, max_objects)
     prompts = [r.captions[0] if r.captions else "" for r in data.records[:n]]
     real = data.pixel_values(slice(0, n))
     rows = [{"method": "real test images", **layout_scores(real, real, prompts, layouts, data.classes, clip, tokenizer,
                                                             detector, segmenter),
-             **paper_layout_scores(instruments, real, None, prompts, layouts)}]
+             **paper_layout_scores(instruments, real, None, prompts, layouts),
+             "ci": layout_intervals(real, layouts, data.classes, detector, segmenter, seed=seed)}]
     rows[0]["fid_rsclip"] = 0.0
     images = {}
     for name, pipe in pipes.items():
@@ -150,8 +152,39 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
         rows.append({"method": name, **layout_scores(gen, real, prompts, layouts, data.classes, clip, tokenizer,
                                                      detector, segmenter),
                      **paper_layout_scores(instruments, gen, real, prompts, layouts),
+                     "ci": layout_intervals(gen, layouts, data.classes, detector, segmenter, seed=seed),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
+
+
+def _per_image_stats(images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]], classes: Sequence[str],
+                     detector: torch.nn.Module, segmenter: torch.nn.Module) -> tuple[Any, np.ndarray]:
+    """What a redraw of the layouts needs of one variant's images: the detections matched per image (mAP50) and
+    per image (objects on fitting land cover, objects) (context coherence)."""
+    size, min_box = int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
+    p_list, t_list = coco_inputs(detect(detector, images), targets, size, min_box)
+    seg = predict_classes(segmenter, images)
+    per = [[h for v in context_hits(seg[i:i + 1], [t["boxes"]], [t["labels"]], classes).values() for h in v]
+           for i, t in enumerate(targets)]
+    return match_images(p_list, t_list, len(classes)), np.array([[sum(h), len(h)] for h in per], dtype=float)
+
+
+def _redrawn(matches: Any, hits: np.ndarray, idx: np.ndarray) -> dict[str, float]:
+    """mAP50 (%) and context coherence of the images ``idx`` (a draw of layout indices)."""
+    return {"map50": 100 * max(average_precision(matches, idx), 0.0),
+            "context": float(hits[idx, 0].sum() / max(hits[idx, 1].sum(), 1.0))}
+
+
+def layout_intervals(images: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str],
+                     detector: torch.nn.Module, segmenter: torch.nn.Module, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals over the layouts of one variant's mAP50 (%) and context coherence:
+    ``{"map50": [low, high], "context": [low, high]}``."""
+    if len(images) != len(layouts):
+        raise ValueError(f"need one image per layout, got {len(images)} images for {len(layouts)} layouts")
+    matches, hits = _per_image_stats(images, targets_of(layouts, classes), classes, detector, segmenter)
+    return {k: metrics.bootstrap_interval(lambda idx, k=k: _redrawn(matches, hits, idx)[k], len(layouts),
+                                          resamples=n_boot, seed=seed) for k in ("map50", "context")}
 
 
 def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]],
@@ -167,20 +200,11 @@ def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Se
         raise ValueError(f"need one image of each variant per layout, got {len(images_a)} and {len(images_b)} "
                          f"images for {len(layouts)} layouts")
     targets = targets_of(layouts, classes)
-    size, min_box = int(images_a.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
-    matches, hits = [], []  # per variant: detections matched per layout; (objects on fitting land cover, objects)
-    for images in (images_a, images_b):
-        p_list, t_list = coco_inputs(detect(detector, images), targets, size, min_box)
-        matches.append(match_images(p_list, t_list, len(classes)))
-        seg = predict_classes(segmenter, images)
-        per = [[h for v in context_hits(seg[i:i + 1], [t["boxes"]], [t["labels"]], classes).values() for h in v]
-               for i, t in enumerate(targets)]
-        hits.append(np.array([[sum(h), len(h)] for h in per], dtype=float))
+    stats = [_per_image_stats(images, targets, classes, detector, segmenter) for images in (images_a, images_b)]
 
     def difference(idx: np.ndarray) -> dict[str, float]:
-        m = [100 * max(average_precision(v, idx), 0.0) for v in matches]  # mAP50: matching is per image
-        c = [h[idx, 0].sum() / max(h[idx, 1].sum(), 1.0) for h in hits]
-        return {"map50": m[0] - m[1], "context": c[0] - c[1]}
+        a, b = (_redrawn(*s, idx) for s in stats)
+        return {k: a[k] - b[k] for k in a}
 
     rng = np.random.default_rng(seed)
     draws = [difference(rng.integers(0, len(layouts), len(layouts))) for _ in range(n_boot)]

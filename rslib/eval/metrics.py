@@ -12,9 +12,10 @@ Images are tensors in [-1, 1] of shape (B, 3, H, W) throughout.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
@@ -137,12 +138,17 @@ def rs_clip_fid(clip: CLIPModel, real_images: torch.Tensor, fake_images: torch.T
     return fid_from_features(encode_images(clip, real_images), encode_images(clip, fake_images))
 
 
-def clip_score(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, texts: Sequence[str]) -> float:
-    """CLIPScore: mean over pairs of 100 x max(cos(image_i, text_i), 0) (images in [-1, 1])."""
+def clip_scores(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """100 x max(cos(image_i, text_i), 0) per pair (B,) (images in [-1, 1])."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     cos = (encode_images(clip, images) * encode_text(clip, tokenizer, list(texts))).sum(-1)  # (B,)
-    return float((100.0 * cos).clamp_min(0.0).mean())
+    return (100.0 * cos).clamp_min(0.0)
+
+
+def clip_score(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, texts: Sequence[str]) -> float:
+    """CLIPScore: the mean over pairs of :func:`clip_scores`."""
+    return float(clip_scores(clip, tokenizer, images, texts).mean())
 
 
 
@@ -240,3 +246,22 @@ def inception_scores(real_images: torch.Tensor, fake_images: torch.Tensor,
     is_mean, is_std = iscore.compute()
     return {"fid_inception": float(fid.compute()), "inception_score": float(is_mean),
             "inception_score_std": float(is_std)}
+
+
+def mean_interval(values: Sequence[float] | torch.Tensor | np.ndarray, **kwargs: Any) -> list[float]:
+    """:func:`bootstrap_interval` of the mean of per-item values."""
+    v = np.asarray(torch.as_tensor(values).double().cpu() if isinstance(values, torch.Tensor) else values, dtype=float)
+    return bootstrap_interval(lambda idx: float(v[idx].mean()), len(v), **kwargs)
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval ``[low, high]`` of a measure over n items: ``statistic(indices)`` on
+    ``resamples`` draws of n item indices with replacement (draws where it is undefined, NaN, are left out)."""
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)], dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if n < 1 or not len(draws):
+        return [float("nan"), float("nan")]
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]

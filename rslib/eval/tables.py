@@ -59,9 +59,8 @@ def cc_diff_main_rows(results: dict[str, Any]) -> tuple[pd.DataFrame, str]:
     the paper preset), else the project's; and a sentence naming the instrument of each column."""
     rows = results["rows"]
     used = {col: paper if all(paper in r for r in rows) else ours for col, (paper, ours) in CC_DIFF_COLUMNS.items()}
-    scale = {"map50": 100.0, "map50_95": 100.0}
     table = pd.DataFrame([{"method": CC_DIFF_NAMES.get(r["method"], r["method"]),
-                           **{col: scale.get(col, 1.0) * r[key] for col, key in used.items()},
+                           **{col: r[key] for col, key in used.items()},
                            "context": r["context"]} for r in rows])
     names = results.get("instruments", {})
     by = {col: names.get(key, PROJECT_INSTRUMENTS[col]) for col, key in used.items()}
@@ -92,6 +91,18 @@ def crs_diff_text_rows(stage_one: dict[str, Any], crs: dict[str, Any]) -> tuple[
     if "scene_agreement" in stage_one:  # SynthRS's scene labels (a real data set has none: no OA)
         note += "; zero-shot OA = RS-CLIP scene of the generated image equals the caption's"
     return pd.DataFrame(rows), note
+
+
+def measures_table(rows: Sequence[dict[str, Any]], index: str, digits: int = 3) -> pd.DataFrame:
+    """Rows of measures as a table indexed by ``index``; a measure with a bootstrap interval in its row's ``ci``
+    reads "value [low, high]" (for reading: the rows keep the numbers)."""
+    out = []
+    for row in rows:
+        ci = row.get("ci") or {}
+        out.append({k: (f"{v:.{digits}f} [{ci[k][0]:.{digits}f}, {ci[k][1]:.{digits}f}]"
+                        if k in ci and isinstance(v, (int, float)) else v)
+                    for k, v in row.items() if k != "ci"})
+    return pd.DataFrame(out).set_index(index)
 
 
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
