@@ -161,6 +161,7 @@ def key_measures(cfg: Preset) -> list[tuple[str, str, Any]]:
     s1 = _load(cfg.run_dir("stage_one") / "eval.json")
     add("02", "stage one scene agreement", s1, "scene_agreement")
     add("02", "stage one FID (RS-CLIP)", s1, "fid_rsclip")
+    add("02", "stage one CLIPScore (RS-CLIP)", s1, "clip_score")
     crs = _load(cfg.run_dir("crs_diff") / "eval.json")
     settings = crs.get("settings", [])
     for setting, key, label in (("road", "road_iou", "CRS-Diff road IoU, road map alone"),
@@ -171,6 +172,7 @@ def key_measures(cfg: Preset) -> list[tuple[str, str, Any]]:
         add("03", label, row, key)
     add("03", "CRS-Diff cloud cover Spearman", crs, "cloud_spearman")
     add("03", "CRS-Diff content margin", crs, "content_margin")
+    add("03", "content margin gain over caption only", crs, "content_margin_gain")
     ccd = _load(cfg.run_dir("cc_diff") / "eval.json")
     rows = ccd.get("rows", [])
     for method, key, label in (("cc_diff", "map50", "CC-Diff YOLOScore mAP50"),
