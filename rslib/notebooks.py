@@ -189,10 +189,13 @@ def key_measures(cfg: Preset) -> list[tuple[str, str, Any]]:
             import pandas as pd
 
             table = pd.read_csv(path)
-            value_cols = [c for c in table.columns if c.startswith("ours")]
+            # our mAP50 (beside the paper's columns; the paper's own rows have none) or road IoU
+            value_cols = [c for c in ("ours: map50", "road_iou") if c in table.columns]
             if value_cols and "method" in table.columns:
+                name = value_cols[0].replace("ours: ", "")
                 for _, r in table.iterrows():
-                    out.append(("05", f"{label}: {r['method']}", r[value_cols[0]]))
+                    if pd.notna(r[value_cols[0]]):
+                        out.append(("05", f"{label} {name}: {r['method']}", r[value_cols[0]]))
     return out
 
 
