@@ -171,8 +171,8 @@ def key_measures(cfg: Preset) -> list[tuple[str, str, Any]]:
         row = _row(settings, "setting", setting)
         add("03", label, row, key)
     add("03", "CRS-Diff cloud cover Spearman", crs, "cloud_spearman")
-    add("03", "CRS-Diff content margin", crs, "content_margin")
-    add("03", "content margin gain over caption only", crs, "content_margin_gain")
+    add("03", "CRS-Diff content margin, within scene type", crs, "content_margin_in_scene")
+    add("03", "the same, caption only (no content image)", crs, "content_margin_in_scene_caption_only")
     ccd = _load(cfg.run_dir("cc_diff") / "eval.json")
     rows = ccd.get("rows", [])
     for method, key, label in (("cc_diff", "map50", "CC-Diff YOLOScore mAP50"),

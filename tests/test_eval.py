@@ -480,11 +480,19 @@ def test_content_margin_is_positive_for_own_content_and_negative_against_it():
     from rslib.eval import control
     from rslib.models.text import rs_clip_config
 
+    from rslib.models.text import encode_images
+
     torch.manual_seed(0)
     clip = CLIPModel(rs_clip_config(get_preset("smoke"))).eval()
+    encode = lambda x: encode_images(clip, x)  # noqa: E731
     images = torch.rand(6, 3, 32, 32) * 2 - 1
     own = control.content_margin_of(images, images, clip)
     assert own.shape == (6,) and bool((own > 0).all())
     assert float(control.content_margin_of(images, images.roll(1, 0), clip).mean()) < 0
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])  # the last image has no other of its group: NaN
+    within = control.content_margin_of(images, images, clip, groups)
+    assert bool((within[:5] > 0).all()) and bool(within[5].isnan())
+    assert float(within[0]) == pytest.approx(float((encode(images[:1]) @ encode(images[:3]).T)[0, 0]
+                                                   - (encode(images[:1]) @ encode(images[1:3]).T).mean()), abs=1e-5)
     with pytest.raises(ValueError, match="n >= 2"):
         control.content_margin_of(images[:1], images[:1], clip)

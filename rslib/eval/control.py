@@ -133,31 +133,26 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
     return rows, images
 
 
-def content_margin_of(images: torch.Tensor, content: torch.Tensor, clip: Any) -> torch.Tensor:
+def content_margin_of(images: torch.Tensor, content: torch.Tensor, clip: Any,
+                      groups: Sequence[Any] | torch.Tensor | None = None) -> torch.Tensor:
     """Per image (n,): the RS-CLIP image cosine of ``images[i]`` to ``content[i]`` minus its mean cosine to the
-    other items' content images. Above 0: each image is closer to its own content image than to the others'."""
+    other items' content images, only those of its own group where ``groups`` is given (e.g. the scene type: a
+    content image shows another scene of the item's type, which the caption names too, so across scene types the
+    caption alone makes a margin). Above 0: each image is closer to its own content image. NaN for an item with
+    no other item in its group."""
     n = len(images)
     if n < 2 or len(content) != n:
         raise ValueError(f"need n >= 2 images and one content image each, got {n} images and {len(content)}")
     from rslib.models.text import encode_images
 
     cos = encode_images(clip, images) @ encode_images(clip, content).T  # (n, n): image i vs content image j
-    own = cos.diag()
-    return own - (cos.sum(1) - own) / (n - 1)
-
-
-def content_margins(pipe: Any, test: Mapping[str, Any], clip: Any, n: int, seed: int,
-                    maps: tuple[str, ...] = (), **kw: Any) -> torch.Tensor:
-    """Whether the content image acts: each of the first n test items generated from its caption (and ``maps``)
-    with its own content image, scored by :func:`content_margin_of` (n,). The caption alone can give a margin
-    too where content images share the item's scene: compare with the same measure of images generated without
-    a content image."""
-    from rslib.pipelines.crs_diff import sample_crs_diff
-
-    prompts = [c[0] for c in test["captions"][:n]]
-    gen = sample_crs_diff(pipe, prompts, seed, conditions=test["conditions"][:n], maps=maps,
-                          content_images=test["content"][:n], **kw)
-    return content_margin_of(gen, test["content"][:n], clip)
+    keys = [0] * n if groups is None else (groups.tolist() if hasattr(groups, "tolist") else list(groups))[:n]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    g = torch.tensor([index[k] for k in keys])
+    others = (g[:, None] == g[None, :]) & ~torch.eye(n, dtype=torch.bool)  # (n, n)
+    count = others.sum(1)
+    mean_others = (cos * others).sum(1) / count.clamp_min(1)
+    return torch.where(count > 0, cos.diag() - mean_others, torch.full((n,), float("nan")))
 
 
 def _with_field(records: Sequence[Any], n: int, field: str, values: Sequence[float],
