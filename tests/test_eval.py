@@ -468,7 +468,7 @@ def test_measures_table_reads_value_and_interval():
 
     table = measures_table([{"method": "a", "map50": 13.456, "fid": 2.0, "ci": {"map50": [10.0, 17.25]}},
                             {"method": "b", "map50": 1.0, "fid": 3.0}], "method", digits=2)
-    assert table.loc["a", "map50"] == "13.46 [10.00, 17.25]" and table.loc["b", "map50"] == 1.0
+    assert table.loc["a", "map50"] == "13.46 [10.00, 17.25]" and table.loc["b", "map50"] == "1.00"
     assert table.loc["a", "fid"] == 2.0 and "ci" not in table.columns
 
 

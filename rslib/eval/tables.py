@@ -95,14 +95,17 @@ def crs_diff_text_rows(stage_one: dict[str, Any], crs: dict[str, Any]) -> tuple[
 
 def measures_table(rows: Sequence[dict[str, Any]], index: str, digits: int = 3) -> pd.DataFrame:
     """Rows of measures as a table indexed by ``index``; a measure with a bootstrap interval in its row's ``ci``
-    reads "value [low, high]" (for reading: the rows keep the numbers)."""
-    out = []
-    for row in rows:
-        ci = row.get("ci") or {}
-        out.append({k: (f"{v:.{digits}f} [{ci[k][0]:.{digits}f}, {ci[k][1]:.{digits}f}]"
-                        if k in ci and isinstance(v, (int, float)) else v)
-                    for k, v in row.items() if k != "ci"})
-    return pd.DataFrame(out).set_index(index)
+    reads "value [low, high]", and the same column's values without one read "value" (for reading: the rows keep
+    the numbers)."""
+    with_ci = {k for row in rows for k in (row.get("ci") or {})}
+
+    def cell(row: dict[str, Any], k: str, v: Any) -> Any:
+        if k not in with_ci or not isinstance(v, (int, float)):
+            return v
+        ci = (row.get("ci") or {}).get(k)
+        return f"{v:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+    return pd.DataFrame([{k: cell(row, k, v) for k, v in row.items() if k != "ci"} for row in rows]).set_index(index)
 
 
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
