@@ -436,6 +436,7 @@ def test_evaluation_rows_include_the_autoencoder_ceiling(parts):
     assert torch.equal(images[control.AUTOENCODER_ROW], reconstruct(parts["vae"], test["pixel_values"]))
     assert rows[0]["fid_rsclip"] == 0.0 and rows[1]["fid_rsclip"] > 0.0  # an untrained autoencoder loses a lot
     assert set(rows[1]) == set(rows[0]) and set(rows[-1]) - set(rows[0]) == {"seconds"}
+    assert all(set(r["ci"]) == {"road_iou", "miou"} for r in rows)  # bootstrap intervals in every row
     # without the autoencoder row (the fusion ablation), the same settings give the same images
     rows2, images2 = control.evaluate_settings(_pipe(parts), test, clip, clip_tokenizer(cfg.clip.max_length),
                                                segmenter, n, 0, settings=settings, autoencoder_row=False, steps=2)

@@ -100,8 +100,8 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
                       paper_scores: Callable[[torch.Tensor, torch.Tensor, Sequence[str]], dict[str, float]] | None = None,
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row of measures per setting, after the real images' row and (when ``pipe`` has a VAE and
-    ``autoencoder_row``) the row of the real images passed through it, each generated or real row with the
-    bootstrap 95% intervals of its road IoU and mIoU (``ci``); returns (rows, generated images by name).
+    ``autoencoder_row``) the row of the real images passed through it, each row with the bootstrap 95% intervals
+    of its road IoU and mIoU (``ci``); returns (rows, generated images by name).
     The last row is the last setting. ``paper_scores`` (:func:`rslib.eval.instruments.crs_diff_paper_scorer`)
     adds the papers' measures to every generated row."""
     extra = paper_scores or (lambda real, gen, prompts: {})
@@ -120,7 +120,8 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
         images[AUTOENCODER_ROW] = rec
         rows.append({"setting": AUTOENCODER_ROW, **fidelity(rec, target, segmenter),
                      "fid_rsclip": metrics.rs_clip_fid(clip, real, rec),
-                     "clip_score": metrics.clip_score(clip, tokenizer, rec, prompts), **extra(real, rec, prompts)})
+                     "clip_score": metrics.clip_score(clip, tokenizer, rec, prompts), **extra(real, rec, prompts),
+                     "ci": fidelity_intervals(rec, target, segmenter, seed=seed)})
     for name, setting in settings.items():
         t0 = time.perf_counter()
         gen = generate_setting(pipe, test, setting, n, seed, **kw)
