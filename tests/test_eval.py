@@ -378,20 +378,28 @@ def test_low_data_preset_scales_only_the_trainability_models_steps():
         engine._epochs_of(0, 10)
 
 
-def test_paired_bootstrap_of_two_variants(trained):
-    """The same images twice differ by exactly nothing; perfect detections against none differ by 100 mAP50
-    points in every draw; the observed difference is torchmetrics' mAP50; mismatched inputs are refused."""
+def _layout_case(trained):
+    """The test split's layouts, their images, the trained segmenter, and per image the perfect detections (pixel
+    boxes, as a detector answers) and none."""
     from rslib.eval import layout
 
     cfg, seg_dir, _ = trained
     data = preset_split(cfg, "test", maps=())
     lays = layout.layouts_of(data, len(data), cfg.cc.max_instances)
     targets = layout.targets_of(lays, data.classes)
-    images, segmenter = data.pixel_values(), SM.load_segmenter(seg_dir)
     perfect = [{"boxes": t["boxes"] * data.size, "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
                for t in targets]
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
              for _ in targets]
+    return data, lays, targets, data.pixel_values(), SM.load_segmenter(seg_dir), perfect, empty
+
+
+def test_paired_bootstrap_of_two_variants(trained):
+    """The same images twice differ by exactly nothing; perfect detections against none differ by 100 mAP50
+    points in every draw; the observed difference is torchmetrics' mAP50; mismatched inputs are refused."""
+    from rslib.eval import layout
+
+    data, lays, targets, images, segmenter, perfect, empty = _layout_case(trained)
 
     same = layout.paired_bootstrap(images, images, lays, data.classes, _Oracle(perfect + perfect), segmenter,
                                    n_boot=20)
@@ -417,15 +425,7 @@ def test_layout_intervals_of_one_variant(trained):
     around the COCO value that draws vary; context coherence's interval holds its value on all layouts."""
     from rslib.eval import layout
 
-    cfg, seg_dir, _ = trained
-    data = preset_split(cfg, "test", maps=())
-    lays = layout.layouts_of(data, len(data), cfg.cc.max_instances)
-    targets = layout.targets_of(lays, data.classes)
-    images, segmenter = data.pixel_values(), SM.load_segmenter(seg_dir)
-    perfect = [{"boxes": t["boxes"] * data.size, "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
-               for t in targets]
-    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
-             for _ in targets]
+    data, lays, targets, images, segmenter, perfect, empty = _layout_case(trained)
     assert layout.layout_intervals(images, lays, data.classes, _Oracle(perfect), segmenter,
                                    n_boot=20)["map50"] == [100.0, 100.0]
     assert layout.layout_intervals(images, lays, data.classes, _Oracle(empty), segmenter,
@@ -454,12 +454,14 @@ def test_fidelity_intervals_hold_the_measure_and_shrink_to_it(trained):
     n = len(test["pixel_values"])
     target = control.targets(test, n)
     images = test["pixel_values"][:n]
-    value = control.fidelity(images, target, segmenter)
-    ci = control.fidelity_intervals(images, target, segmenter, n_boot=200)
+    predict_classes = lambda x: S.predict_classes(segmenter, x)  # noqa: E731
+    value = control.fidelity(images, target, segmenter, ci_seed=0)
+    ci = control.fidelity_intervals(predict_classes(images), target, n_boot=200)
+    assert value["ci"] == control.fidelity_intervals(predict_classes(images), target, seed=0)  # one segmentation
     for k in ("road_iou", "miou"):
         assert ci[k][0] <= value[k] <= ci[k][1], k
     one = {k: v[:1].repeat(n, *[1] * (v.dim() - 1)) for k, v in target.items()}
-    same = control.fidelity_intervals(images[:1].repeat(n, 1, 1, 1), one, segmenter, n_boot=50)
+    same = control.fidelity_intervals(predict_classes(images[:1].repeat(n, 1, 1, 1)), one, n_boot=50)
     assert same["miou"][0] == pytest.approx(same["miou"][1])
 
 

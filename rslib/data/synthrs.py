@@ -668,10 +668,8 @@ def _desert(c: _Canvas, rng: np.random.Generator, dev: float, scene: str) -> lis
     rel: list[str] = []
     c.mat[:] = MAT["sand"]
     if rng.random() < 0.4:
-        ys, xs = np.mgrid[0:c.r, 0:c.r] / c.r
         blob = _noise(rng, 3, c.r) > rng.uniform(0.1, 0.4)
         c.mat[blob] = MAT["bare"]
-        del ys, xs
     c.overlays.append(("dunes", rng.uniform(0, math.pi), rng.uniform(8, 16)))
     if rng.random() < 0.3:
         s = int(rng.integers(4))

@@ -26,7 +26,7 @@ import torch
 from rslib.data.datasets import segmentation_to_classes
 from rslib.data.records import CONDITION_NAMES
 from rslib.eval import metrics
-from rslib.eval.segmenter import edge_f1, miou, predict_classes, road_iou
+from rslib.eval.segmenter import edge_f1, iou_from_confusion, mean_iou, miou, predict_classes, road_iou
 from rslib.models.segmenter import NUM_CLASSES, ROAD
 
 ROAD_CHANNEL = 3 * CONDITION_NAMES.index("road")
@@ -49,35 +49,37 @@ def targets(test: Mapping[str, Any], n: int) -> dict[str, torch.Tensor]:
             "soft_edges": cond[:, EDGE_CHANNEL]}
 
 
-def fidelity(images: torch.Tensor, target: Mapping[str, torch.Tensor], segmenter: torch.nn.Module) -> dict[str, float]:
-    """Road IoU, mIoU and edge F1 of images (n, 3, S, S) in [-1, 1] against the maps they were asked to follow."""
+def fidelity(images: torch.Tensor, target: Mapping[str, torch.Tensor], segmenter: torch.nn.Module,
+             ci_seed: int | None = None) -> dict[str, Any]:
+    """Road IoU, mIoU and edge F1 of images (n, 3, S, S) in [-1, 1] against the maps they were asked to follow;
+    with ``ci_seed``, also the bootstrap 95% intervals of road IoU and mIoU (``ci``, :func:`fidelity_intervals`)
+    from the same segmentation."""
     pred = predict_classes(segmenter, images)
-    return {"road_iou": road_iou(pred, target["road"]), "miou": miou(pred, target["segmentation"]),
-            "edge_f1": edge_f1(images, target["soft_edges"])}
+    out: dict[str, Any] = {"road_iou": road_iou(pred, target["road"]), "miou": miou(pred, target["segmentation"]),
+                           "edge_f1": edge_f1(images, target["soft_edges"])}
+    if ci_seed is not None:
+        out["ci"] = fidelity_intervals(pred, target, seed=ci_seed)
+    return out
 
 
-def fidelity_intervals(images: torch.Tensor, target: Mapping[str, torch.Tensor], segmenter: torch.nn.Module,
-                       n_boot: int = 1000, seed: int = 0) -> dict[str, list[float]]:
-    """Bootstrap 95% intervals over the items of :func:`fidelity`'s road IoU and mIoU (each redraw pools the
-    pixels of its items, as the measures do)."""
-    pred = predict_classes(segmenter, images)  # (n, H, W)
+def fidelity_intervals(pred: torch.Tensor, target: Mapping[str, torch.Tensor], n_boot: int = 1000,
+                       seed: int = 0) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals over the items of :func:`fidelity`'s road IoU and mIoU, from the segmenter's
+    classes ``pred`` (n, H, W) (each redraw pools the pixels of its items, as the measures do)."""
     road_pred, road = pred == ROAD, target["road"].bool()
     inter = (road_pred & road).flatten(1).sum(1).double()
     union = (road_pred | road).flatten(1).sum(1).double()
     cms = torch.stack([metrics.confusion_matrix(p.flatten(), t.flatten(), NUM_CLASSES)
-                       for p, t in zip(pred, target["segmentation"])]).double()  # (n, C, C)
+                       for p, t in zip(pred, target["segmentation"])])  # (n, C, C)
 
     def road_iou_of(idx: np.ndarray) -> float:
         u = union[torch.from_numpy(idx)].sum()
         return float(inter[torch.from_numpy(idx)].sum() / u) if u > 0 else float("nan")
 
     def miou_of(idx: np.ndarray) -> float:
-        cm = cms[torch.from_numpy(idx)].sum(0)
-        i = cm.diag()
-        u = cm.sum(0) + cm.sum(1) - i
-        return float((i[u > 0] / u[u > 0]).mean()) if bool((u > 0).any()) else float("nan")
+        return mean_iou(iou_from_confusion(cms[torch.from_numpy(idx)].sum(0)))
 
-    n = len(images)
+    n = len(pred)
     return {"road_iou": metrics.bootstrap_interval(road_iou_of, n, resamples=n_boot, seed=seed),
             "miou": metrics.bootstrap_interval(miou_of, n, resamples=n_boot, seed=seed)}
 
@@ -109,27 +111,24 @@ def evaluate_settings(pipe: Any, test: Mapping[str, Any], clip: Any, tokenizer: 
     target = targets(test, n)
     real = test["pixel_values"][:n]
     prompts = [c[0] for c in test["captions"][:n]]
-    rows = [{"setting": "real test images", **fidelity(real, target, segmenter),
-             "fid_rsclip": 0.0, "clip_score": metrics.clip_score(clip, tokenizer, real, prompts),
-             "ci": fidelity_intervals(real, target, segmenter, seed=seed)}]
+    rows = [{"setting": "real test images", **fidelity(real, target, segmenter, ci_seed=seed),
+             "fid_rsclip": 0.0, "clip_score": metrics.clip_score(clip, tokenizer, real, prompts)}]
     images = {}
     if autoencoder_row and getattr(pipe, "vae", None) is not None:
         from rslib.train.autoencoder import reconstruct
 
         rec = reconstruct(pipe.vae, real.to(pipe.device)).cpu()
         images[AUTOENCODER_ROW] = rec
-        rows.append({"setting": AUTOENCODER_ROW, **fidelity(rec, target, segmenter),
+        rows.append({"setting": AUTOENCODER_ROW, **fidelity(rec, target, segmenter, ci_seed=seed),
                      "fid_rsclip": metrics.rs_clip_fid(clip, real, rec),
-                     "clip_score": metrics.clip_score(clip, tokenizer, rec, prompts), **extra(real, rec, prompts),
-                     "ci": fidelity_intervals(rec, target, segmenter, seed=seed)})
+                     "clip_score": metrics.clip_score(clip, tokenizer, rec, prompts), **extra(real, rec, prompts)})
     for name, setting in settings.items():
         t0 = time.perf_counter()
         gen = generate_setting(pipe, test, setting, n, seed, **kw)
         images[name] = gen
-        rows.append({"setting": name, **fidelity(gen, target, segmenter),
+        rows.append({"setting": name, **fidelity(gen, target, segmenter, ci_seed=seed),
                      "fid_rsclip": metrics.rs_clip_fid(clip, real, gen),
                      "clip_score": metrics.clip_score(clip, tokenizer, gen, prompts), **extra(real, gen, prompts),
-                     "ci": fidelity_intervals(gen, target, segmenter, seed=seed),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
 

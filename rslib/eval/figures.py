@@ -49,8 +49,12 @@ def _as_display(img: np.ndarray) -> np.ndarray:
 
 def unit_to_uint8(values: "np.ndarray | object") -> np.ndarray:
     """Maps, masks or attention weights in [0, 1] (tensor or array, any layout) -> uint8 for the figures."""
-    x = values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values, dtype=np.float32)
-    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+    import torch
+
+    from rslib.data.datasets import maps_as_uint8
+
+    x = values if torch.is_tensor(values) else torch.from_numpy(np.asarray(values, dtype=np.float32))
+    return maps_as_uint8(x.detach().float().cpu().clamp(0, 1)).numpy()
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 6,

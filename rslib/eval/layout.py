@@ -26,7 +26,7 @@ import torch
 from rslib.eval import metrics
 from rslib.eval.data import EvalSet
 from rslib.eval.coco_ap import average_precision, match_images
-from rslib.eval.detector import coco_inputs, detect, detection_map
+from rslib.eval.detector import coco_inputs, detect, score_detections
 from rslib.eval.fidelity import context_hits, on_context_fraction
 from rslib.eval.instruments import CCDiffInstruments, yolo_score
 from rslib.eval.segmenter import predict_classes
@@ -97,16 +97,24 @@ def local_clip_score(clip: Any, tokenizer: Any, images: torch.Tensor,
 
 def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str],
                   layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], clip: Any, tokenizer: Any,
-                  detector: torch.nn.Module, segmenter: torch.nn.Module) -> dict[str, float]:
-    """YOLOScore (mAP50, mAP50-95, in %), CLIPScore global and local, RS-CLIP FID and context coherence of images."""
+                  detector: torch.nn.Module, segmenter: torch.nn.Module, ci_seed: int | None = None) -> dict[str, Any]:
+    """YOLOScore (mAP50, mAP50-95, in %), CLIPScore global and local, RS-CLIP FID and context coherence of images;
+    with ``ci_seed``, also their bootstrap 95% intervals over the layouts (``ci``, :func:`layout_intervals`), from
+    the same detections and land cover."""
     targets = targets_of(layouts, classes)
-    det = detection_map(detector, images, targets)
-    seg = predict_classes(segmenter, images)
-    return {"map50": 100 * det["map50"], "map50_95": 100 * det["map"], "clip_global": metrics.clip_score(clip, tokenizer, images, prompts),
-            "clip_local": local_clip_score(clip, tokenizer, images, layouts),
-            "fid_rsclip": metrics.rs_clip_fid(clip, real, images),
-            "context": on_context_fraction(seg, [t["boxes"] for t in targets], [t["labels"] for t in targets],
-                                           classes)}
+    preds, seg = detect(detector, images), predict_classes(segmenter, images)
+    size, min_box = int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
+    det = score_detections(preds, targets, size, min_box, getattr(detector, "classes", None))
+    out: dict[str, Any] = {
+        "map50": 100 * det["map50"], "map50_95": 100 * det["map"],
+        "clip_global": metrics.clip_score(clip, tokenizer, images, prompts),
+        "clip_local": local_clip_score(clip, tokenizer, images, layouts),
+        "fid_rsclip": metrics.rs_clip_fid(clip, real, images),
+        "context": on_context_fraction(seg, [t["boxes"] for t in targets], [t["labels"] for t in targets], classes)}
+    if ci_seed is not None:
+        out["ci"] = _intervals(*_per_image_stats(preds, seg, targets, classes, size, min_box), len(layouts),
+                               seed=ci_seed)
+    return out
 
 
 def paper_layout_scores(instruments: CCDiffInstruments, images: torch.Tensor, real: torch.Tensor | None,
@@ -140,9 +148,8 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
     prompts = [r.captions[0] if r.captions else "" for r in data.records[:n]]
     real = data.pixel_values(slice(0, n))
     rows = [{"method": "real test images", **layout_scores(real, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                            detector, segmenter),
-             **paper_layout_scores(instruments, real, None, prompts, layouts),
-             "ci": layout_intervals(real, layouts, data.classes, detector, segmenter, seed=seed)}]
+                                                            detector, segmenter, ci_seed=seed),
+             **paper_layout_scores(instruments, real, None, prompts, layouts)}]
     rows[0]["fid_rsclip"] = 0.0
     images = {}
     for name, pipe in pipes.items():
@@ -150,29 +157,40 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
         gen = sample_cc_diff(pipe, prompts, layouts, seed, **kw)
         images[name] = gen
         rows.append({"method": name, **layout_scores(gen, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                     detector, segmenter),
+                                                     detector, segmenter, ci_seed=seed),
                      **paper_layout_scores(instruments, gen, real, prompts, layouts),
-                     "ci": layout_intervals(gen, layouts, data.classes, detector, segmenter, seed=seed),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images
 
 
-def _per_image_stats(images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]], classes: Sequence[str],
-                     detector: torch.nn.Module, segmenter: torch.nn.Module) -> tuple[Any, np.ndarray]:
-    """What a redraw of the layouts needs of one variant's images: the detections matched per image (mAP50) and
-    per image (objects on fitting land cover, objects) (context coherence)."""
-    size, min_box = int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
-    p_list, t_list = coco_inputs(detect(detector, images), targets, size, min_box)
-    seg = predict_classes(segmenter, images)
+def _per_image_stats(preds: Sequence[dict[str, torch.Tensor]], seg: torch.Tensor,
+                     targets: Sequence[dict[str, torch.Tensor]], classes: Sequence[str], size: int,
+                     min_box: float) -> tuple[Any, np.ndarray]:
+    """What a redraw of the layouts needs of one variant's detections (normalised boxes) and predicted land cover:
+    the detections matched per image (mAP50) and per image (objects on fitting land cover, objects) (context)."""
+    p_list, t_list = coco_inputs(preds, targets, size, min_box)
     per = [[h for v in context_hits(seg[i:i + 1], [t["boxes"]], [t["labels"]], classes).values() for h in v]
            for i, t in enumerate(targets)]
     return match_images(p_list, t_list, len(classes)), np.array([[sum(h), len(h)] for h in per], dtype=float)
+
+
+def _images_stats(images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]], classes: Sequence[str],
+                  detector: torch.nn.Module, segmenter: torch.nn.Module) -> tuple[Any, np.ndarray]:
+    """:func:`_per_image_stats` of images, through the detector and the segmenter."""
+    return _per_image_stats(detect(detector, images), predict_classes(segmenter, images), targets, classes,
+                            int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0)))
 
 
 def _redrawn(matches: Any, hits: np.ndarray, idx: np.ndarray) -> dict[str, float]:
     """mAP50 (%) and context coherence of the images ``idx`` (a draw of layout indices)."""
     return {"map50": 100 * max(average_precision(matches, idx), 0.0),
             "context": float(hits[idx, 0].sum() / max(hits[idx, 1].sum(), 1.0))}
+
+
+def _intervals(matches: Any, hits: np.ndarray, n: int, **kwargs: Any) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals of mAP50 (%) and context coherence over n layouts."""
+    return {k: metrics.bootstrap_interval(lambda idx, k=k: _redrawn(matches, hits, idx)[k], n, **kwargs)
+            for k in ("map50", "context")}
 
 
 def layout_intervals(images: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str],
@@ -182,9 +200,8 @@ def layout_intervals(images: torch.Tensor, layouts: Sequence[Sequence[dict[str, 
     ``{"map50": [low, high], "context": [low, high]}``."""
     if len(images) != len(layouts):
         raise ValueError(f"need one image per layout, got {len(images)} images for {len(layouts)} layouts")
-    matches, hits = _per_image_stats(images, targets_of(layouts, classes), classes, detector, segmenter)
-    return {k: metrics.bootstrap_interval(lambda idx, k=k: _redrawn(matches, hits, idx)[k], len(layouts),
-                                          resamples=n_boot, seed=seed) for k in ("map50", "context")}
+    stats = _images_stats(images, targets_of(layouts, classes), classes, detector, segmenter)
+    return _intervals(*stats, len(layouts), resamples=n_boot, seed=seed)
 
 
 def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]],
@@ -200,7 +217,7 @@ def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Se
         raise ValueError(f"need one image of each variant per layout, got {len(images_a)} and {len(images_b)} "
                          f"images for {len(layouts)} layouts")
     targets = targets_of(layouts, classes)
-    stats = [_per_image_stats(images, targets, classes, detector, segmenter) for images in (images_a, images_b)]
+    stats = [_images_stats(images, targets, classes, detector, segmenter) for images in (images_a, images_b)]
 
     def difference(idx: np.ndarray) -> dict[str, float]:
         a, b = (_redrawn(*s, idx) for s in stats)

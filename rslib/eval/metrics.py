@@ -250,7 +250,7 @@ def inception_scores(real_images: torch.Tensor, fake_images: torch.Tensor,
 
 def mean_interval(values: Sequence[float] | torch.Tensor | np.ndarray, **kwargs: Any) -> list[float]:
     """:func:`bootstrap_interval` of the mean of per-item values."""
-    v = np.asarray(torch.as_tensor(values).double().cpu() if isinstance(values, torch.Tensor) else values, dtype=float)
+    v = torch.as_tensor(values).double().cpu().numpy()
     return bootstrap_interval(lambda idx: float(v[idx].mean()), len(v), **kwargs)
 
 

@@ -49,16 +49,26 @@ def per_class_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int = N
     pred, target = torch.as_tensor(pred).long().flatten(), torch.as_tensor(target).long().flatten()
     if pred.shape != target.shape:
         raise ValueError(f"prediction and target differ in size: {pred.numel()} vs {target.numel()} pixels")
-    cm = confusion_matrix(pred, target, num_classes).double()  # rows = target, columns = prediction
+    return iou_from_confusion(confusion_matrix(pred, target, num_classes))
+
+
+def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
+    """IoU per class (C,) of a confusion matrix (C, C) (rows = target, columns = prediction); NaN where a class is
+    in neither."""
+    cm = cm.double()
     inter = cm.diag()
     union = cm.sum(0) + cm.sum(1) - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan")))
 
 
+def mean_iou(iou: torch.Tensor) -> float:
+    """The mean of per-class IoUs over the classes present (not NaN); NaN when none is."""
+    return float(iou.nanmean()) if bool((~iou.isnan()).any()) else float("nan")
+
+
 def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES) -> float:
     """Mean IoU over the classes present in the prediction or the target (pixels pooled over images)."""
-    iou = per_class_iou(pred, target, num_classes)
-    return float(iou.nanmean()) if bool((~iou.isnan()).any()) else float("nan")
+    return mean_iou(per_class_iou(pred, target, num_classes))
 
 
 def _as_mask(x: torch.Tensor, road_class: int | None) -> torch.Tensor:

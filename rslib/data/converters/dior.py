@@ -20,7 +20,7 @@ from rslib.data.converters.common import (
     read_list,
     scan_folder,
 )
-from rslib.data.converters.voc import VocXml, voc_boxes
+from rslib.data.converters.voc import VocXml, object_boxes, voc_boxes
 from rslib.data.records import DataFormatError, Record
 
 DIOR_CLASSES = (
@@ -54,17 +54,9 @@ def _box_iou(a: list[float], b: list[float]) -> float:
 
 def dior_oriented(path: Path) -> list[tuple[str, list[float]]]:
     """(label, 8 corner coordinates in pixels) of each object of a DIOR-R oriented-box XML."""
-    xml = VocXml(path)
     tags = ("x_left_top", "y_left_top", "x_right_top", "y_right_top",
             "x_right_bottom", "y_right_bottom", "x_left_bottom", "y_left_bottom")
-    out = []
-    for obj in xml.root.iter("object"):
-        label = xml.label(obj, DIOR_LOOKUP)
-        box = obj.find("robndbox")
-        if box is None:
-            raise xml.fail(obj, "<object> has no <robndbox>")
-        out.append((label, [xml.number(box, t, finite=False) for t in tags]))
-    return out
+    return [(label, corners) for label, corners, _ in object_boxes(VocXml(path), DIOR_LOOKUP, "robndbox", tags)]
 
 
 def match_oriented(hbbs: list[tuple[str, list[float], ET.Element]], obbs: list[tuple[str, list[float]]],

@@ -93,13 +93,20 @@ class VocXml:
         return image_size(image, self.path)
 
 
-def voc_boxes(xml: VocXml, lookup: dict[str, str]) -> list[tuple[str, list[float], ET.Element]]:
-    """(label, [xmin, ymin, xmax, ymax] in pixels, element) of each <object> with a <bndbox>."""
+def object_boxes(xml: VocXml, lookup: dict[str, str], box_tag: str,
+                 fields: tuple[str, ...]) -> list[tuple[str, list[float], ET.Element]]:
+    """(label, the numbers ``fields`` of its <``box_tag``>, element) of each <object>; an object without that
+    box element is an error naming it."""
     out = []
     for obj in xml.root.iter("object"):
         label = xml.label(obj, lookup)
-        box = obj.find("bndbox")
+        box = obj.find(box_tag)
         if box is None:
-            raise xml.fail(obj, "<object> has no <bndbox>")
-        out.append((label, [xml.number(box, t, finite=False) for t in ("xmin", "ymin", "xmax", "ymax")], obj))
+            raise xml.fail(obj, f"<object> has no <{box_tag}>")
+        out.append((label, [xml.number(box, t, finite=False) for t in fields], obj))
     return out
+
+
+def voc_boxes(xml: VocXml, lookup: dict[str, str]) -> list[tuple[str, list[float], ET.Element]]:
+    """(label, [xmin, ymin, xmax, ymax] in pixels, element) of each <object> with a <bndbox>."""
+    return object_boxes(xml, lookup, "bndbox", ("xmin", "ymin", "xmax", "ymax"))
