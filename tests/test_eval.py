@@ -498,3 +498,17 @@ def test_content_margin_is_positive_for_own_content_and_negative_against_it():
                                                    - (encode(images[:1]) @ encode(images[1:3]).T).mean()), abs=1e-5)
     with pytest.raises(ValueError, match="n >= 2"):
         control.content_margin_of(images[:1], images[:1], clip)
+
+
+def test_map50_is_the_mean_of_the_per_class_ap50(trained):
+    """The mAP50 notebook 04 reports is the mean of the AP50 of the classes present in the layouts, each given by
+    name (its per-class table); a class found in every other image scores between none and all."""
+    data, lays, targets, images, segmenter, perfect, empty = _layout_case(trained)
+    half = [p if i % 2 else e for i, (p, e) in enumerate(zip(perfect, empty))]
+    scores = D.score_detections([{**h, "boxes": h["boxes"] / data.size} for h in half], targets, data.size,
+                                classes=data.classes)
+    per_class = scores["map50_per_class"]
+    present = {data.classes[int(c)] for t in targets for c in t["labels"]}
+    assert set(per_class) == present
+    assert np.mean(list(per_class.values())) == pytest.approx(scores["map50"])
+    assert 0.0 < scores["map50"] < 1.0

@@ -98,8 +98,8 @@ def local_clip_score(clip: Any, tokenizer: Any, images: torch.Tensor,
 def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str],
                   layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], clip: Any, tokenizer: Any,
                   detector: torch.nn.Module, segmenter: torch.nn.Module, ci_seed: int | None = None) -> dict[str, Any]:
-    """YOLOScore (mAP50, mAP50-95, in %), CLIPScore global and local, RS-CLIP FID and context coherence of images;
-    with ``ci_seed``, also their bootstrap 95% intervals over the layouts (``ci``, :func:`layout_intervals`), from
+    """YOLOScore (mAP50, mAP50-95, in %, and ``map50_per_class``: the AP50 of each class, in %, whose mean mAP50
+    is), CLIPScore global and local, RS-CLIP FID and context coherence of images; with ``ci_seed``, also their bootstrap 95% intervals over the layouts (``ci``, :func:`layout_intervals`), from
     the same detections and land cover."""
     targets = targets_of(layouts, classes)
     preds, seg = detect(detector, images), predict_classes(segmenter, images)
@@ -110,7 +110,8 @@ def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[st
         "clip_global": metrics.clip_score(clip, tokenizer, images, prompts),
         "clip_local": local_clip_score(clip, tokenizer, images, layouts),
         "fid_rsclip": metrics.rs_clip_fid(clip, real, images),
-        "context": on_context_fraction(seg, [t["boxes"] for t in targets], [t["labels"] for t in targets], classes)}
+        "context": on_context_fraction(seg, [t["boxes"] for t in targets], [t["labels"] for t in targets], classes),
+        "map50_per_class": {c: 100 * v for c, v in det["map50_per_class"].items()}}
     if ci_seed is not None:
         out["ci"] = _intervals(*_per_image_stats(preds, seg, targets, classes, size, min_box), len(layouts),
                                seed=ci_seed)

@@ -96,7 +96,7 @@ def crs_diff_text_rows(stage_one: dict[str, Any], crs: dict[str, Any]) -> tuple[
 def measures_table(rows: Sequence[dict[str, Any]], index: str, digits: int = 3) -> pd.DataFrame:
     """Rows of measures as a table indexed by ``index``; a measure with a bootstrap interval in its row's ``ci``
     reads "value [low, high]", and the same column's values without one read "value" (for reading: the rows keep
-    the numbers)."""
+    the numbers). Entries that are not single values (e.g. ``map50_per_class``) are left out."""
     with_ci = {k for row in rows for k in (row.get("ci") or {})}
 
     def cell(row: dict[str, Any], k: str, v: Any) -> Any:
@@ -105,7 +105,8 @@ def measures_table(rows: Sequence[dict[str, Any]], index: str, digits: int = 3) 
         ci = (row.get("ci") or {}).get(k)
         return f"{v:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
-    return pd.DataFrame([{k: cell(row, k, v) for k, v in row.items() if k != "ci"} for row in rows]).set_index(index)
+    return pd.DataFrame([{k: cell(row, k, v) for k, v in row.items() if k != "ci" and not isinstance(v, dict)}
+                         for row in rows]).set_index(index)
 
 
 def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "") -> tuple[Path, Path]:
