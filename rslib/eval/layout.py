@@ -98,9 +98,10 @@ def local_clip_score(clip: Any, tokenizer: Any, images: torch.Tensor,
 def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str],
                   layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], clip: Any, tokenizer: Any,
                   detector: torch.nn.Module, segmenter: torch.nn.Module, ci_seed: int | None = None) -> dict[str, Any]:
-    """YOLOScore (mAP50, mAP50-95, in %, and ``map50_per_class``: the AP50 of each class, in %, whose mean mAP50
-    is), CLIPScore global and local, RS-CLIP FID and context coherence of images; with ``ci_seed``, also their bootstrap 95% intervals over the layouts (``ci``, :func:`layout_intervals`), from
-    the same detections and land cover."""
+    """YOLOScore (mAP50, mAP50-95, in %), each class's AP50 (``map50_per_class``, in %; mAP50 is their mean),
+    CLIPScore global and local, RS-CLIP FID and context coherence of images; with ``ci_seed``, also their
+    bootstrap 95% intervals over the layouts (``ci``, :func:`layout_intervals`), from the same detections and land
+    cover."""
     targets = targets_of(layouts, classes)
     preds, seg = detect(detector, images), predict_classes(segmenter, images)
     size, min_box = int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
