@@ -402,3 +402,37 @@ def test_object_loss_weight_weights_only_the_cells_boxes_cover():
     assert torch.allclose(plain, err.mean())
     assert torch.allclose(loss, (err * weights).mean())
     assert torch.allclose(steps.loss(pred, noise, t)[0], err.mean())
+
+
+def test_evaluate_variants_rows_and_kept_statistics(runs, inputs, tmp_path):
+    """evaluate_variants gives the real images' row, the autoencoder's (the real images through the pipeline's
+    VAE) and one row per pipeline; the statistics it keeps are those of its images, so a paired bootstrap from
+    them equals one from a fresh detection and segmentation of the images."""
+    from rslib.eval import layout
+    from rslib.eval.data import preset_split
+    from rslib.models.detector import load_detector
+    from rslib.models.segmenter import load_segmenter
+    from rslib.models.text import load_rs_clip
+    from rslib.train.autoencoder import reconstruct
+    from rslib.train.detector import train_detector
+    from rslib.train.segmenter import train_segmenter
+
+    cfg, out, _ = runs
+    detector = load_detector(train_detector(cfg, tmp_path / "det", progress=False))
+    segmenter = load_segmenter(train_segmenter(cfg, tmp_path / "seg", progress=False))
+    clip, tok = load_rs_clip(inputs[1])
+    data, pipe = preset_split(cfg, "test"), load_cc_diff(out, "cpu")
+    args = (data, clip, tok, detector, segmenter, 3, 0, cfg.cc.max_instances)
+    rows, images, stats = layout.evaluate_variants({"a": pipe, "b": pipe}, *args, steps=2)
+    assert [r["method"] for r in rows] == ["real test images", layout.AUTOENCODER_ROW, "a", "b"]
+    lays, real = layout.layouts_of(data, 3, cfg.cc.max_instances), data.pixel_values(slice(0, 3))
+    prompts = [r.captions[0] for r in data.records[:3]]
+    rec = reconstruct(pipe.vae, real)
+    expected = layout.layout_scores(rec, real, prompts, lays, data.classes, clip, tok, detector, segmenter, ci_seed=0)
+    assert {k: rows[1][k] for k in expected} == expected
+    fresh, of_real = (layout.layout_stats(x, lays, data.classes, detector, segmenter) for x in (images["a"], real))
+    np.testing.assert_array_equal(stats["a"].hits, fresh.hits)
+    assert layout.paired_bootstrap(stats["a"], of_real, n_boot=50) == layout.paired_bootstrap(fresh, of_real,
+                                                                                              n_boot=50)
+    assert [r["method"] for r in layout.evaluate_variants({"a": pipe}, *args, autoencoder_row=False, steps=2)[0]] == [
+        "real test images", "a"]

@@ -401,23 +401,27 @@ def test_paired_bootstrap_of_two_variants(trained):
 
     data, lays, targets, images, segmenter, perfect, empty = _layout_case(trained)
 
-    same = layout.paired_bootstrap(images, images, lays, data.classes, _Oracle(perfect + perfect), segmenter,
-                                   n_boot=20)
+    def stats(answers):
+        return layout.layout_stats(images, lays, data.classes, _Oracle(answers), segmenter)
+
+    found, missed = stats(perfect), stats(empty)
+    same = layout.paired_bootstrap(found, stats(perfect), n_boot=20)
     for k in ("map50", "context"):
         assert same[k] == {"difference": 0.0, "low": 0.0, "high": 0.0, "a_wins": 0.0}
-    apart = layout.paired_bootstrap(images, images, lays, data.classes, _Oracle(perfect + empty), segmenter,
-                                    n_boot=20)["map50"]
+    apart = layout.paired_bootstrap(found, missed, n_boot=20)["map50"]
     assert apart["difference"] == pytest.approx(100.0) and apart["low"] == pytest.approx(100.0)
     assert apart["a_wins"] == 1.0
     half = [p if i % 2 else e for i, (p, e) in enumerate(zip(perfect, empty))]  # every other image found
     normalised = [{**p, "boxes": p["boxes"] / data.size} for p in half]
     full = D.score_detections(normalised, targets, data.size)["map50"]  # the COCO evaluation of torchmetrics
-    some = layout.paired_bootstrap(images, images, lays, data.classes, _Oracle(half + empty), segmenter,
-                                   n_boot=20)["map50"]
+    some = layout.paired_bootstrap(stats(half), missed, n_boot=20)["map50"]
     assert 0.2 < full < 0.8 and some["difference"] == pytest.approx(100 * full)
     assert some["low"] < 100 * full < some["high"]
+    fewer = layout.layout_stats(images[:-1], lays[:-1], data.classes, _Oracle(perfect[:-1]), segmenter)
     with pytest.raises(ValueError, match="one image of each variant per layout"):
-        layout.paired_bootstrap(images, images[:-1], lays, data.classes, _Oracle(perfect), segmenter)
+        layout.paired_bootstrap(found, fewer)
+    with pytest.raises(ValueError, match="one image per layout"):
+        layout.layout_stats(images[:-1], lays, data.classes, _Oracle(perfect), segmenter)
 
 
 def test_layout_intervals_of_one_variant(trained):

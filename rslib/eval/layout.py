@@ -12,12 +12,15 @@ into images, which are scored against the layouts they came from:
   cover the class belongs on (ships on water, vehicles on roads or urban ground, airplanes on airport ground...).
 
 On a few dozen layouts two variants' scores can differ by chance: :func:`paired_bootstrap` redraws the layouts
-(the same draw for both variants) and gives an interval for the difference.
+(the same draw for both variants) and gives an interval for the difference. Redraws need only each variant's
+:class:`LayoutStats` (its detections matched per image, its objects on fitting land cover per image), which
+:func:`evaluate_variants` keeps from its one detection and segmentation of each variant's images.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,12 +29,14 @@ import torch
 from rslib.eval import metrics
 from rslib.eval.data import EvalSet
 from rslib.eval.coco_ap import average_precision, match_images
+from rslib.eval.control import AUTOENCODER_ROW
 from rslib.eval.detector import coco_inputs, detect, score_detections
 from rslib.eval.fidelity import context_hits, on_context_fraction
 from rslib.eval.instruments import CCDiffInstruments, yolo_score
 from rslib.eval.segmenter import predict_classes
 from rslib.models.text import encode_images, encode_text
 from rslib.pipelines.cc_diff import sample_cc_diff
+from rslib.train.autoencoder import reconstruct
 
 
 def polygon_area(points: Sequence[float]) -> float:
@@ -95,6 +100,22 @@ def local_clip_score(clip: Any, tokenizer: Any, images: torch.Tensor,
     return float((100 * cos).clamp_min(0).mean())
 
 
+@dataclass
+class LayoutStats:
+    """What a redraw of the layouts needs of one variant's images: its detections matched per image (mAP50) and,
+    per image, (objects on fitting land cover, objects) (context coherence)."""
+    matches: Any
+    hits: np.ndarray
+
+    def redrawn(self, idx: np.ndarray) -> dict[str, float]:
+        """mAP50 (%) and context coherence of the images ``idx`` (a draw of layout indices)."""
+        return {"map50": 100 * max(average_precision(self.matches, idx), 0.0),
+                "context": float(self.hits[idx, 0].sum() / max(self.hits[idx, 1].sum(), 1.0))}
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+
 def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str],
                   layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], clip: Any, tokenizer: Any,
                   detector: torch.nn.Module, segmenter: torch.nn.Module, ci_seed: int | None = None) -> dict[str, Any]:
@@ -102,6 +123,15 @@ def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[st
     CLIPScore global and local, RS-CLIP FID and context coherence of images; with ``ci_seed``, also their
     bootstrap 95% intervals over the layouts (``ci``, :func:`layout_intervals`), from the same detections and land
     cover."""
+    return _scores_and_stats(images, real, prompts, layouts, classes, clip, tokenizer, detector, segmenter,
+                             ci_seed)[0]
+
+
+def _scores_and_stats(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[str],
+                      layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], clip: Any, tokenizer: Any,
+                      detector: torch.nn.Module, segmenter: torch.nn.Module,
+                      ci_seed: int | None) -> tuple[dict[str, Any], LayoutStats]:
+    """:func:`layout_scores` and the :class:`LayoutStats` of the same detections and land cover."""
     targets = targets_of(layouts, classes)
     preds, seg = detect(detector, images), predict_classes(segmenter, images)
     size, min_box = int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0))
@@ -113,10 +143,10 @@ def layout_scores(images: torch.Tensor, real: torch.Tensor, prompts: Sequence[st
         "fid_rsclip": metrics.rs_clip_fid(clip, real, images),
         "context": on_context_fraction(seg, [t["boxes"] for t in targets], [t["labels"] for t in targets], classes),
         "map50_per_class": {c: 100 * v for c, v in det["map50_per_class"].items()}}
+    stats = _per_image_stats(preds, seg, targets, classes, size, min_box)
     if ci_seed is not None:
-        out["ci"] = _intervals(*_per_image_stats(preds, seg, targets, classes, size, min_box), len(layouts),
-                               seed=ci_seed)
-    return out
+        out["ci"] = _intervals(stats, seed=ci_seed)
+    return out, stats
 
 
 def paper_layout_scores(instruments: CCDiffInstruments, images: torch.Tensor, real: torch.Tensor | None,
@@ -140,11 +170,13 @@ def paper_layout_scores(instruments: CCDiffInstruments, images: torch.Tensor, re
 
 def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer: Any, detector: torch.nn.Module,
                       segmenter: torch.nn.Module, n: int, seed: int, max_objects: int | None = None,
-                      instruments: CCDiffInstruments | None = None,
-                      **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """One row of :func:`layout_scores` per pipeline (and one for the real images), with the papers' measures of
-    ``instruments`` (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them and the bootstrap 95%
-    intervals of mAP50 and context coherence (``ci``, :func:`layout_intervals`); returns (rows, images)."""
+                      instruments: CCDiffInstruments | None = None, autoencoder_row: bool = True,
+                      **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, LayoutStats]]:
+    """One row of :func:`layout_scores` per pipeline, after the real images' row and (when the pipelines have a
+    VAE and ``autoencoder_row``) the row of the real images passed through it, the ceiling of any model that draws
+    in its latent space; each with the papers' measures of ``instruments`` (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them and the bootstrap 95%
+    intervals of mAP50 and context coherence (``ci``, :func:`layout_intervals`); returns (rows, images, stats):
+    each pipeline's images and :class:`LayoutStats` (for :func:`paired_bootstrap`) by its name."""
     instruments = instruments or CCDiffInstruments()
     layouts = layouts_of(data, n, max_objects)
     prompts = [r.captions[0] if r.captions else "" for r in data.records[:n]]
@@ -153,45 +185,48 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
                                                             detector, segmenter, ci_seed=seed),
              **paper_layout_scores(instruments, real, None, prompts, layouts)}]
     rows[0]["fid_rsclip"] = 0.0
-    images = {}
+    vae = next((p.vae for p in pipes.values() if getattr(p, "vae", None) is not None), None)
+    if autoencoder_row and vae is not None:
+        rec = reconstruct(vae, real.to(next(vae.parameters()).device)).cpu()
+        rows.append({"method": AUTOENCODER_ROW, **layout_scores(rec, real, prompts, layouts, data.classes, clip,
+                                                                tokenizer, detector, segmenter, ci_seed=seed),
+                     **paper_layout_scores(instruments, rec, real, prompts, layouts)})
+    images, stats = {}, {}
     for name, pipe in pipes.items():
         t0 = time.perf_counter()
-        gen = sample_cc_diff(pipe, prompts, layouts, seed, **kw)
-        images[name] = gen
-        rows.append({"method": name, **layout_scores(gen, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                     detector, segmenter, ci_seed=seed),
-                     **paper_layout_scores(instruments, gen, real, prompts, layouts),
+        images[name] = gen = sample_cc_diff(pipe, prompts, layouts, seed, **kw)
+        scores, stats[name] = _scores_and_stats(gen, real, prompts, layouts, data.classes, clip, tokenizer,
+                                                detector, segmenter, ci_seed=seed)
+        rows.append({"method": name, **scores, **paper_layout_scores(instruments, gen, real, prompts, layouts),
                      "seconds": round(time.perf_counter() - t0, 1)})
-    return rows, images
+    return rows, images, stats
 
 
 def _per_image_stats(preds: Sequence[dict[str, torch.Tensor]], seg: torch.Tensor,
                      targets: Sequence[dict[str, torch.Tensor]], classes: Sequence[str], size: int,
-                     min_box: float) -> tuple[Any, np.ndarray]:
-    """What a redraw of the layouts needs of one variant's detections (normalised boxes) and predicted land cover:
-    the detections matched per image (mAP50) and per image (objects on fitting land cover, objects) (context)."""
+                     min_box: float) -> LayoutStats:
+    """The :class:`LayoutStats` of one variant's detections (normalised boxes) and predicted land cover."""
     p_list, t_list = coco_inputs(preds, targets, size, min_box)
     per = [[h for v in context_hits(seg[i:i + 1], [t["boxes"]], [t["labels"]], classes).values() for h in v]
            for i, t in enumerate(targets)]
-    return match_images(p_list, t_list, len(classes)), np.array([[sum(h), len(h)] for h in per], dtype=float)
+    return LayoutStats(match_images(p_list, t_list, len(classes)),
+                       np.array([[sum(h), len(h)] for h in per], dtype=float))
 
 
-def _images_stats(images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]], classes: Sequence[str],
-                  detector: torch.nn.Module, segmenter: torch.nn.Module) -> tuple[Any, np.ndarray]:
-    """:func:`_per_image_stats` of images, through the detector and the segmenter."""
-    return _per_image_stats(detect(detector, images), predict_classes(segmenter, images), targets, classes,
-                            int(images.shape[-1]), float(getattr(detector, "min_box_px", 0.0)))
+def layout_stats(images: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str],
+                 detector: torch.nn.Module, segmenter: torch.nn.Module) -> LayoutStats:
+    """The :class:`LayoutStats` of images of the layouts (one image per layout), through the detector and the
+    segmenter."""
+    if len(images) != len(layouts):
+        raise ValueError(f"need one image per layout, got {len(images)} images for {len(layouts)} layouts")
+    return _per_image_stats(detect(detector, images), predict_classes(segmenter, images),
+                            targets_of(layouts, classes), classes, int(images.shape[-1]),
+                            float(getattr(detector, "min_box_px", 0.0)))
 
 
-def _redrawn(matches: Any, hits: np.ndarray, idx: np.ndarray) -> dict[str, float]:
-    """mAP50 (%) and context coherence of the images ``idx`` (a draw of layout indices)."""
-    return {"map50": 100 * max(average_precision(matches, idx), 0.0),
-            "context": float(hits[idx, 0].sum() / max(hits[idx, 1].sum(), 1.0))}
-
-
-def _intervals(matches: Any, hits: np.ndarray, n: int, **kwargs: Any) -> dict[str, list[float]]:
-    """Bootstrap 95% intervals of mAP50 (%) and context coherence over n layouts."""
-    return {k: metrics.bootstrap_interval(lambda idx, k=k: _redrawn(matches, hits, idx)[k], n, **kwargs)
+def _intervals(stats: LayoutStats, **kwargs: Any) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals of mAP50 (%) and context coherence over the layouts."""
+    return {k: metrics.bootstrap_interval(lambda idx, k=k: stats.redrawn(idx)[k], len(stats), **kwargs)
             for k in ("map50", "context")}
 
 
@@ -200,34 +235,30 @@ def layout_intervals(images: torch.Tensor, layouts: Sequence[Sequence[dict[str, 
                      seed: int = 0) -> dict[str, list[float]]:
     """Bootstrap 95% intervals over the layouts of one variant's mAP50 (%) and context coherence:
     ``{"map50": [low, high], "context": [low, high]}``."""
-    if len(images) != len(layouts):
-        raise ValueError(f"need one image per layout, got {len(images)} images for {len(layouts)} layouts")
-    stats = _images_stats(images, targets_of(layouts, classes), classes, detector, segmenter)
-    return _intervals(*stats, len(layouts), resamples=n_boot, seed=seed)
+    return _intervals(layout_stats(images, layouts, classes, detector, segmenter), resamples=n_boot, seed=seed)
 
 
-def paired_bootstrap(images_a: torch.Tensor, images_b: torch.Tensor, layouts: Sequence[Sequence[dict[str, Any]]],
-                     classes: Sequence[str], detector: torch.nn.Module, segmenter: torch.nn.Module,
-                     n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
-    """How sure a difference between two variants is, from their images of the *same* layouts.
+def paired_bootstrap(a: LayoutStats, b: LayoutStats, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """How sure a difference between two variants is, from their images of the *same* layouts (their
+    :class:`LayoutStats`: :func:`evaluate_variants` returns them, :func:`layout_stats` makes them of images).
 
     The layouts are drawn with replacement ``n_boot`` times and both variants are scored on each draw. Returns,
     for ``map50`` (YOLOScore, %) and ``context`` (share of objects on fitting land cover): the difference a - b
     on all layouts, the 2.5 and 97.5 percentiles of the redrawn differences, and the share of draws a wins.
     """
-    if not len(images_a) == len(images_b) == len(layouts):
-        raise ValueError(f"need one image of each variant per layout, got {len(images_a)} and {len(images_b)} "
-                         f"images for {len(layouts)} layouts")
-    targets = targets_of(layouts, classes)
-    stats = [_images_stats(images, targets, classes, detector, segmenter) for images in (images_a, images_b)]
+    if len(a) != len(b):
+        raise ValueError(f"need one image of each variant per layout, got the statistics of {len(a)} and "
+                         f"{len(b)} images")
 
     def difference(idx: np.ndarray) -> dict[str, float]:
-        a, b = (_redrawn(*s, idx) for s in stats)
-        return {k: a[k] - b[k] for k in a}
+        ra, rb = a.redrawn(idx), b.redrawn(idx)
+        return {k: ra[k] - rb[k] for k in ra}
 
+    n = len(a)
     rng = np.random.default_rng(seed)
-    draws = [difference(rng.integers(0, len(layouts), len(layouts))) for _ in range(n_boot)]
-    observed = difference(np.arange(len(layouts)))
+    draws = [difference(rng.integers(0, n, n)) for _ in range(n_boot)]
+    observed = difference(np.arange(n))
     out = {}
     for k in ("map50", "context"):
         d = np.array([x[k] for x in draws])

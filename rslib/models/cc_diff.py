@@ -544,6 +544,23 @@ class CCDiffContext:
             self._cache[key] = layout_attention_mask(region_membership(*self.regions(hw)))
         return self._cache[key]
 
+    def active_rows(self) -> tuple[torch.Tensor, "CCDiffContext"] | None:
+        """(the indices of the rows that use the layout, the context of those rows alone), or None when every row
+        does (cached): the fusion layers then skip the plain rows, the unconditional half of guidance."""
+        if self.active is None:
+            return None
+        if "active_rows" not in self._cache:
+            idx = self.active.nonzero()[:, 0]
+            self._cache["active_rows"] = None if len(idx) == len(self.active) else (idx, self.select(idx))
+        return self._cache["active_rows"]
+
+    def select(self, idx: torch.Tensor) -> "CCDiffContext":
+        """The context of the rows ``idx`` alone (every row of it active)."""
+        def pick(t):
+            return None if t is None else t[idx.to(t.device)]
+        return CCDiffContext(**{k: pick(getattr(self, k)) for k in _TENSOR_FIELDS if k != "active"},
+                             latent_hw=self.latent_hw, peak_normalise=self.peak_normalise)
+
     def repeat(self, times: int) -> "CCDiffContext":
         """The context for a batch repeated ``times`` times along the batch (e.g. several samples per layout)."""
         def rep(t):
@@ -676,7 +693,7 @@ class FusionHook:
 
     The layer's own processor computes that output and, for CC-Diff, the cross-attention to each instance
     phrase (with the call's ``cross_attention_kwargs``); rows with ``context.active == False`` keep the plain
-    output (the unconditional half of guidance).
+    output (the unconditional half of guidance) and cost no fusion compute.
     """
 
     def __init__(self, module: nn.Module, context: CCDiffContext):
@@ -688,20 +705,26 @@ class FusionHook:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None) is None:
             return out
-        cc = self.context
+        extra = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "encoder_hidden_states",
+                                                                "attention_mask")}
+        subset = self.context.active_rows()
+        if subset is None:
+            return self.fuse(attn, hidden_states, out, self.context, extra)
+        idx, cc = subset
+        idx = idx.to(out.device)
+        return out.index_copy(0, idx, self.fuse(attn, hidden_states[idx], out[idx], cc, extra))
+
+    def fuse(self, attn: nn.Module, hidden_states: torch.Tensor, out: torch.Tensor, cc: CCDiffContext,
+             extra: dict[str, Any]) -> torch.Tensor:
+        """The fused output of rows that all use the layout ``cc``."""
         if isinstance(self.module, GatedGroundingModule):
-            fused = self.module(hidden_states, out, cc)
-        else:
-            b, n = cc.valid.shape
-            h_rep = hidden_states[:, None].expand(b, n, *hidden_states.shape[1:]).flatten(0, 1)  # (B*N, HW, C)
-            phr = cc.phrase_hidden.flatten(0, 1).to(hidden_states.dtype)  # (B*N, L, D)
-            extra = {k: v for k, v in kwargs.items() if k not in ("encoder_hidden_states", "attention_mask")}
-            # the layer's own attention (its processor, the call's cross_attention_kwargs), without this hook
-            ca_inst = attn.forward(h_rep, encoder_hidden_states=phr, **extra).unflatten(0, (b, n)) if n else None
-            fused = self.module(hidden_states, out, ca_inst, cc, cc.level_hw(hidden_states.shape[1]))
-        if cc.active is not None:
-            fused = torch.where(cc.active.to(fused.device)[:, None, None], fused, out)
-        return fused
+            return self.module(hidden_states, out, cc)
+        b, n = cc.valid.shape
+        h_rep = hidden_states[:, None].expand(b, n, *hidden_states.shape[1:]).flatten(0, 1)  # (B*N, HW, C)
+        phr = cc.phrase_hidden.flatten(0, 1).to(hidden_states.dtype)  # (B*N, L, D)
+        # the layer's own attention (its processor, the call's cross_attention_kwargs), without this hook
+        ca_inst = attn.forward(h_rep, encoder_hidden_states=phr, **extra).unflatten(0, (b, n)) if n else None
+        return self.module(hidden_states, out, ca_inst, cc, cc.level_hw(hidden_states.shape[1]))
 
 
 def fused_layers(unet: UNet2DConditionModel, adapter: CCDiffAdapter) -> dict[str, nn.Module]:
