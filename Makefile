@@ -24,6 +24,7 @@ export PYTHONUNBUFFERED := 1
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c "import shutil; free = shutil.disk_usage('.').free / 2**30; free < 8 and print(f'warning: {free:.1f} GiB free on this disk; the environment takes about 6 GiB (torch) and make reproduce about 2 more')"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
