@@ -174,31 +174,33 @@ def evaluate_variants(pipes: dict[str, Any], data: EvalSet, clip: Any, tokenizer
                       **kw: Any) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, LayoutStats]]:
     """One row of :func:`layout_scores` per pipeline, after the real images' row and (when the pipelines have a
     VAE and ``autoencoder_row``) the row of the real images passed through it, the ceiling of any model that draws
-    in its latent space; each with the papers' measures of ``instruments`` (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them and the bootstrap 95%
-    intervals of mAP50 and context coherence (``ci``, :func:`layout_intervals`); returns (rows, images, stats):
-    each pipeline's images and :class:`LayoutStats` (for :func:`paired_bootstrap`) by its name."""
+    in its latent space; each with the papers' measures of ``instruments``
+    (:func:`rslib.eval.instruments.cc_diff_instruments`) beside them and the bootstrap 95% intervals of mAP50 and
+    context coherence (``ci``, :func:`layout_intervals`); returns (rows, images, stats): each pipeline's images
+    and :class:`LayoutStats` (for :func:`paired_bootstrap`) by its name."""
     instruments = instruments or CCDiffInstruments()
     layouts = layouts_of(data, n, max_objects)
     prompts = [r.captions[0] if r.captions else "" for r in data.records[:n]]
     real = data.pixel_values(slice(0, n))
-    rows = [{"method": "real test images", **layout_scores(real, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                            detector, segmenter, ci_seed=seed),
-             **paper_layout_scores(instruments, real, None, prompts, layouts)}]
+
+    def row(method: str, images: torch.Tensor, against: torch.Tensor | None) -> tuple[dict[str, Any], LayoutStats]:
+        """A row of measures of images (the papers' FID ``against`` real images; None: the real images)."""
+        scores, stats = _scores_and_stats(images, real, prompts, layouts, data.classes, clip, tokenizer, detector,
+                                          segmenter, ci_seed=seed)
+        return {"method": method, **scores, **paper_layout_scores(instruments, images, against, prompts,
+                                                                   layouts)}, stats
+
+    rows = [row("real test images", real, None)[0]]
     rows[0]["fid_rsclip"] = 0.0
     vae = next((p.vae for p in pipes.values() if getattr(p, "vae", None) is not None), None)
     if autoencoder_row and vae is not None:
-        rec = reconstruct(vae, real.to(next(vae.parameters()).device)).cpu()
-        rows.append({"method": AUTOENCODER_ROW, **layout_scores(rec, real, prompts, layouts, data.classes, clip,
-                                                                tokenizer, detector, segmenter, ci_seed=seed),
-                     **paper_layout_scores(instruments, rec, real, prompts, layouts)})
+        rows.append(row(AUTOENCODER_ROW, reconstruct(vae, real.to(next(vae.parameters()).device)).cpu(), real)[0])
     images, stats = {}, {}
     for name, pipe in pipes.items():
         t0 = time.perf_counter()
-        images[name] = gen = sample_cc_diff(pipe, prompts, layouts, seed, **kw)
-        scores, stats[name] = _scores_and_stats(gen, real, prompts, layouts, data.classes, clip, tokenizer,
-                                                detector, segmenter, ci_seed=seed)
-        rows.append({"method": name, **scores, **paper_layout_scores(instruments, gen, real, prompts, layouts),
-                     "seconds": round(time.perf_counter() - t0, 1)})
+        images[name] = sample_cc_diff(pipe, prompts, layouts, seed, **kw)
+        scores, stats[name] = row(name, images[name], real)
+        rows.append({**scores, "seconds": round(time.perf_counter() - t0, 1)})
     return rows, images, stats
 
 
