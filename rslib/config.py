@@ -76,6 +76,9 @@ class VAEConfig:
     # outlines are few pixels but many edges. 0 = Stable Diffusion's pixel loss (its perceptual and GAN terms
     # need pretrained networks)
     edge_weight: float = 0.0
+    # weight of the pixels inside object boxes in the reconstruction terms (others: 1; 1 = Stable Diffusion's):
+    # small objects (planes, courts) are a few % of the pixels and come out as blobs otherwise
+    object_weight: float = 1.0
     crop_size: int = 0  # train on random crops of this side (0 = whole images); the model is fully convolutional
     mixed_precision: str = ""  # "" = the preset's; "bf16": autocast, which speeds up CPU convolutions
     warmup_steps: int = 50

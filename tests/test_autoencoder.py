@@ -10,7 +10,10 @@ import torch
 from rslib.config import get_preset
 from rslib.data import synthrs
 from rslib.models.base import build_vae
-from rslib.train.autoencoder import image_gradients, random_crops, train_autoencoder, vae_loss_fn
+import pytest
+
+from rslib.train.autoencoder import (box_cover, image_gradients, pair_maxima, random_crops, train_autoencoder,
+                                    vae_loss_fn)
 from rslib.train.stage_one import load_autoencoder
 
 
@@ -25,6 +28,38 @@ def test_vae_loss_is_l1_plus_weighted_mse_and_kl():
     assert torch.isclose(p["psnr"], 10 * torch.log10(4.0 / p["mse"]))
     e = vae_loss_fn(kl_weight=1e-3, mse_weight=2.0, edge_weight=3.0)(vae, batch, torch.Generator().manual_seed(0))
     assert e["edge"] > 0 and torch.allclose(e["loss"], p["loss"] + 3.0 * e["edge"])
+
+
+def test_box_cover_marks_the_pixels_inside_valid_boxes():
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]]])
+    cover = box_cover(boxes, torch.tensor([[True, False]]), 4, 4)  # the second box is padding
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[..., 0, :2] = 1
+    assert torch.equal(cover, expected)
+    a, b = pair_maxima(torch.tensor([[0.0, 2.0, 1.0]]))
+    assert torch.equal(a, torch.tensor([[2.0, 2.0]])) and b.shape == (0, 3)
+
+
+def test_the_object_weight_makes_errors_inside_boxes_count_more():
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    vae = build_vae(cfg)
+    boxes = torch.tensor([[[0.0, 0.0, 0.25, 0.25]], [[0.5, 0.5, 1.0, 1.0]]])
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "boxes": boxes, "valid": torch.ones(2, 1, dtype=torch.bool)}
+    plain = vae_loss_fn(1e-3, edge_weight=3.0)(vae, batch, torch.Generator().manual_seed(0))
+    same = vae_loss_fn(1e-3, edge_weight=3.0, object_weight=1.0)(vae, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(plain["loss"], same["loss"])  # weight 1: the plain loss, bit for bit
+    weighted = vae_loss_fn(1e-3, edge_weight=3.0, object_weight=5.0)(vae, batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the same terms by hand: inside-box pixels 5x, each term divided by its mean weight
+        x = batch["pixel_values"]
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+        err = (vae.decode(z).sample - x).abs()
+    w = 1.0 + 4.0 * box_cover(boxes, batch["valid"], 32, 32)
+    assert torch.isclose(weighted["l1"], (err * w).sum() / (3 * w.sum()), rtol=1e-4)
+    assert not torch.isclose(weighted["l1"], plain["l1"])
+    assert torch.isclose(weighted["psnr"], plain["psnr"])  # PSNR stays the plain one
+    with pytest.raises(ValueError, match="object_weight"):
+        vae_loss_fn(1e-3, object_weight=0.5)
 
 
 def test_image_gradients_are_neighbour_differences():

@@ -44,22 +44,53 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0, edge_weight: float = 0.0):
+def pair_maxima(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The larger value of each pair of neighbouring pixels, in the layout of :func:`image_gradients`."""
+    return torch.maximum(x[..., :, 1:], x[..., :, :-1]), torch.maximum(x[..., 1:, :], x[..., :-1, :])
+
+
+def box_cover(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 1, h, w): 1 at the pixels whose centre lies in one of the valid boxes (B, N, 4; x1, y1, x2, y2 in [0, 1]),
+    else 0."""
+    ys = (torch.arange(h, dtype=boxes.dtype, device=boxes.device) + 0.5) / h
+    xs = (torch.arange(w, dtype=boxes.dtype, device=boxes.device) + 0.5) / w
+    x1, y1, x2, y2 = (boxes[..., k, None, None] for k in range(4))  # (B, N, 1, 1)
+    inside = (xs >= x1) & (xs <= x2) & (ys[:, None] >= y1) & (ys[:, None] <= y2)  # (B, N, h, w)
+    return (inside & valid.bool()[..., None, None]).any(1, keepdim=True).to(boxes.dtype)
+
+
+def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0, edge_weight: float = 0.0,
+                object_weight: float = 1.0):
     """``loss_fn(model, batch, generator)`` for train_loop: L1 (+ MSE) reconstruction + weighted KL, plus
-    ``edge_weight`` times the L1 of the image gradients (the mean of the horizontal and vertical terms)."""
+    ``edge_weight`` times the L1 of the image gradients (the mean of the horizontal and vertical terms); with
+    ``object_weight`` > 1 the reconstruction and edge terms weigh the pixels inside object boxes that much more
+    (each term then divided by its mean weight)."""
+    if object_weight < 1.0:
+        raise ValueError(f"vae.object_weight must be >= 1 (1 = every pixel alike), not {object_weight}")
+
+    def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[1])
 
     def loss_fn(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = random_crops(batch["pixel_values"], crop_size, generator)  # (B, 3, s, s)
+        images = batch["pixel_values"]
+        if object_weight == 1.0:
+            x, weight = random_crops(images, crop_size, generator), None  # (B, 3, s, s)
+        else:  # the weights cropped with the images (one draw of crops for both)
+            cover = box_cover(batch["boxes"], batch["valid"], *images.shape[-2:])
+            both = random_crops(torch.cat([images, cover], dim=1), crop_size, generator)
+            x, weight = both[:, :3], 1.0 + (object_weight - 1.0) * both[:, 3:]
         posterior = model.encode(x).latent_dist
         z = posterior.sample(generator=generator)  # (B, C, s/f, s/f)
         rec = model.decode(z).sample  # (B, 3, s, s)
-        l1 = (rec - x).abs().mean()
-        mse = (rec - x).pow(2).mean()
+        l1 = weighted_mean((rec - x).abs(), weight)
+        mse = weighted_mean((rec - x).pow(2), weight)
         kl = posterior.kl().mean() / x[0].numel()
-        edge = sum((a - b).abs().mean() for a, b in zip(image_gradients(rec), image_gradients(x))) / 2
+        edge_weights = (None, None) if weight is None else pair_maxima(weight)
+        edge = sum(weighted_mean((a - b).abs(), ew) for a, b, ew in
+                   zip(image_gradients(rec), image_gradients(x), edge_weights)) / 2
         loss = l1 + mse_weight * mse + kl_weight * kl + edge_weight * edge
         return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach(), "edge": edge.detach(),
-                "psnr": 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))}
+                "psnr": 10 * torch.log10(4.0 / (rec - x).detach().pow(2).mean().clamp_min(1e-10))}
 
     return loss_fn
 
@@ -142,7 +173,7 @@ def train_autoencoder(cfg: Preset, out_dir: str | Path | None = None, *, force: 
     tcfg = stage_train_config(cfg, v.mixed_precision, steps=v.steps, batch_size=v.batch_size, lr=v.lr,
                               warmup_steps=min(v.warmup_steps, v.steps // 5), num_workers=cfg.num_workers,
                               checkpoint_every=v.checkpoint_every)
-    loss_fn = vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size, v.edge_weight)
+    loss_fn = vae_loss_fn(v.kl_weight, v.mse_weight, v.crop_size, v.edge_weight, v.object_weight)
     result = train_loop(vae, loss_fn, dataset, tcfg, work, collate_fn=collate, progress=progress)
     factor = latent_scaling_factor(vae, dataset, seed=cfg.seed)
     vae.register_to_config(scaling_factor=factor)
