@@ -54,9 +54,10 @@ def box_cover(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int) -> torch
     else 0."""
     ys = (torch.arange(h, dtype=boxes.dtype, device=boxes.device) + 0.5) / h
     xs = (torch.arange(w, dtype=boxes.dtype, device=boxes.device) + 0.5) / w
-    x1, y1, x2, y2 = (boxes[..., k, None, None] for k in range(4))  # (B, N, 1, 1)
-    inside = (xs >= x1) & (xs <= x2) & (ys[:, None] >= y1) & (ys[:, None] <= y2)  # (B, N, h, w)
-    return (inside & valid.bool()[..., None, None]).any(1, keepdim=True).to(boxes.dtype)
+    in_x = (xs >= boxes[..., 0, None]) & (xs <= boxes[..., 2, None])  # (B, N, w)
+    in_y = (ys >= boxes[..., 1, None]) & (ys <= boxes[..., 3, None]) & valid.bool()[..., None]  # (B, N, h)
+    boxes_at = torch.einsum("bnh,bnw->bhw", in_y.to(boxes.dtype), in_x.to(boxes.dtype))  # boxes over each pixel
+    return (boxes_at > 0)[:, None].to(boxes.dtype)
 
 
 def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0, edge_weight: float = 0.0,
