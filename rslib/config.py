@@ -375,10 +375,8 @@ _PRESETS: dict[str, Preset] = {
         data=DataConfig(image_size=64, n_train=4000, n_val=400, n_test=400),
         # the measurements behind each setting below: docs/measurements.md
         clip=ClipConfig(max_length=32, patch=16, steps=300),  # captions fit in 32 tokens; 16-px patches are cheap
-        # edges keep thin roads; kl_weight 3e-3 lets the decoder tolerate the noisy latents stage one draws;
-        # object_weight 10 keeps more of the small objects (notebook 04's layouts through the autoencoder)
-        vae=VAEConfig(crop_size=32, steps=2000, mixed_precision="bf16", edge_weight=3.0, kl_weight=3e-3,
-                      object_weight=10.0),
+        # edges keep thin roads; kl_weight 3e-3 lets the decoder tolerate the noisy latents stage one draws
+        vae=VAEConfig(crop_size=32, steps=2000, mixed_precision="bf16", edge_weight=3.0, kl_weight=3e-3),
         unet=UNetConfig(steps=2000, guidance_scale=2.0),  # fewer steps cost CRS-Diff its map following
         crs=CRSDiffConfig(lr=1e-3, steps=1500),  # maps followed far better than after 600 or 1000 steps
         # batch 16 halves the time; 750 steps beat 250 and 500; 200 layouts: at 48 the mAP50 (a mean over 8
