@@ -5,13 +5,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest
 import torch
 
 from rslib.config import get_preset
 from rslib.data import synthrs
 from rslib.models.base import build_vae
-import pytest
-
 from rslib.train.autoencoder import (box_cover, image_gradients, pair_maxima, random_crops, train_autoencoder,
                                     vae_loss_fn)
 from rslib.train.stage_one import load_autoencoder

@@ -85,13 +85,14 @@ def vae_loss_fn(kl_weight: float, mse_weight: float = 1.0, crop_size: int = 0, e
         rec = model.decode(z).sample  # (B, 3, s, s)
         l1 = weighted_mean((rec - x).abs(), weight)
         mse = weighted_mean((rec - x).pow(2), weight)
+        plain_mse = mse.detach() if weight is None else (rec - x).detach().pow(2).mean()  # what the PSNR reports
         kl = posterior.kl().mean() / x[0].numel()
         edge_weights = (None, None) if weight is None else pair_maxima(weight)
         edge = sum(weighted_mean((a - b).abs(), ew) for a, b, ew in
                    zip(image_gradients(rec), image_gradients(x), edge_weights)) / 2
         loss = l1 + mse_weight * mse + kl_weight * kl + edge_weight * edge
         return {"loss": loss, "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach(), "edge": edge.detach(),
-                "psnr": 10 * torch.log10(4.0 / (rec - x).detach().pow(2).mean().clamp_min(1e-10))}
+                "psnr": 10 * torch.log10(4.0 / plain_mse.clamp_min(1e-10))}
 
     return loss_fn
 
