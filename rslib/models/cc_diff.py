@@ -554,19 +554,19 @@ class CCDiffContext:
             self._cache["active_rows"] = None if len(idx) == len(self.active) else (idx, self.select(idx))
         return self._cache["active_rows"]
 
+    def _rows(self, take: Any, fields: Sequence[str] | None = None) -> "CCDiffContext":
+        """A context of the same layouts whose tensors are ``take(tensor)`` (rows picked or repeated)."""
+        fields = _TENSOR_FIELDS if fields is None else fields
+        return CCDiffContext(**{k: None if getattr(self, k) is None else take(getattr(self, k)) for k in fields},
+                             latent_hw=self.latent_hw, peak_normalise=self.peak_normalise)
+
     def select(self, idx: torch.Tensor) -> "CCDiffContext":
         """The context of the rows ``idx`` alone (every row of it active)."""
-        def pick(t):
-            return None if t is None else t[idx.to(t.device)]
-        return CCDiffContext(**{k: pick(getattr(self, k)) for k in _TENSOR_FIELDS if k != "active"},
-                             latent_hw=self.latent_hw, peak_normalise=self.peak_normalise)
+        return self._rows(lambda t: t[idx.to(t.device)], [k for k in _TENSOR_FIELDS if k != "active"])
 
     def repeat(self, times: int) -> "CCDiffContext":
         """The context for a batch repeated ``times`` times along the batch (e.g. several samples per layout)."""
-        def rep(t):
-            return None if t is None else t.repeat_interleave(times, dim=0)
-        return CCDiffContext(**{k: rep(getattr(self, k)) for k in _TENSOR_FIELDS}, latent_hw=self.latent_hw,
-                             peak_normalise=self.peak_normalise)
+        return self._rows(lambda t: t.repeat_interleave(times, dim=0))
 
 
 _TENSOR_FIELDS = ("boxes", "obb", "valid", "phrase_hidden", "phrase_pooled", "fg_tokens", "box_tokens", "bg_tokens",
