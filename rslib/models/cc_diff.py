@@ -28,7 +28,7 @@ attention and every sum, so they change nothing and batches larger than one work
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -554,7 +554,8 @@ class CCDiffContext:
             self._cache["active_rows"] = None if len(idx) == len(self.active) else (idx, self.select(idx))
         return self._cache["active_rows"]
 
-    def _rows(self, take: Any, fields: Sequence[str] | None = None) -> "CCDiffContext":
+    def _rows(self, take: Callable[[torch.Tensor], torch.Tensor],
+              fields: Sequence[str] | None = None) -> "CCDiffContext":
         """A context of the same layouts whose tensors are ``take(tensor)`` (rows picked or repeated)."""
         fields = _TENSOR_FIELDS if fields is None else fields
         return CCDiffContext(**{k: None if getattr(self, k) is None else take(getattr(self, k)) for k in fields},
